@@ -1,0 +1,1 @@
+"""Device-agnostic checkpoints: save once, load into any layout."""
