@@ -1,0 +1,203 @@
+"""Streaming reader/writer for the safetensors file layout.
+
+The ``safetensors`` package reads and writes whole dicts held in memory. anytopo needs two things it does
+not offer: writing tensors one at a time (so ``convert`` of a multi-GB checkpoint keeps a small resident
+set, and ``save`` writes straight from parameter memory with no staging copy), and reading each tensor
+straight into its destination (a model parameter) with one ``readinto`` from the page cache. The layout is
+the published one: 8-byte little-endian header length, a JSON header (padded with spaces to 8 bytes),
+then the raw little-endian tensor bytes. Files written here are read by ``safetensors`` and vice versa;
+the tests check both directions.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterable, Protocol
+
+import torch
+
+from .errors import CheckpointError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool, "C64": torch.complex64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+_CHUNK = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorSlice:
+    """Where one tensor lives inside a safetensors file."""
+
+    path: Path
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def read(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read the tensor into ``out`` (CPU, contiguous, same dtype and shape) or into a new tensor."""
+        if out is None:
+            out = torch.empty(self.shape, dtype=self.dtype)
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.offset)
+            _readinto_exact(f, out, self.nbytes, self.path)
+        return out
+
+
+def _byte_view(t: torch.Tensor) -> memoryview:
+    """A writable/readable flat byte view of a CPU contiguous tensor's memory (no copy)."""
+    if t.numel() == 0:
+        return memoryview(bytearray(0))
+    return memoryview(t.view(-1).view(torch.uint8).numpy()).cast("B")
+
+
+def _readinto_exact(f: BinaryIO, out: torch.Tensor, nbytes: int, path: Path) -> None:
+    view = _byte_view(out)
+    done = 0
+    while done < nbytes:
+        n = f.readinto(view[done:done + _CHUNK])
+        if not n:
+            raise CheckpointError(f"{path}: file ended early (truncated?); re-copy it or use an earlier checkpoint")
+        done += n
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorSlice], dict[str, str]]:
+    """Parse and validate a safetensors header. Returns (tensors by name, __metadata__)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: too short to be a safetensors file ({size} bytes); the file is damaged")
+        (n,) = struct.unpack("<Q", head)
+        if n > _MAX_HEADER or 8 + n > size:
+            raise CheckpointError(f"{path}: safetensors header length {n} exceeds the file size {size}; "
+                                  "the file is truncated or not safetensors")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e.msg}); the file is damaged") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is not a JSON object; the file is damaged")
+    metadata = header.pop("__metadata__", None) or {}
+    base = 8 + n
+    data_len = size - base
+    tensors: dict[str, TensorSlice] = {}
+    spans = []
+    for name, info in header.items():
+        try:
+            dtype = DTYPES[info["dtype"]]
+            shape = tuple(int(s) for s in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: bad header entry for tensor {name!r}; the file is damaged "
+                                  "or uses a dtype anytopo does not know") from None
+        numel = 1
+        for s in shape:
+            numel *= s
+        if end - begin != numel * dtype.itemsize or begin < 0:
+            raise CheckpointError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {list(shape)} "
+                                  f"{info['dtype']}; the file is damaged")
+        if end > data_len:
+            raise CheckpointError(f"{path}: truncated: tensor {name!r} ends at byte {base + end} but the file has "
+                                  f"{size} bytes; the save or copy was interrupted, re-copy it or use an earlier checkpoint")
+        spans.append((begin, end))
+        tensors[name] = TensorSlice(path, base + begin, end - begin, dtype, shape)
+    spans.sort()
+    for (b0, e0), (b1, _) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise CheckpointError(f"{path}: tensors overlap in the data section; the file is damaged")
+    return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+def plan_header(items: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
+                metadata: dict[str, str] | None) -> tuple[bytes, list[int]]:
+    """Build the header bytes for tensors written in the given order; returns (header, byte sizes)."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    sizes = []
+    offset = 0
+    for name, dtype, shape in items:
+        if dtype not in DTYPE_NAMES:
+            raise CheckpointError(f"tensor {name!r} has dtype {dtype}, which safetensors cannot store; "
+                                  "cast it or save as .pth")
+        numel = 1
+        for s in shape:
+            numel *= s
+        nbytes = numel * dtype.itemsize
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        sizes.append(nbytes)
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % 8)
+    return struct.pack("<Q", len(raw)) + raw, sizes
+
+
+class TensorSource(Protocol):
+    """Anything that can produce one CPU tensor on demand (a slice of a file, or a tensor in memory)."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def read(self, out: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class InMemory:
+    """A tensor already in memory, seen through the ``TensorSource`` interface."""
+
+    tensor: torch.Tensor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tensor.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.tensor.shape)
+
+    def read(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        if out is None:
+            return self.tensor
+        return out.copy_(self.tensor)
+
+
+def write_file(f: BinaryIO, entries: list[tuple[str, TensorSource]], metadata: dict[str, str] | None) -> int:
+    """Write a safetensors file, reading one tensor at a time and writing it straight from its memory.
+
+    In-memory CPU contiguous tensors are written with no copy; lazily read ones are resident one at a
+    time, which is what keeps ``convert`` streaming. Returns the number of bytes written.
+    """
+    header, _ = plan_header(((k, e.dtype, tuple(e.shape)) for k, e in entries), metadata)
+    f.write(header)
+    total = len(header)
+    for _, e in entries:
+        t = e.read()
+        if t.numel():
+            f.write(_byte_view(t.contiguous()))
+            total += t.numel() * t.element_size()
+        del t
+    return total
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename inside it is durable (no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

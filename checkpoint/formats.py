@@ -1,0 +1,441 @@
+"""Recognise a checkpoint on disk and expose its tensors lazily, whatever produced it.
+
+``read_source(path)`` returns a ``Source``: the detected format, the tensors (each a ``TensorSource`` that
+reads on demand, so large files stream), the anytopo manifest when there is one, and the non-tensor
+entries (for reports). Formats: anytopo's own (file or directory, single or sharded), plain state dicts
+(``torch.save(model.state_dict())``), torchvision reference checkpoints, timm ``.pth.tar``, Lightning
+``.ckpt``, accelerate ``save_state`` folders and ``save_model`` outputs, HF-style sharded safetensors or
+``.bin`` with an index, torch.distributed.checkpoint (DCP) folders, and -- only with ``allow_pickle=True``
+-- whole pickled modules.
+
+Nothing here runs code from a file: ``torch.load`` is always ``weights_only=True`` with a short allow-list
+of harmless types real checkpoints contain; DCP metadata is read with a restricted unpickler.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import pathlib
+import pickle
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._safetensors_io import InMemory, TensorSource, read_header
+from .errors import CheckpointError
+
+MANIFEST = "manifest.json"
+POINTER = "latest"
+FORMAT_TAG = "anytopo"
+# Types a real checkpoint pickles next to its tensors that cannot run code when rebuilt.
+SAFE_GLOBALS = [argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
+                pathlib.PureWindowsPath]
+_TORCH_SUFFIXES = (".pth", ".pt", ".pkl", ".bin", ".ckpt", ".tar")
+
+
+@dataclass
+class Source:
+    """What a checkpoint holds, read lazily."""
+
+    path: Path
+    format: str
+    tensors: dict[str, TensorSource]
+    manifest: dict[str, Any] | None = None
+    other: dict[str, str] = field(default_factory=dict)  # non-tensor entries: name -> short type/value
+    files: list[Path] = field(default_factory=list)  # data files backing the tensors
+    notes: list[str] = field(default_factory=list)  # what the reader chose or dropped
+
+    def materialize(self) -> dict[str, torch.Tensor]:
+        """All tensors in memory (CPU). Tied entries stay the same tensor object."""
+        out: dict[str, torch.Tensor] = {}
+        seen: dict[int, torch.Tensor] = {}
+        for k, src in self.tensors.items():
+            if id(src) not in seen:
+                seen[id(src)] = src.read()
+            out[k] = seen[id(src)]
+        return out
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+def sha256_file(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(chunk)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable JSON ({e}); the file is damaged or not part of a checkpoint") from None
+
+
+def verify_files(directory: Path, manifest: dict[str, Any], *, hashes: bool) -> list[str]:
+    """Check every file the manifest lists: present, right size, and (``hashes``) right sha256.
+
+    Returns what was checked, as report lines. Raises CheckpointError on the first problem.
+    """
+    files = manifest.get("files") or {}
+    for name, info in sorted(files.items()):
+        p = directory / name
+        if not p.is_file():
+            raise CheckpointError(f"{p}: missing file listed in {MANIFEST}; the checkpoint is incomplete, "
+                                  "re-copy the whole directory or use an earlier checkpoint")
+        size = p.stat().st_size
+        if size != info.get("bytes", size):
+            raise CheckpointError(f"{p}: size {size} bytes, manifest says {info['bytes']}; the file is truncated "
+                                  "or was replaced, re-copy it or use an earlier checkpoint")
+        if hashes and sha256_file(p) != info.get("sha256"):
+            raise CheckpointError(f"{p}: sha256 does not match {MANIFEST}; the file is corrupted or was changed "
+                                  "after saving, re-copy it or use an earlier checkpoint")
+    if not files:
+        return []
+    return [f"sha256 verified for {len(files)} file(s)" if hashes else f"sizes verified for {len(files)} file(s)"]
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, (int, float, bool, str)) or v is None:
+        s = repr(v)
+        return s if len(s) <= 60 else s[:57] + "..."
+    if isinstance(v, dict):
+        return f"dict({len(v)} keys)"
+    if isinstance(v, (list, tuple)):
+        return f"{type(v).__name__}({len(v)})"
+    return type(v).__name__
+
+
+def _sniff(path: Path) -> str:
+    """'safetensors', 'zip', 'pickle' or 'unknown', from the first bytes."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if len(head) == 9 and head[8:9] == b"{":
+        (n,) = struct.unpack("<Q", head[:8])
+        if 8 + n <= size:
+            return "safetensors"
+        return "safetensors-truncated"
+    if head[:1] == b"\x80":
+        return "pickle"
+    return "unknown"
+
+
+# ------------------------------------------------------------------------------------------ torch.load
+
+def _torch_load(path: Path, *, allow_pickle: bool, mmap: bool) -> Any:
+    """torch.load with weights_only=True; unsafe pickles only with explicit opt-in."""
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        m = re.search(r"GLOBAL ([\w.]+)", msg)
+        if not allow_pickle:
+            what = f" (it references {m.group(1)})" if m else ""
+            raise CheckpointError(
+                f"{path} holds pickled Python objects{what}; loading them can run arbitrary code, so it is refused. "
+                "If you trust its source, pass allow_pickle=True (CLI: --allow-pickle) and re-save it with "
+                "`anytopo-ckpt convert` to get a safe file") from None
+        if m is None and "Weights only load failed" not in msg:
+            raise CheckpointError(f"{path}: not a readable torch checkpoint ({msg.splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, struct.error) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({first}); "
+                              "the file is damaged or truncated, re-copy it or use an earlier checkpoint") from None
+    # Explicit opt-in: the caller trusts this file.
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _tensor_dict(d: dict, where: str, path: Path) -> dict[str, torch.Tensor]:
+    tensors = {str(k): v for k, v in d.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path}: {where} holds no tensors (keys: {', '.join(sorted(map(str, d))[:8])}); "
+                              "is this a checkpoint of model weights?")
+    return tensors
+
+
+def _interpret(obj: Any, path: Path, *, ema: bool) -> tuple[str, dict[str, torch.Tensor], dict[str, str], list[str]]:
+    """Find the model weights inside whatever torch.load returned: (format, tensors, other entries, notes)."""
+    notes: list[str] = []
+    if isinstance(obj, nn.Module):
+        from .unwrap import unwrap
+
+        return "pickled-module", dict(unwrap(obj).state_dict()), {}, ["whole pickled module (loaded with allow_pickle)"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors or a module; "
+                              "cannot find model weights in it")
+    other = {str(k): _short(v) for k, v in obj.items() if not isinstance(v, torch.Tensor)}
+
+    def pick(key_plain: str, key_ema: str | None, fmt: str) -> tuple[str, dict[str, torch.Tensor], dict[str, str], list[str]]:
+        key = key_plain
+        if ema:
+            if key_ema is None or not isinstance(obj.get(key_ema), dict):
+                raise CheckpointError(f"{path}: no EMA weights in this {fmt} checkpoint (entries: "
+                                      f"{', '.join(sorted(map(str, obj))[:10])}); drop ema / --ema")
+            key = key_ema
+        tensors = _tensor_dict(obj[key], f"entry {key!r}", path)
+        rest = {k: v for k, v in other.items() if k != key}
+        return fmt, tensors, rest, [f"weights taken from entry {key!r}"]
+
+    if ema and not any(k in obj for k in ("state_dict_ema", "model_ema")):
+        raise CheckpointError(f"{path}: no EMA weights (entries: {', '.join(sorted(map(str, obj))[:10])}); drop ema / --ema")
+    if isinstance(obj.get("state_dict"), dict):
+        if "pytorch-lightning_version" in obj or "global_step" in obj or "lightning" in " ".join(map(str, obj)):
+            return pick("state_dict", None, "lightning")
+        return pick("state_dict", "state_dict_ema", "timm" if ("arch" in obj or "state_dict_ema" in obj) else "state_dict-entry")
+    if isinstance(obj.get("model"), dict):
+        fmt, tensors, rest, notes = pick("model", "model_ema", "torchvision-reference")
+        if ema:
+            # torchvision's ExponentialMovingAverage (an AveragedModel) adds a step counter; not a model weight.
+            if tensors.pop("n_averaged", None) is not None:
+                notes.append("dropped EMA counter 'n_averaged'")
+        return fmt, tensors, rest, notes
+    if isinstance(obj.get("model_state_dict"), dict):
+        return pick("model_state_dict", None, "tutorial-dict")
+    tensors = _tensor_dict(obj, "the top level", path)
+    if other:
+        notes.append(f"ignored {len(other)} non-tensor entries")
+    return "state-dict", tensors, other, notes
+
+
+def _read_torch_file(path: Path, *, ema: bool, allow_pickle: bool, kind: str) -> Source:
+    obj = _torch_load(path, allow_pickle=allow_pickle, mmap=(kind == "zip"))
+    fmt, tensors, other, notes = _interpret(obj, path, ema=ema)
+    sidecar = path.with_name(path.name + ".manifest.json")
+    manifest = read_json(sidecar) if sidecar.is_file() else None
+    if isinstance(manifest, dict) and manifest.get("format") == FORMAT_TAG:
+        fmt = "anytopo-pth"
+    else:
+        manifest = None
+    return Source(path, fmt, _share(tensors), manifest, other, [path], notes)
+
+
+def _share(tensors: dict[str, torch.Tensor]) -> dict[str, TensorSource]:
+    """Wrap in-memory tensors; entries that are the same tensor stay one source (tied weights)."""
+    by_id: dict[int, InMemory] = {}
+    return {k: by_id.setdefault(id(t), InMemory(t)) for k, t in tensors.items()}
+
+
+# ---------------------------------------------------------------------------------------- safetensors
+
+def _manifest_from_metadata(meta: dict[str, str]) -> dict[str, Any] | None:
+    raw = meta.get(FORMAT_TAG)
+    if raw is None:
+        return None
+    try:
+        m = json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+    return m if isinstance(m, dict) else None
+
+
+def _with_aliases(tensors: dict[str, TensorSource], manifest: dict[str, Any] | None) -> dict[str, TensorSource]:
+    """Re-create tied entries that were stored once (manifest 'aliases': alias -> stored key)."""
+    aliases = (manifest or {}).get("aliases") or {}
+    out = dict(tensors)
+    for alias, stored in aliases.items():
+        if stored in tensors:
+            out[alias] = tensors[stored]
+    return out
+
+
+def _read_safetensors_file(path: Path, fmt: str = "safetensors") -> Source:
+    tensors, meta = read_header(path)
+    manifest = _manifest_from_metadata(meta)
+    if manifest is not None:
+        fmt = "anytopo-safetensors"
+    return Source(path, fmt, _with_aliases(dict(tensors), manifest), manifest, {}, [path], [])
+
+
+def _read_index(index_path: Path, *, allow_pickle: bool) -> Source:
+    """HF-style sharded checkpoint: {"metadata": ..., "weight_map": {tensor: shard file}}."""
+    idx = read_json(index_path)
+    if not isinstance(idx, dict) or not isinstance(idx.get("weight_map"), dict):
+        raise CheckpointError(f"{index_path}: not a shard index (no 'weight_map'); the file is damaged")
+    directory = index_path.parent
+    shards = sorted(set(idx["weight_map"].values()))
+    tensors: dict[str, TensorSource] = {}
+    for shard in shards:
+        p = directory / shard
+        if not p.is_file():
+            raise CheckpointError(f"{p}: missing shard listed in {index_path.name}; the checkpoint is incomplete, "
+                                  "re-copy all shards or use an earlier checkpoint")
+        if shard.endswith(".safetensors"):
+            part, _ = read_header(p)
+            tensors.update(part)
+        else:
+            obj = _torch_load(p, allow_pickle=allow_pickle, mmap=_sniff(p) == "zip")
+            tensors.update(_share(_tensor_dict(obj, "shard", p)))
+    wanted = set(idx["weight_map"])
+    absent = sorted(wanted.difference(tensors))
+    if absent:
+        raise CheckpointError(f"{index_path}: {len(absent)} tensors listed in the index are in no shard "
+                              f"(e.g. {absent[:3]}); the shards do not belong to this index")
+    meta = idx.get("metadata") or {}
+    manifest = _manifest_from_metadata(meta) if isinstance(meta, dict) else None
+    fmt = "anytopo-sharded" if manifest else ("sharded-safetensors" if shards[0].endswith(".safetensors") else "sharded-bin")
+    tensors = {k: tensors[k] for k in idx["weight_map"]}
+    return Source(index_path, fmt, _with_aliases(tensors, manifest), manifest, {}, [directory / s for s in shards], [])
+
+
+# ------------------------------------------------------------------------------------------------ DCP
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    """Rebuilds DCP's .metadata (a pickle) from an allow-list of plain metadata classes only."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch.distributed.checkpoint.metadata" or (
+                module == "torch.distributed.checkpoint.filesystem" and name == "_StorageInfo"):
+            return super().find_class(module, name)
+        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
+            return getattr(torch, name)
+        if (module, name) in {("torch.serialization", "_get_layout"), ("torch._utils", "_get_layout"),
+                              ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset")}:
+            return super().find_class(module, name)
+        if module == "pathlib" and name in {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"}:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to rebuild {module}.{name} from DCP metadata")
+
+
+def _read_dcp(directory: Path) -> Source:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+    from torch.distributed.checkpoint.storage import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            try:
+                with open(directory / ".metadata", "rb") as f:
+                    md = _DCPMetadataUnpickler(f).load()
+            except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as e:
+                raise CheckpointError(f"{directory}/.metadata: unreadable DCP metadata ({e}); "
+                                      "the checkpoint is damaged or not from torch.distributed.checkpoint") from None
+            if getattr(md, "storage_meta", None) is None:
+                md.storage_meta = StorageMeta()
+            md.storage_meta.load_id = self.load_id
+            return md
+
+    state: dict[str, Any] = {}
+    try:
+        dcp_load(state, storage_reader=SafeReader(directory), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    except CheckpointError:
+        raise
+    except Exception as e:  # DCP wraps reader errors in its own exception types
+        cause = e
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, CheckpointError):
+            raise cause from None
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{directory}: could not read the DCP checkpoint ({first}); "
+                              "a data file is missing or damaged") from None
+    notes = []
+    if isinstance(state.get("model"), dict):
+        inner = state["model"]
+        other = {k: _short(v) for k, v in state.items() if k != "model"}
+        notes.append("weights taken from entry 'model'")
+    else:
+        inner, other = state, {}
+    tensors = _tensor_dict(inner, "the DCP state", directory)
+    files = sorted(directory.glob("*.distcp"))
+    return Source(directory, "dcp", _share(tensors), None, other, files, notes)
+
+
+# ------------------------------------------------------------------------------------------ dispatch
+
+def _read_directory(path: Path, *, ema: bool, allow_pickle: bool) -> Source:
+    manifest_path = path / MANIFEST
+    if manifest_path.is_file():
+        manifest = read_json(manifest_path)
+        if isinstance(manifest, dict) and manifest.get("format") == FORMAT_TAG:
+            weights = manifest.get("weights")
+            if not weights:
+                raise CheckpointError(f"{manifest_path}: lists no weights file; the checkpoint is damaged")
+            src = read_source(path / weights, ema=ema, allow_pickle=allow_pickle)
+            src.manifest = {**(src.manifest or {}), **manifest}
+            src.tensors = _with_aliases(src.tensors, src.manifest)
+            src.format = "anytopo-" + ("sharded" if weights.endswith(".index.json") else Path(weights).suffix.lstrip("."))
+            src.path = path
+            return src
+    pointer = path / POINTER
+    if pointer.is_file():
+        target = pointer.read_text().strip()
+        if not target or "/" in target or not (path / target).is_dir():
+            raise CheckpointError(f"{pointer}: points to {target!r}, which is not an entry here; use "
+                                  "CheckpointManager(dir).latest() to find the newest good entry")
+        return read_source(path / target, ema=ema, allow_pickle=allow_pickle)
+    indexes = sorted(path.glob("*.index.json"))
+    if len(indexes) == 1:
+        return _read_index(indexes[0], allow_pickle=allow_pickle)
+    if len(indexes) > 1:
+        raise CheckpointError(f"{path}: several shard indexes ({', '.join(i.name for i in indexes)}); "
+                              "pass the index file you want")
+    for name in ("model.safetensors", "pytorch_model.bin", "model.pth"):
+        if (path / name).is_file():
+            src = read_source(path / name, ema=ema, allow_pickle=allow_pickle)
+            others = sorted(p.name for p in path.iterdir() if p.name != name)
+            if others:
+                src.other.update({n: "file" for n in others})
+                src.format = "accelerate-folder" if any(n.startswith(("optimizer", "random_states")) for n in others) \
+                    else src.format
+            return src
+    if (path / ".metadata").is_file():
+        return _read_dcp(path)
+    found = sorted(p.name for p in path.iterdir())[:8]
+    raise CheckpointError(f"{path} is a directory but not a checkpoint (found: {', '.join(found) or 'nothing'}); "
+                          "expected manifest.json, model.safetensors, pytorch_model.bin, *.index.json or a DCP "
+                          ".metadata -- pass the checkpoint file or folder itself")
+
+
+def read_source(path: str | Path, *, ema: bool = False, allow_pickle: bool = False) -> Source:
+    """Detect the format of ``path`` and return its tensors lazily.
+
+    Args:
+        path: a checkpoint file or directory (see the module docstring for the formats).
+        ema: take EMA weights (timm ``state_dict_ema``, torchvision ``model_ema``) instead of the model's.
+        allow_pickle: allow whole pickled modules and other code-carrying pickles. Only for trusted files.
+
+    Raises:
+        CheckpointError: the path is missing, empty, damaged, not a checkpoint, or needs ``allow_pickle``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no such checkpoint: {path}; check the path")
+    if path.is_dir():
+        return _read_directory(path, ema=ema, allow_pickle=allow_pickle)
+    if path.name == ".metadata":
+        return _read_dcp(path.parent)
+    if path.name.endswith(".index.json"):
+        return _read_index(path, allow_pickle=allow_pickle)
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes); the save was interrupted or the copy failed, "
+                              "use an earlier checkpoint")
+    kind = _sniff(path)
+    if kind == "safetensors":
+        src = _read_safetensors_file(path)
+        if ema:
+            raise CheckpointError(f"{path}: a safetensors file holds one set of weights, no EMA; drop ema / --ema")
+        return src
+    if kind == "safetensors-truncated":
+        raise CheckpointError(f"{path}: truncated safetensors file (header longer than the file); "
+                              "the save or copy was interrupted, re-copy it or use an earlier checkpoint")
+    if kind in ("zip", "pickle"):
+        return _read_torch_file(path, ema=ema, allow_pickle=allow_pickle, kind=kind)
+    if path.suffix in (".json", ".txt", ".yaml", ".md"):
+        raise CheckpointError(f"{path} is a {path.suffix} file, not a checkpoint; pass the checkpoint file or folder")
+    raise CheckpointError(f"{path} is not a checkpoint: its first bytes match no known format "
+                          "(safetensors, torch.save zip or pickle); the file is damaged or of another kind")

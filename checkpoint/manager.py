@@ -1,0 +1,247 @@
+"""Checkpoint policy for training runs: ``step-{N}`` entries, a verified ``latest`` pointer, pruning.
+
+The manager knows nothing of training. It is handed components and treats each as stateful: a model
+(``nn.Module``, saved as canonical weights), anything with ``state_dict()``/``load_state_dict()``
+(scheduler, GradScaler, ``OptimizerState``), or a plain dict (trainer counters). The step is stored in
+the entry's manifest, never parsed from a directory name. Policy is the pure functions ``should_save``
+and ``select_prune``; the class only does I/O around them.
+"""
+from __future__ import annotations
+
+import io
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ._safetensors_io import InMemory
+from .errors import CheckpointError
+from .formats import FORMAT_TAG, MANIFEST, POINTER, SAFE_GLOBALS, read_json, verify_files
+from .load import LoadReport, load
+from .save import atomic_write_text, barrier, build_manifest, canonical_state, dedupe, write_directory
+from .unwrap import unwrap
+
+STATE_FILE = "state.pth"
+MODEL_COMPONENT = "model"
+
+
+# ------------------------------------------------------------------------------------------- policy
+
+def should_save(step: int, every: int | None, *, last: bool = False) -> bool:
+    """Save at every ``every``-th step (step > 0) and always at the last step."""
+    return last or bool(every and every > 0 and step > 0 and step % every == 0)
+
+
+def select_prune(steps: Sequence[int], keep_last: int | None, protect: Iterable[int] = ()) -> list[int]:
+    """Steps to delete so that the newest ``keep_last`` (and every protected step) remain.
+
+    ``keep_last`` of None or 0 keeps everything.
+    """
+    ordered = sorted(set(steps))
+    if not keep_last or keep_last <= 0:
+        return []
+    keep = set(ordered[-keep_last:]) | set(protect)
+    return [s for s in ordered if s not in keep]
+
+
+def entry_name(step: int) -> str:
+    return f"step-{step}"
+
+
+# --------------------------------------------------------------------------------- stateful adapters
+
+class OptimizerState:
+    """An optimizer seen as a component whose state is keyed by parameter NAME, not index.
+
+    Names are those of the bare model (``unwrap(model).named_parameters()``), so the state survives
+    wrapping changes (DDP <-> DP <-> single <-> compiled) and parameter-group regrouping. Built on
+    ``torch.distributed.checkpoint.state_dict.get/set_optimizer_state_dict``.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self.model = model
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(unwrap(self.model), self.optimizer)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(unwrap(self.model), self.optimizer, state)
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+@dataclass
+class Restored:
+    """What ``CheckpointManager.restore`` brought back."""
+
+    path: Path
+    step: int | None
+    epoch: int | None
+    report: LoadReport
+    restored: list[str] = field(default_factory=list)  # components loaded in place
+    absent: list[str] = field(default_factory=list)  # components the checkpoint did not have
+    states: dict[str, Any] = field(default_factory=dict)  # plain-dict components, returned as saved
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------- manager
+
+class CheckpointManager:
+    """Saves ``step-{N}`` entries under ``directory``, keeps the newest ``keep_last``, points ``latest`` at
+    the last complete one, and finds the newest entry that verifies when the pointer's does not.
+
+    Example:
+        >>> mgr = CheckpointManager("run/checkpoints", keep_last=3, every=100)
+        >>> if mgr.should_save(step):
+        ...     mgr.save(step, {"model": model, "optimizer": OptimizerState(model, opt),
+        ...                     "scheduler": sched, "trainer": {"epoch": epoch}})
+        >>> restored = mgr.restore(mgr.latest(), {"model": model, "optimizer": OptimizerState(model, opt)})
+    """
+
+    def __init__(self, directory: str | Path, *, keep_last: int | None = 3, every: int | None = None):
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+        self.every = every
+
+    def should_save(self, step: int, *, last: bool = False) -> bool:
+        return should_save(step, self.every, last=last)
+
+    # -- writing
+
+    def save(self, step: int, components: Mapping[str, Any], *, metadata: Mapping[str, Any] | None = None) -> Path:
+        """Write entry ``step-{step}`` atomically, then move ``latest`` to it, then prune.
+
+        Every rank must call this (component state_dicts may be collective); rank 0 writes.
+        """
+        if MODEL_COMPONENT not in components or not isinstance(components[MODEL_COMPONENT], nn.Module):
+            raise CheckpointError("components need a 'model' entry holding the nn.Module to save")
+        for name, comp in components.items():
+            if isinstance(comp, torch.optim.Optimizer):
+                raise CheckpointError(f"component {name!r} is a bare optimizer (index-keyed state); "
+                                      "wrap it as OptimizerState(model, optimizer)")
+        states = {name: _to_cpu(comp.state_dict() if hasattr(comp, "state_dict") and not isinstance(comp, dict) else comp)
+                  for name, comp in components.items() if name != MODEL_COMPONENT}
+        path = self.directory / entry_name(step)
+        dist = torch.distributed
+        writer = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        try:
+            if writer:
+                self._clean_temps()
+                sd, info = canonical_state(components[MODEL_COMPONENT])
+                unique, aliases = dedupe(sd)
+                manifest = build_manifest(unique, aliases, info, {**(metadata or {}), "step": step})
+                manifest["kind"] = "entry"
+                manifest["components"] = sorted(components)
+                buf = io.BytesIO()
+                torch.save(states, buf)
+                write_directory(path, [(k, InMemory(t)) for k, t in unique.items()], manifest,
+                                extra_files={STATE_FILE: buf.getvalue()})
+                atomic_write_text(self.directory / POINTER, entry_name(step) + "\n")
+                self._prune(protect=step)
+        finally:
+            barrier()
+        return path
+
+    def _clean_temps(self) -> None:
+        if self.directory.is_dir():
+            for p in self.directory.glob(".step-*"):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+    def _prune(self, protect: int) -> None:
+        entries = dict(self.entries())
+        for step in select_prune(list(entries), self.keep_last, protect=[protect]):
+            shutil.rmtree(entries[step], ignore_errors=True)
+
+    # -- reading
+
+    def entries(self) -> list[tuple[int, Path]]:
+        """(step, path) of every entry with a readable manifest, oldest first. Step comes from the manifest."""
+        out = []
+        if not self.directory.is_dir():
+            return out
+        for p in self.directory.iterdir():
+            m = p / MANIFEST
+            if p.name.startswith(".") or not m.is_file():
+                continue
+            try:
+                manifest = read_json(m)
+            except CheckpointError:
+                continue
+            if isinstance(manifest, dict) and manifest.get("format") == FORMAT_TAG and isinstance(manifest.get("step"), int):
+                out.append((manifest["step"], p))
+        return sorted(out)
+
+    def _verifies(self, path: Path) -> bool:
+        try:
+            manifest = read_json(path / MANIFEST)
+            verify_files(path, manifest, hashes=True)
+            return bool(manifest.get("files"))
+        except (CheckpointError, OSError):
+            return False
+
+    def latest(self) -> Path | None:
+        """The entry ``latest`` points to if it verifies (sha256 of every file), else the newest entry
+        that does; None when there is none."""
+        pointer = self.directory / POINTER
+        if pointer.is_file():
+            target = self.directory / pointer.read_text().strip()
+            if target.name and target.parent == self.directory and self._verifies(target):
+                return target
+        for _, path in reversed(self.entries()):
+            if self._verifies(path):
+                return path
+        return None
+
+    def restore(self, path: str | Path | None, components: Mapping[str, Any], *, strict: bool = True,
+                allow_pickle: bool = False) -> Restored:
+        """Load ``path`` (an entry, a manager directory -> its latest, or any weights file) into components.
+
+        The model is loaded strictly through ``checkpoint.load`` (any source topology); stateful
+        components get ``load_state_dict``; plain-dict components come back in ``Restored.states``.
+        """
+        path = Path(path) if path is not None else self.latest()
+        if path is None:
+            raise CheckpointError(f"no checkpoint in {self.directory}; start without --resume or point at one")
+        if path.is_dir() and (path / POINTER).is_file() and not (path / MANIFEST).is_file():
+            latest = CheckpointManager(path).latest()
+            if latest is None:
+                raise CheckpointError(f"{path}: no entry verifies (all damaged or incomplete); point at a good entry")
+            path = latest
+        report = load(path, components[MODEL_COMPONENT], strict=strict, allow_pickle=allow_pickle,
+                      verify=(path / MANIFEST).is_file() if path.is_dir() else False)
+        manifest = read_json(path / MANIFEST) if path.is_dir() and (path / MANIFEST).is_file() else {}
+        result = Restored(path, manifest.get("step", report.step), manifest.get("epoch", report.epoch), report,
+                          restored=[MODEL_COMPONENT], manifest=manifest)
+        state_path = path / STATE_FILE if path.is_dir() else None
+        states: dict[str, Any] = {}
+        if state_path is not None and state_path.is_file():
+            with torch.serialization.safe_globals(SAFE_GLOBALS):
+                states = torch.load(state_path, map_location="cpu", weights_only=True)
+        for name, comp in components.items():
+            if name == MODEL_COMPONENT:
+                continue
+            if name not in states:
+                result.absent.append(name)
+                continue
+            if isinstance(comp, dict):
+                result.states[name] = states[name]
+            else:
+                comp.load_state_dict(states[name])
+            result.restored.append(name)
+        return result

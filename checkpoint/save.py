@@ -1,0 +1,396 @@
+"""Write canonical checkpoints: CPU, contiguous, bare keys, a manifest, atomically.
+
+Layouts written by ``save(obj, path)``:
+- ``path`` ends in ``.safetensors``: one safetensors file; the manifest (without hashes) rides in its
+  ``__metadata__`` so a lone copied file keeps its provenance.
+- ``path`` ends in ``.pth``/``.pt``/``.pkl``/``.bin``: a plain dict of tensors (``torch.load(...,
+  weights_only=True)`` then ``model.load_state_dict`` works in any code), manifest beside it as
+  ``<name>.manifest.json``.
+- any other ``path``: a directory with ``model.safetensors`` (or shards ``model-00001-of-0000N.safetensors``
+  plus ``model.safetensors.index.json``) and ``manifest.json`` holding the sha256 of every data file.
+
+Every file is written to a temporary name in the same directory, flushed, fsynced and ``os.replace``d;
+a directory is built under a temporary name and renamed into place with its manifest written last. A
+crash never leaves something that looks complete. In a distributed run only global rank 0 writes and
+every rank waits at a barrier before returning.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from ._safetensors_io import InMemory, TensorSource, fsync_dir, write_file
+from .errors import CheckpointError
+from .formats import FORMAT_TAG, MANIFEST, sha256_file
+from .keys import strip_common_wrappers
+from .unwrap import describe_wrapping, unwrap
+
+FORMAT_VERSION = 1
+TORCH_SUFFIXES = (".pth", ".pt", ".pkl", ".bin")
+SINGLE_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+# ---------------------------------------------------------------------------------- atomic primitives
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Any]:
+    """Open a temp file beside ``path``; on success flush+fsync+rename over ``path``, else delete it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_file(path) as f:
+        f.write(text.encode())
+
+
+@contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Build a directory under a temp name beside ``path``, then rename it into place.
+
+    An existing ``path`` is moved aside first and removed only once the new one is in place, so at every
+    instant either the old or the new complete directory exists (plus, at worst, a leftover temp).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        fsync_dir(tmp)
+        old = None
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            os.replace(path, old)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ------------------------------------------------------------------------------------- canonical form
+
+def parse_size(size: int | str | None) -> int | None:
+    """'2GB' -> 2_000_000_000, '512MiB' -> 536_870_912, ints pass through."""
+    if size is None or isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise CheckpointError(f"bad size {size!r}: use a number of bytes or e.g. 500MB, 2GB, 1GiB")
+    unit = m.group(2).upper().rstrip("B")
+    base = 1024 if unit.endswith("I") else 1000
+    power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I")]
+    return int(float(m.group(1)) * base ** power)
+
+
+def canonical_state(obj: nn.Module | Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """CPU, contiguous tensors under bare keys, plus what was learned about the source (for the manifest)."""
+    info: dict[str, Any] = {}
+    if isinstance(obj, nn.Module):
+        wrappers = describe_wrapping(obj)
+        bare = unwrap(obj)
+        sd = bare.state_dict()
+        info["wrappers"] = wrappers
+        try:
+            info["device_type"] = next(iter(bare.parameters())).device.type
+        except StopIteration:
+            info["device_type"] = "cpu"
+    elif isinstance(obj, Mapping):
+        bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise CheckpointError(f"state dict entries {sorted(map(str, bad))[:5]} are not tensors; save only tensors "
+                                  "(put step/epoch/config in metadata=)")
+        sd, stripped = strip_common_wrappers(obj)
+        if stripped:
+            info["prefix_stripped"] = stripped
+        types = {v.device.type for v in sd.values()}
+        info["device_type"] = types.pop() if len(types) == 1 else "mixed"
+    else:
+        raise CheckpointError(f"save() takes an nn.Module or a state dict, not {type(obj).__name__}")
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        t = v.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        out[k] = t if t.is_contiguous() else t.contiguous()
+    return out, info
+
+
+def dedupe(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Store tensors that are the same memory (tied weights) once: returns (unique tensors, alias -> stored key).
+
+    Two entries are tied when they have the same storage, offset, shape, stride and dtype. Other tensors
+    that merely overlap in memory (views) are cloned so every stored tensor owns its bytes.
+    """
+    unique: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    by_identity: dict[tuple, str] = {}
+    spans: dict[int, list[tuple[int, int, str]]] = {}
+    for k in sorted(sd):
+        t = sd[k]
+        if t.numel() == 0:
+            unique[k] = t
+            continue
+        ptr = t.untyped_storage().data_ptr()
+        ident = (ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if ident in by_identity:
+            aliases[k] = by_identity[ident]
+            continue
+        start = t.storage_offset() * t.element_size()
+        end = start + t.numel() * t.element_size()
+        if any(s < end and start < e for s, e, _ in spans.get(ptr, [])):
+            t = t.clone()
+        else:
+            spans.setdefault(ptr, []).append((start, end, k))
+        by_identity[ident] = k
+        unique[k] = t
+    return unique, aliases
+
+
+def _versions() -> dict[str, str]:
+    import safetensors
+
+    from . import __version__
+
+    return {"anytopo": __version__, "torch": torch.__version__, "safetensors": safetensors.__version__,
+            "python": platform.python_version()}
+
+
+def _topology(info: dict[str, Any]) -> dict[str, Any]:
+    dist = torch.distributed
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    wrappers = info.get("wrappers") or []
+    if "DistributedDataParallel" in wrappers:
+        strategy = "ddp"
+    elif "DataParallel" in wrappers:
+        strategy = "dp"
+    else:
+        strategy = "ddp" if world > 1 else "single"
+    return {"strategy": strategy, "world_size": world, "device_type": info.get("device_type", "cpu"),
+            "wrappers": wrappers}
+
+
+def _check_json(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    try:
+        return json.loads(json.dumps(dict(metadata), allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"metadata must be plain JSON values (str, int, float, bool, None, lists, dicts): {e}; "
+                              "convert objects such as argparse.Namespace with vars()") from None
+
+
+def build_manifest(sd: Mapping[str, torch.Tensor | TensorSource], aliases: Mapping[str, str], info: dict[str, Any],
+                   metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The manifest: provenance and shape of a checkpoint, as plain JSON (never a pickled object)."""
+    meta = _check_json(metadata or {})
+    dtypes: dict[str, int] = {}
+    numel = nbytes = 0
+    for t in sd.values():  # tensors or TensorSources: both have dtype and shape
+        name = str(t.dtype).removeprefix("torch.")
+        dtypes[name] = dtypes.get(name, 0) + 1
+        n = _numel(t.shape)
+        numel += n
+        nbytes += n * t.dtype.itemsize
+    topology = {**_topology(info), **meta.pop("topology", {})}
+    manifest: dict[str, Any] = {
+        "format": FORMAT_TAG,
+        "format_version": FORMAT_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": meta.pop("model", None),
+        "model_options": meta.pop("model_options", None),
+        "step": meta.pop("step", None),
+        "epoch": meta.pop("epoch", None),
+        "topology": topology,
+        "dtypes": dtypes,
+        "num_tensors": len(sd) + len(aliases),
+        "num_elements": numel,
+        "total_bytes": nbytes,
+        "aliases": dict(aliases),
+        "versions": _versions(),
+    }
+    if "prefix_stripped" in info:
+        manifest["prefix_stripped"] = info["prefix_stripped"]
+    if meta:
+        manifest["extra"] = meta
+    return manifest
+
+
+def _st_metadata(manifest: Mapping[str, Any]) -> dict[str, str]:
+    slim = {k: v for k, v in manifest.items() if k not in ("files", "weights")}
+    return {"format": "pt", FORMAT_TAG: json.dumps(slim, separators=(",", ":"))}
+
+
+# ------------------------------------------------------------------------------------------- writers
+
+def _plan_shards(entries: list[tuple[str, TensorSource]], max_bytes: int | None) -> list[list[tuple[str, TensorSource]]]:
+    if not max_bytes:
+        return [entries]
+    shards: list[list[tuple[str, TensorSource]]] = [[]]
+    size = 0
+    for k, e in entries:
+        n = e.dtype.itemsize
+        for s in e.shape:
+            n *= s
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((k, e))
+        size += n
+    return shards
+
+
+def write_safetensors(path: Path, entries: list[tuple[str, TensorSource]], manifest: Mapping[str, Any]) -> int:
+    with atomic_file(path) as f:
+        return write_file(f, entries, _st_metadata(manifest))
+
+
+def write_torch(path: Path, sd: Mapping[str, torch.Tensor]) -> None:
+    with atomic_file(path) as f:
+        torch.save(dict(sd), f)
+
+
+def write_directory(path: Path, entries: list[tuple[str, TensorSource]], manifest: dict[str, Any], *,
+                    max_shard_size: int | None = None, fmt: str = "safetensors",
+                    extra_files: Mapping[str, bytes] | None = None) -> Path:
+    """Write a checkpoint directory atomically: data files, extra files, then manifest.json with hashes."""
+    with atomic_dir(path) as tmp:
+        files: list[str] = []
+        if fmt == "pth":
+            write_torch(tmp / "model.pth", _undedupe({k: e.read() for k, e in entries}, manifest.get("aliases") or {}))
+            files.append("model.pth")
+            manifest["weights"] = "model.pth"
+        else:
+            shards = _plan_shards(entries, max_shard_size)
+            if len(shards) == 1:
+                write_safetensors(tmp / SINGLE_NAME, shards[0], manifest)
+                files.append(SINGLE_NAME)
+                manifest["weights"] = SINGLE_NAME
+            else:
+                n = len(shards)
+                weight_map = {}
+                for i, shard in enumerate(shards, 1):
+                    name = f"model-{i:05d}-of-{n:05d}.safetensors"
+                    write_safetensors(tmp / name, shard, manifest)
+                    files.append(name)
+                    weight_map.update({k: name for k, _ in shard})
+                index = {"metadata": {"total_size": manifest["total_bytes"], **_st_metadata(manifest)},
+                         "weight_map": weight_map}
+                atomic_write_text(tmp / INDEX_NAME, json.dumps(index, indent=1))
+                files.append(INDEX_NAME)
+                manifest["weights"] = INDEX_NAME
+        for name, data in (extra_files or {}).items():
+            with atomic_file(tmp / name) as f:
+                f.write(data)
+            files.append(name)
+        manifest["files"] = {n: {"bytes": (tmp / n).stat().st_size, "sha256": sha256_file(tmp / n)} for n in files}
+        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+    return path
+
+
+def write_checkpoint(path: Path, entries: list[tuple[str, TensorSource]], manifest: dict[str, Any], *,
+                     max_shard_size: int | str | None = None, fmt: str | None = None) -> Path:
+    """Write tensors (lazily read) in the layout ``path`` asks for. No distributed logic here."""
+    max_bytes = parse_size(max_shard_size)
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors" or suffix in TORCH_SUFFIXES:
+        if fmt is not None and (fmt == "pth") != (suffix in TORCH_SUFFIXES):
+            raise CheckpointError(f"{path}: the suffix says {suffix} but format {fmt!r} was asked; "
+                                  "make them agree or give a directory path")
+        total = sum(e.dtype.itemsize * _numel(e.shape) for _, e in entries)
+        if max_bytes and total > max_bytes:
+            raise CheckpointError(f"{path}: {total} bytes do not fit one shard of {max_bytes}; "
+                                  "sharded checkpoints are directories, pass a path without a suffix")
+        if suffix == ".safetensors":
+            write_safetensors(path, entries, manifest)
+            return path
+        write_torch(path, _undedupe({k: e.read() for k, e in entries}, manifest.get("aliases") or {}))
+        manifest["files"] = {path.name: {"bytes": path.stat().st_size, "sha256": sha256_file(path)}}
+        manifest["weights"] = path.name
+        atomic_write_text(path.with_name(path.name + ".manifest.json"), json.dumps(manifest, indent=1, sort_keys=True))
+        return path
+    if fmt not in (None, "safetensors", "pth"):
+        raise CheckpointError(f"unknown format {fmt!r}: use safetensors or pth")
+    return write_directory(path, entries, manifest, max_shard_size=max_bytes, fmt=fmt or "safetensors")
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _undedupe(sd: dict[str, torch.Tensor], aliases: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """.pth files store tied entries as the same tensor (torch.save keeps sharing), so add aliases back."""
+    out = dict(sd)
+    out.update({a: sd[s] for a, s in aliases.items() if s in sd})
+    return dict(sorted(out.items()))
+
+
+def _is_writer() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def save(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], path: str | Path, *,
+         metadata: Mapping[str, Any] | None = None, max_shard_size: int | str | None = None,
+         format: str | None = None) -> Path:
+    """Save a model (any wrapping) or a state dict as a canonical, device-agnostic checkpoint.
+
+    Args:
+        model_or_state_dict: a bare, DataParallel, DDP or compiled model (unwrapped by structure), or a
+            state dict (a common ``module.``/``_orig_mod.`` prefix on every key is removed).
+        path: ``x.safetensors`` (default format), ``x.pth``/``.pt``/``.pkl``/``.bin``, or a directory.
+        metadata: plain JSON values; ``model``, ``model_options``, ``step``, ``epoch`` and ``topology``
+            become manifest fields, anything else goes under ``extra``.
+        max_shard_size: e.g. ``"2GB"``; directories only. Shards follow the HF index layout.
+        format: ``"safetensors"`` or ``"pth"`` for directory targets.
+
+    Returns:
+        The path written. In a distributed run every rank must call this; rank 0 writes, all wait.
+
+    Example:
+        >>> checkpoint.save(ddp_model, "run/final.safetensors", metadata={"model": "resnet18", "step": 100})
+    """
+    path = Path(path)
+    try:
+        if _is_writer():
+            sd, info = canonical_state(model_or_state_dict)
+            unique, aliases = dedupe(sd)
+            manifest = build_manifest(unique, aliases, info, metadata)
+            entries = [(k, InMemory(t)) for k, t in unique.items()]
+            write_checkpoint(path, entries, manifest, max_shard_size=max_shard_size, fmt=format)
+    finally:
+        barrier()
+    return path

@@ -1,0 +1,53 @@
+"""Unwrap live models by structure: DataParallel, DistributedDataParallel, torch.compile, in any nesting."""
+from __future__ import annotations
+
+import sys
+
+from torch import nn
+
+
+def _compiled_type():
+    # A model can only be compiled once torch._dynamo is imported; don't pay its import cost otherwise.
+    if "torch._dynamo" not in sys.modules:
+        return None
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return OptimizedModule
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Return the bare module inside any nesting of DataParallel, DistributedDataParallel and
+    ``torch.compile`` (OptimizedModule), e.g. ``DDP(compile(m))`` or ``compile(DDP(m))``, and what
+    ``accelerate.Accelerator.prepare`` returns (one of those, or the model itself).
+
+    The bare module's ``state_dict()`` keys are the canonical keys of an anytopo checkpoint.
+
+    Example:
+        >>> unwrap(torch.nn.DataParallel(net)) is net
+        True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"unwrap expects an nn.Module, got {type(model).__name__}")
+    compiled = _compiled_type()
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif compiled is not None and isinstance(model, compiled):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def describe_wrapping(model: nn.Module) -> list[str]:
+    """Names of the wrappers around ``model``, outermost first (e.g. ``["DistributedDataParallel", "OptimizedModule"]``)."""
+    names = []
+    compiled = _compiled_type()
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            names.append(type(model).__name__)
+            model = model.module
+        elif compiled is not None and isinstance(model, compiled):
+            names.append("OptimizedModule")
+            model = model._orig_mod
+        else:
+            return names
