@@ -1,0 +1,218 @@
+"""CheckpointManager: pure policy, save/restore of every component, pruning, verified latest, crash safety."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import checkpoint
+from checkpoint import CheckpointManager, OptimizerState, select_prune, should_save
+from conftest import REPO, child_env
+
+
+# ------------------------------------------------------------------------------------------ policy
+
+@pytest.mark.parametrize("step,every,last,expected", [
+    (0, 10, False, False), (10, 10, False, True), (15, 10, False, False), (15, 10, True, True),
+    (7, None, False, False), (7, 0, False, False), (3, 1, False, True),
+])
+def test_should_save(step, every, last, expected):
+    assert should_save(step, every, last=last) is expected
+
+
+def test_select_prune():
+    assert select_prune([1, 2, 3, 4, 5], 2) == [1, 2, 3]
+    assert select_prune([5, 1, 3], 2) == [1]
+    assert select_prune([1, 2, 3, 4], 2, protect=[1]) == [2]
+    assert select_prune([1, 2, 3], None) == [] and select_prune([1, 2, 3], 0) == []
+    assert select_prune([1, 2], 5) == []
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+def net() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def train_steps(model, opt, sched, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        x, y = torch.randn(16, 4, generator=g), torch.randint(0, 2, (16,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        sched.step()
+
+
+def components(model, opt, sched, **extra):
+    return {"model": model, "optimizer": OptimizerState(model, opt), "scheduler": sched, **extra}
+
+
+# ------------------------------------------------------------------------------------------ behaviour
+
+def test_save_restore_resumes_identically(tmp_path):
+    """Training k steps, saving, restoring into fresh objects and continuing equals training straight through."""
+    torch.manual_seed(0)
+    a = net()
+    opt_a = torch.optim.AdamW(a.parameters(), lr=0.01)
+    sched_a = torch.optim.lr_scheduler.StepLR(opt_a, 2, gamma=0.5)
+    train_steps(a, opt_a, sched_a, 3)
+    mgr = CheckpointManager(tmp_path, keep_last=2)
+    mgr.save(3, components(a, opt_a, sched_a, trainer={"epoch": 1, "note": "x"}), metadata={"model": "toy"})
+    train_steps(a, opt_a, sched_a, 2, seed=1)
+
+    torch.manual_seed(99)
+    b = net()
+    opt_b = torch.optim.AdamW(b.parameters(), lr=0.5)  # wrong lr: must be restored
+    sched_b = torch.optim.lr_scheduler.StepLR(opt_b, 2, gamma=0.5)
+    restored = mgr.restore(mgr.latest(), components(nn.DataParallel(b), opt_b, sched_b, trainer={}))
+    assert restored.step == 3 and restored.states["trainer"] == {"epoch": 1, "note": "x"}
+    assert sorted(restored.restored) == ["model", "optimizer", "scheduler", "trainer"] and not restored.absent
+    assert opt_b.param_groups[0]["lr"] == opt_a.param_groups[0]["lr"] * 2  # scheduler state (one decay later)
+    train_steps(b, opt_b, sched_b, 2, seed=1)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(va, vb, rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_optimizer_state_is_keyed_by_name_and_survives_regrouping(tmp_path):
+    torch.manual_seed(0)
+    a = net()
+    opt = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9)
+    train_steps(a, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), 2)
+    state = OptimizerState(nn.DataParallel(a), opt).state_dict()
+    names = {n for n, _ in a.named_parameters()}
+    assert set(state["state"]) == names  # names of the bare model, no "module."
+    mgr = CheckpointManager(tmp_path)
+    mgr.save(2, {"model": a, "optimizer": OptimizerState(a, opt)})
+    # the new optimizer groups parameters differently (biases apart) and in another order
+    b = net()
+    params = dict(b.named_parameters())
+    groups = [{"params": [params[n] for n in sorted(params) if n.endswith("bias")], "lr": 0.1},
+              {"params": [params[n] for n in sorted(params, reverse=True) if n.endswith("weight")], "lr": 0.1}]
+    opt_b = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
+    mgr.restore(None, {"model": b, "optimizer": OptimizerState(b, opt_b)})
+    for n, p in b.named_parameters():
+        torch.testing.assert_close(opt_b.state[p]["momentum_buffer"], opt.state[dict(a.named_parameters())[n]]["momentum_buffer"])
+
+
+def test_bare_optimizer_is_refused(tmp_path):
+    m = net()
+    with pytest.raises(checkpoint.CheckpointError, match="OptimizerState"):
+        CheckpointManager(tmp_path).save(1, {"model": m, "optimizer": torch.optim.SGD(m.parameters(), lr=0.1)})
+
+
+def test_pruning_keeps_last_k_and_the_pointer(tmp_path):
+    m = net()
+    mgr = CheckpointManager(tmp_path, keep_last=2)
+    for step in (10, 20, 30, 40):
+        mgr.save(step, {"model": m})
+    assert [s for s, _ in mgr.entries()] == [30, 40]
+    assert (tmp_path / "latest").read_text().strip() == "step-40"
+    assert mgr.latest() == tmp_path / "step-40"
+    # the step comes from the manifest, not the directory name
+    os.rename(tmp_path / "step-30", tmp_path / "renamed")
+    assert [s for s, _ in mgr.entries()] == [30, 40]
+
+
+def test_latest_falls_back_to_newest_entry_that_verifies(tmp_path):
+    m = net()
+    mgr = CheckpointManager(tmp_path, keep_last=5)
+    for step in (1, 2, 3):
+        mgr.save(step, {"model": m})
+    # corrupt the newest entry without changing its size: the sha256 in its manifest no longer matches
+    f = tmp_path / "step-3" / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF
+    f.write_bytes(bytes(data))
+    assert mgr.latest() == tmp_path / "step-2"
+    # a pointer to a vanished entry also falls back
+    (tmp_path / "latest").write_text("step-9\n")
+    assert mgr.latest() == tmp_path / "step-2"
+    # restore() of the manager directory itself follows the same rule
+    b = net()
+    assert mgr.restore(tmp_path, {"model": b}).step == 2
+    assert CheckpointManager(tmp_path / "empty").latest() is None
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
+        CheckpointManager(tmp_path / "empty").restore(None, {"model": b})
+
+
+def test_restore_reports_absent_components_from_weights_only_file(tmp_path):
+    m = net()
+    checkpoint.save(m, tmp_path / "w.safetensors")
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    r = CheckpointManager(tmp_path / "run").restore(tmp_path / "w.safetensors",
+                                                      {"model": net(), "optimizer": OptimizerState(m, opt)})
+    assert r.restored == ["model"] and r.absent == ["optimizer"]
+
+
+CRASH_CHILD = textwrap.dedent("""
+    import os, sys, time, torch
+    from torch import nn
+    import checkpoint
+    mgr = checkpoint.CheckpointManager(sys.argv[1], keep_last=3)
+    torch.manual_seed(0)
+    small = nn.Linear(8, 8)
+    mgr.save(1, {"model": small})
+    big = nn.Linear(2048, 2048)   # 16 MB
+    real_fsync = os.fsync
+    def hang(fd):                 # data of step 2 is written, not yet renamed into place
+        print("MIDWAY", flush=True)
+        time.sleep(120)
+    os.fsync = hang
+    mgr.save(2, {"model": big})
+    print("FINISHED", flush=True)
+""")
+
+
+@pytest.mark.multiproc
+def test_sigkill_mid_save_leaves_previous_latest_loadable(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(CRASH_CHILD)
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(script), str(run)], cwd=REPO, env=child_env(),
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.strip() == "MIDWAY"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    leftovers = [p.name for p in run.iterdir()]
+    assert "step-2" not in leftovers and any(n.startswith(".step-2") for n in leftovers)  # partial stays hidden
+    mgr = CheckpointManager(run, keep_last=3)
+    assert mgr.latest() == run / "step-1"
+    torch.manual_seed(0)
+    expected = nn.Linear(8, 8)
+    got = nn.Linear(8, 8)
+    mgr.restore(None, {"model": got})
+    torch.testing.assert_close(got.weight, expected.weight, rtol=0, atol=0)
+    # the next save clears the partial leftovers
+    mgr.save(3, {"model": got})
+    assert not any(p.name.startswith(".") for p in run.iterdir())
+    assert [s for s, _ in mgr.entries()] == [1, 3]
+
+
+def test_atomic_single_file_save_never_replaces_good_file_with_partial(tmp_path, monkeypatch):
+    """A save that fails half-way leaves the previous file byte-identical and no temp behind."""
+    path = tmp_path / "w.safetensors"
+    checkpoint.save(net(), path)
+    before = path.read_bytes()
+    save_module = sys.modules["checkpoint.save"]  # the package exports the function under the same name
+
+    def broken(f, entries, metadata):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(save_module, "write_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save(net(), path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
