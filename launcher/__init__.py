@@ -1,1 +1,42 @@
-"""Process-group setup, strategy wrapping, seeding and rank-aware logging (filled in by the launcher issue)."""
+"""Process-group setup, strategy wrapping, seeding, data sharding and rank-aware logging.
+
+One entry point per concern; ``launcher`` knows nothing of checkpoints or models::
+
+    import launcher
+
+    def main(argv=None) -> int:
+        args = get_args_parser().parse_args(argv)
+        try:
+            with launcher.distributed(args.strategy) as info:   # tears down on every exit
+                log = launcher.get_logger(info)
+                launcher.seed_everything(args.seed, rank=info.rank)
+                model = launcher.wrap_model(build(args), info, sync_bn=args.sync_bn)
+                ...
+        except launcher.LaunchError as e:                      # wrong launch: one line, no traceback
+            print(f"error: {e}", file=sys.stderr)
+            return e.exit_code                                 # 2
+        return 0
+"""
+from .dist import STRATEGIES, DistInfo, all_reduce_sum, distributed, setup, teardown
+from .errors import LaunchError
+from .log import get_logger
+from .sampling import EvalSampler, TrainSampler, per_rank_batch
+from .seed import derive_seed, seed_everything
+from .wrap import wrap_model
+
+__all__ = [
+    "STRATEGIES",
+    "DistInfo",
+    "EvalSampler",
+    "LaunchError",
+    "TrainSampler",
+    "all_reduce_sum",
+    "derive_seed",
+    "distributed",
+    "get_logger",
+    "per_rank_batch",
+    "seed_everything",
+    "setup",
+    "teardown",
+    "wrap_model",
+]
