@@ -439,3 +439,25 @@ def read_source(path: str | Path, *, ema: bool = False, allow_pickle: bool = Fal
         raise CheckpointError(f"{path} is a {path.suffix} file, not a checkpoint; pass the checkpoint file or folder")
     raise CheckpointError(f"{path} is not a checkpoint: its first bytes match no known format "
                           "(safetensors, torch.save zip or pickle); the file is damaged or of another kind")
+
+
+def read_manifest(path: str | Path) -> dict[str, Any] | None:
+    """The anytopo manifest of a checkpoint without reading its tensors (None for foreign files).
+
+    Resolves a manager directory through its ``latest`` pointer (unverified; use
+    ``CheckpointManager.latest()`` for the verified choice).
+    """
+    path = Path(path)
+    if path.is_dir():
+        if (path / MANIFEST).is_file():
+            m = read_json(path / MANIFEST)
+            return m if isinstance(m, dict) and m.get("format") == FORMAT_TAG else None
+        if (path / POINTER).is_file():
+            return read_manifest(path / (path / POINTER).read_text().strip())
+        return None
+    sidecar = path.with_name(path.name + ".manifest.json")
+    if sidecar.is_file():
+        return read_json(sidecar)
+    if path.is_file() and _sniff(path) == "safetensors":
+        return _manifest_from_metadata(read_header(path)[1])
+    return None

@@ -22,7 +22,7 @@ from .errors import LaunchError
 from .log import get_logger
 from .sampling import EvalSampler, TrainSampler, per_rank_batch
 from .seed import derive_seed, seed_everything
-from .wrap import wrap_model
+from .wrap import sync_buffers, wrap_model
 
 __all__ = [
     "STRATEGIES",
@@ -37,6 +37,7 @@ __all__ = [
     "per_rank_batch",
     "seed_everything",
     "setup",
+    "sync_buffers",
     "teardown",
     "wrap_model",
 ]

@@ -71,3 +71,17 @@ def _sync_batchnorm(model: nn.Module, info: DistInfo) -> nn.Module:
             "drop --sync-bn on CPU"
         )
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def sync_buffers(model: nn.Module, info: DistInfo) -> None:
+    """Broadcast every buffer (e.g. BatchNorm running statistics) from rank 0 to all ranks, in place.
+
+    DDP broadcasts buffers at the start of each training forward, so after the last training step every
+    rank still holds the statistics of its own last batch. Evaluating, or comparing with a checkpoint
+    (which rank 0 writes), needs the replicas identical again: call this before evaluation.
+    No-op without a process group of more than one rank.
+    """
+    if not info.distributed or info.world_size == 1:
+        return
+    for buf in model.buffers():
+        dist.broadcast(buf.data, src=0)

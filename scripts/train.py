@@ -1,0 +1,507 @@
+"""Train a ResNet/MLP classifier or a U-Net segmenter on any topology, with the same script.
+
+    python scripts/train.py --model resnet18 --data digits --strategy single|dp
+    torchrun --standalone --nproc_per_node=N scripts/train.py --strategy ddp ...
+    torchrun --nnodes=2 --node_rank=R --master_addr=HOST --master_port=P --nproc_per_node=N scripts/train.py --strategy ddp ...
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N --num_machines 1 scripts/train.py --strategy ddp ...
+
+``--batch-size`` is the GLOBAL batch: each of W processes reads batch/W samples per step (split further
+into ``--grad-accum`` micro-batches), so the optimisation does not change with the topology, and a
+checkpoint saved by any topology resumes on any other at the same step and sample cursor.
+
+Outputs in --output-dir: checkpoints/ (step-N entries, ``latest``), metrics.csv, tensorboard/, curves.png,
+summary.json. Bad input exits 2 with one line on stderr (``--debug`` shows the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, under every launcher
+
+import checkpoint  # noqa: E402
+import datasets  # noqa: E402
+import launcher  # noqa: E402
+import models  # noqa: E402
+import tasks  # noqa: E402
+from checkpoint.cli import parse_model_args  # noqa: E402
+from reporting import RunLog  # noqa: E402
+
+# torchdata's StatefulDataLoader calls a deprecated torch API on every iterator; not actionable by users.
+warnings.filterwarnings("ignore", message=".*'set_vital' is deprecated")
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ConfigError(ValueError):
+    """A bad flag or flag combination; the message names the fix."""
+
+
+# --------------------------------------------------------------------------------------------- config
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=add_help,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None, help=f"one of {', '.join(models.list_models())} "
+                   "(default: the model named in the --resume checkpoint)")
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="model option, value parsed as a Python literal (repeatable)")
+    p.add_argument("--data", default="digits", help="digits | mnist5k | shapes[:N] | imagefolder:PATH | segfolder:PATH")
+    p.add_argument("--image-size", type=int, default=None, help="resize images to this side (default: per dataset)")
+    p.add_argument("--num-samples", type=int, default=None, help="use a fixed subset of this many samples")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total")
+    p.add_argument("--batch-size", type=int, default=64, help="GLOBAL batch size, the same for every world size")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step on each process")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="adamw")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--warmup-steps", type=int, default=None, help="linear warmup (default: 5%% of the steps)")
+    p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None,
+                   help="autocast dtype (fp16 uses a GradScaler); default: accelerate's setting, else none")
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory format for model and inputs")
+    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under ddp (CUDA)")
+    p.add_argument("--clip-grad", type=float, default=None, help="clip the global gradient norm to this value")
+    p.add_argument("--aux-weight", type=float, default=0.01,
+                   help="weight of the auxiliary loss on the features of models built with aux_output=True")
+    p.add_argument("--strategy", choices=launcher.STRATEGIES, default="single")
+    p.add_argument("--output-dir", default="runs/train")
+    p.add_argument("--save-every", type=int, default=None, help="save a checkpoint every N steps (and at the end)")
+    p.add_argument("--keep-last", type=int, default=3, help="checkpoints kept (0 keeps all)")
+    p.add_argument("--resume", default=None, metavar="PATH|auto",
+                   help="a checkpoint entry, a run's checkpoints/ directory, any weights file, or 'auto'")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-only", action="store_true", help="evaluate the --resume checkpoint and exit")
+    p.add_argument("--log-every", type=int, default=10, help="metrics.csv row every N steps")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes per rank")
+    p.add_argument("--no-tensorboard", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
+    return p
+
+
+@dataclass(kw_only=True, frozen=True)
+class TrainConfig:
+    """The run's settings, validated once. Field meanings are the flags' (``--help``)."""
+
+    model: str | None
+    model_args: tuple[str, ...]
+    data: str
+    image_size: int | None
+    num_samples: int | None
+    epochs: int
+    max_steps: int | None
+    batch_size: int
+    grad_accum: int
+    lr: float
+    weight_decay: float
+    optimizer: str
+    momentum: float
+    warmup_steps: int | None
+    amp: str
+    channels_last: bool
+    sync_bn: bool
+    clip_grad: float | None
+    aux_weight: float
+    strategy: str
+    output_dir: Path
+    save_every: int | None
+    keep_last: int
+    resume: str | None
+    seed: int
+    eval_only: bool
+    log_every: int
+    workers: int
+    tensorboard: bool
+    progress: bool
+
+    def __post_init__(self) -> None:
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                    "log_every": self.log_every}
+        for name, v in positive.items():
+            if v < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+        for name in ("max_steps", "save_every", "warmup_steps"):
+            v = getattr(self, name)
+            if v is not None and v < (0 if name == "warmup_steps" else 1):
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {v}")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if self.eval_only and not self.resume:
+            raise ConfigError("--eval-only needs the checkpoint to evaluate: add --resume PATH")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
+        amp = args.amp
+        if amp is None:  # `accelerate launch --mixed_precision bf16` sets this for its children
+            amp = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+            amp = amp if amp in AMP_DTYPES else "none"
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in vars(args).items() if k in names}
+        values.update(model_args=tuple(args.model_arg), amp=amp, output_dir=Path(args.output_dir),
+                      tensorboard=not args.no_tensorboard, progress=not args.no_progress)
+        return cls(**values)
+
+
+# ---------------------------------------------------------------------------------------------- build
+
+def resolve_model(cfg: TrainConfig, info: datasets.DataInfo, manifest: dict[str, Any] | None,
+                  log) -> tuple[str, dict[str, Any]]:
+    """Model name and options: flags first, then the resumed checkpoint's manifest, then the data."""
+    name, options = cfg.model, parse_model_args(cfg.model_args)
+    if manifest and manifest.get("model"):
+        if name is None:
+            name = manifest["model"]
+            saved = dict(manifest.get("model_options") or {})
+            saved.pop("weights", None)  # the checkpoint's own weights replace any init file
+            options = {**saved, **options}
+        elif name != manifest["model"]:
+            log.warning("--model %s differs from the checkpoint's model %s", name, manifest["model"])
+    if name is None:
+        raise ConfigError(f"no --model given: use one of {', '.join(models.list_models())}")
+    if name not in models.list_models():
+        raise ConfigError(f"unknown model {name!r}: use one of {', '.join(models.list_models())}")
+    allowed = {f.name for f in fields(models.get_config(name))}
+    derived = {"num_classes": info.num_classes, "in_channels": info.in_channels}
+    if info.image_size:
+        derived["in_features"] = info.in_channels * info.image_size * info.image_size
+        if info.image_size <= 64:
+            derived["small_input"] = True
+    for k, v in derived.items():
+        if k in allowed and k not in options:
+            options[k] = v
+    try:
+        options = asdict(models.get_config(name, **options))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if options.get("extra_inputs", 0) not in (0, 1):
+        raise ConfigError("the training script feeds one extra feature per image "
+                          f"({datasets.EXTRA_FEATURE}): use --model-arg extra_inputs=1")
+    task_of_model = "segmentation" if name == "unet" else "classification"
+    if task_of_model != info.task:
+        raise ConfigError(f"model {name!r} does {task_of_model} but --data {cfg.data} is a {info.task} dataset; "
+                          f"use {'unet' if info.task == 'segmentation' else 'resnet18 or mlp'}")
+    return name, options
+
+
+def warmup_cosine(total_steps: int, warmup: int):
+    """LR multiplier: linear warmup to 1, then cosine decay to 0 at ``total_steps``."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # No weight decay on biases and norm parameters (1-D), the usual split.
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def resolve_resume(cfg: TrainConfig, manager: checkpoint.CheckpointManager, log) -> Path | None:
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "auto":
+        found = manager.latest()
+        if found is None:
+            log.info("--resume auto: no checkpoint in %s yet, starting fresh", manager.directory)
+        return found
+    path = Path(cfg.resume)
+    if not path.exists():
+        raise ConfigError(f"--resume {path}: no such file or directory; pass a checkpoint path or 'auto'")
+    if path.is_dir() and (path / "latest").is_file() and not (path / "manifest.json").is_file():
+        found = checkpoint.CheckpointManager(path).latest()
+        if found is None:
+            raise ConfigError(f"--resume {path}: no entry there verifies; point at a specific good entry")
+        return found
+    return path
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+@dataclass
+class Batch:
+    images: torch.Tensor
+    targets: torch.Tensor
+
+
+class Trainer:
+    """Owns the live objects of one run; ``fit()`` trains, ``evaluate()`` measures on the test split."""
+
+    def __init__(self, cfg: TrainConfig, info: launcher.DistInfo, log):
+        self.cfg, self.info, self.log = cfg, info, log
+        self.out = cfg.output_dir
+        self.manager = checkpoint.CheckpointManager(self.out / "checkpoints", keep_last=cfg.keep_last,
+                                                    every=cfg.save_every)
+        self.resume_path = resolve_resume(cfg, self.manager, log)
+        manifest = checkpoint.read_manifest(self.resume_path) if self.resume_path else None
+        if self.resume_path is None and not cfg.eval_only and self.manager.entries():
+            raise ConfigError(f"{self.manager.directory} already holds checkpoints of another run: "
+                              "pass --resume auto to continue it, or choose another --output-dir")
+        try:
+            self.train_ds, self.test_ds, self.data = datasets.build_datasets(
+                cfg.data, seed=cfg.seed, image_size=cfg.image_size, num_samples=cfg.num_samples)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.model_name, self.model_options = resolve_model(cfg, self.data, manifest, log)
+        self.task = tasks.build_task(self.data)
+        self.extra = bool(self.model_options.get("extra_inputs"))
+        self.aux = bool(self.model_options.get("aux_output"))
+
+        launcher.seed_everything(cfg.seed)  # identical initial weights on every rank and world size
+        model = models.build_model(self.model_name, **self.model_options)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = launcher.wrap_model(model, info, sync_bn=cfg.sync_bn)
+        self.bare = checkpoint.unwrap(self.model)
+        launcher.seed_everything(cfg.seed, rank=info.rank)  # per-rank streams for dropout etc.
+
+        self.per_rank = launcher.per_rank_batch(cfg.batch_size, info)
+        if self.per_rank % cfg.grad_accum:
+            raise ConfigError(f"per-process batch {self.per_rank} (= {cfg.batch_size} / {info.world_size} processes) "
+                              f"does not split into --grad-accum {cfg.grad_accum} micro-batches: pick values that divide")
+        self.steps_per_epoch = len(self.train_ds) // cfg.batch_size
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"--batch-size {cfg.batch_size} exceeds the {len(self.train_ds)} training samples: "
+                              "use a smaller batch")
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, self.total_steps // 20)
+        self.optimizer = build_optimizer(self.bare, cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(self.total_steps, warmup))
+        device_type = info.device.type
+        self.amp_dtype = AMP_DTYPES.get(cfg.amp)
+        self.scaler = torch.amp.GradScaler(device_type, enabled=cfg.amp == "fp16")
+        self.trainer_state: dict[str, Any] = {}
+        self.step = 0
+        self.components = {"model": self.model, "optimizer": checkpoint.OptimizerState(self.model, self.optimizer),
+                           "scheduler": self.scheduler, "trainer": self.trainer_state}
+        if self.scaler.is_enabled():
+            self.components["scaler"] = self.scaler
+
+        self.sampler = launcher.TrainSampler(len(self.train_ds), info, seed=cfg.seed)
+        self.loader = self._loader(self.train_ds, self.sampler, self.per_rank, drop_last=True)
+        self.test_loader = self._loader(self.test_ds, launcher.EvalSampler(len(self.test_ds), info),
+                                        max(1, self.per_rank), drop_last=False)
+        self.runlog = RunLog(self.out, enabled=info.is_main, tensorboard=cfg.tensorboard and not cfg.eval_only)
+
+    def _loader(self, ds, sampler, batch_size: int, drop_last: bool):
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        return StatefulDataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                                  num_workers=self.cfg.workers, pin_memory=self.info.device.type == "cuda",
+                                  persistent_workers=self.cfg.workers > 0)
+
+    # -- resume
+
+    def restore(self) -> None:
+        if self.resume_path is None:
+            return
+        comps = {"model": self.model} if self.cfg.eval_only else self.components
+        restored = self.manager.restore(self.resume_path, comps)
+        self.log.info("resumed from %s\n%s", self.resume_path, restored.report)
+        if self.cfg.eval_only:
+            return
+        if restored.absent:
+            raise ConfigError(f"--resume {self.resume_path} holds weights only (no {', '.join(restored.absent)}); "
+                              "to start training from these weights use a checkpoint entry, or evaluate with --eval-only")
+        self.step = int(restored.step or 0)
+        saved = restored.states.get("trainer", {})
+        if saved.get("global_batch") not in (None, self.cfg.batch_size) or saved.get("seed") not in (None, self.cfg.seed):
+            self.log.warning("resuming with a different --batch-size/--seed than the checkpoint's "
+                             f"({saved.get('global_batch')}/{saved.get('seed')}): the sample cursor is approximate")
+
+    # -- steps
+
+    def _to_device(self, images: torch.Tensor, targets: torch.Tensor) -> Batch:
+        dev = self.info.device
+        images = images.to(dev, non_blocking=True)
+        if self.cfg.channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return Batch(images, targets.to(dev, non_blocking=True))
+
+    def _forward(self, model: nn.Module, images: torch.Tensor):
+        out = model(images, datasets.extra_feature(images)) if self.extra else model(images)
+        return out if self.aux else (out, None)
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.info.device.type, dtype=self.amp_dtype)
+
+    def _loss(self, batch: Batch) -> torch.Tensor:
+        with self._autocast():
+            logits, features = self._forward(self.model, batch.images)
+            loss = self.task.loss_fn(logits.float(), batch.targets)
+            if features is not None:
+                # auxiliary objective on the returned features: an L2 activation penalty
+                loss = loss + self.cfg.aux_weight * features.float().pow(2).mean()
+        return loss
+
+    def train_step(self, batch: Batch) -> torch.Tensor:
+        accum = self.cfg.grad_accum
+        total = torch.zeros((), device=self.info.device)
+        for i, (x, y) in enumerate(zip(batch.images.chunk(accum), batch.targets.chunk(accum))):
+            last = i == accum - 1
+            sync = nullcontext() if last or not isinstance(self.model, nn.parallel.DistributedDataParallel) \
+                else self.model.no_sync()
+            with sync:
+                loss = self._loss(Batch(x, y))
+                self.scaler.scale(loss / accum).backward()
+            total += loss.detach() / accum
+        if self.cfg.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return total
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Metric sums over this rank's unpadded shard, all-reduced: exact, whatever the world size."""
+        launcher.sync_buffers(self.bare, self.info)  # evaluate rank 0's replica: the one checkpoints hold
+        self.bare.eval()
+        metric = self.task.make_metric()
+        for images, targets in self.test_loader:
+            b = self._to_device(images, targets)
+            with self._autocast():
+                logits, _ = self._forward(self.bare, b.images)
+            metric.update(logits.float(), b.targets)
+        sums = metric.sums().to(self.info.device)
+        self.bare.train()
+        return metric.compute(launcher.all_reduce_sum(sums, self.info).cpu())
+
+    def _global_mean(self, value: torch.Tensor) -> float:
+        return (launcher.all_reduce_sum(value.detach().reshape(1).float(), self.info) / self.info.world_size).item()
+
+    def save(self, epoch: int) -> Path:
+        self.trainer_state.update(step=self.step, epoch=epoch, global_batch=self.cfg.batch_size, seed=self.cfg.seed,
+                                  samples_seen=self.step * self.cfg.batch_size, world_size=self.info.world_size)
+        metadata = {"model": self.model_name, "model_options": self.model_options, "epoch": epoch,
+                    "topology": {"strategy": self.info.strategy, "world_size": self.info.world_size,
+                                 "device_type": self.info.device.type, "launcher": self.info.launcher},
+                    "data": self.cfg.data}
+        return self.manager.save(self.step, self.components, metadata=metadata)
+
+    def fit(self) -> tuple[float | None, dict[str, float], Path | None]:
+        cfg, info = self.cfg, self.info
+        self.model.train()
+        start = self.step
+        if start >= self.total_steps:
+            self.log.info("checkpoint is at step %d, the run has %d steps: nothing to train", start, self.total_steps)
+        bar = _progress(self.total_steps, start, enabled=info.is_main and cfg.progress)
+        final_loss, metrics, saved_at, last_path = None, {}, None, None
+        window_t, window_steps = time.perf_counter(), 0
+        epoch = start // self.steps_per_epoch
+        while self.step < self.total_steps:
+            self.sampler.set_epoch(epoch)
+            self.sampler.set_start(self.step - epoch * self.steps_per_epoch, self.per_rank)
+            for images, targets in self.loader:
+                loss = self.train_step(self._to_device(images, targets))
+                self.step += 1
+                window_steps += 1
+                last = self.step == self.total_steps
+                if self.step % cfg.log_every == 0 or last:
+                    final_loss = self._global_mean(loss)
+                    elapsed = time.perf_counter() - window_t
+                    throughput = window_steps * cfg.batch_size / max(elapsed, 1e-9)
+                    self.runlog.log(self.step, epoch=epoch, loss=final_loss, lr=self.scheduler.get_last_lr()[0],
+                                    throughput=round(throughput, 2))
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{final_loss:.4f}", img_s=f"{throughput:.0f}")
+                    window_t, window_steps = time.perf_counter(), 0
+                if bar is not None:
+                    bar.update(1)
+                if self.manager.should_save(self.step) and not last:
+                    last_path, saved_at = self.save(epoch), self.step
+                if last or self.step % self.steps_per_epoch == 0:
+                    break
+            metrics = self.evaluate()
+            self.runlog.log(self.step, epoch=epoch, **metrics)
+            self.log.info("epoch %d step %d: %s", epoch,
+                          self.step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            epoch += 1
+        if bar is not None:
+            bar.close()
+        if start == self.total_steps and self.resume_path is not None:
+            last_path = self.resume_path  # nothing trained: the resumed checkpoint is the final one
+        elif saved_at != self.step:
+            last_path = self.save(epoch=max(0, epoch - 1))
+        if not metrics:  # resumed at the end: still report the model's quality
+            metrics = self.evaluate()
+        return final_loss, metrics, last_path
+
+
+def _progress(total: int, initial: int, *, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+def main(args: argparse.Namespace) -> int:
+    cfg = TrainConfig.from_args(args)
+    with launcher.distributed(cfg.strategy) as info:
+        log = launcher.get_logger(info)
+        trainer = Trainer(cfg, info, log)
+        try:
+            trainer.restore()
+            if cfg.eval_only:
+                metrics = trainer.evaluate()
+                final_loss, steps, ckpt = None, 0, trainer.resume_path
+            else:
+                final_loss, metrics, ckpt = trainer.fit()
+                steps = trainer.step
+                trainer.runlog.curves(trainer.task.primary)
+            summary = trainer.runlog.summary(model=trainer.model_name, strategy=info.strategy,
+                                             world_size=info.world_size, steps=steps, final_loss=final_loss,
+                                             eval=metrics, checkpoint=str(ckpt) if ckpt else None)
+        finally:
+            trainer.runlog.close()
+        if info.is_main:
+            log.info("%s: %s", "evaluated" if cfg.eval_only else "done",
+                     ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            log.info("checkpoint: %s", ckpt)
+            log.info("summary: %s", summary)
+            if not cfg.eval_only:
+                log.info("curves: %s", trainer.out / "curves.png")
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        return main(args)
+    except (ConfigError, launcher.LaunchError, checkpoint.CheckpointError) as e:
+        if args.debug:
+            raise
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
