@@ -19,7 +19,9 @@ import io
 import json
 import pathlib
 import pickle
+import pickletools
 import re
+import warnings
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,16 +137,48 @@ def _sniff(path: Path) -> str:
 
 # ------------------------------------------------------------------------------------------ torch.load
 
+def _first_global(path: Path) -> str | None:
+    """The first callable a pickle references, found by parsing its opcodes (nothing is executed).
+
+    Legacy ``torch.save`` files are several pickles in a row (magic number, version, sizes, object), so
+    successive pickles are scanned. Raises CheckpointError when the first bytes are not a parseable
+    pickle (damaged rather than code-carrying).
+    """
+    with open(path, "rb") as f:
+        for n in range(5):
+            strings: list[str] = []
+            try:
+                for op, arg, _ in pickletools.genops(f):
+                    if op.name == "GLOBAL":
+                        return str(arg).replace(" ", ".")
+                    if op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        return f"{strings[-2]}.{strings[-1]}"
+                    if isinstance(arg, str):
+                        strings.append(arg)
+            except Exception:
+                if n == 0:
+                    raise CheckpointError(f"{path}: not a readable torch checkpoint (damaged pickle data); "
+                                          "re-copy it or use an earlier checkpoint") from None
+                return None
+    return None
+
+
 def _torch_load(path: Path, *, allow_pickle: bool, mmap: bool) -> Any:
     """torch.load with weights_only=True; unsafe pickles only with explicit opt-in."""
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
+        with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
+            # raw pickles (not torch.save) make torch warn about the protocol before refusing them
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         msg = str(e)
         m = re.search(r"GLOBAL ([\w.]+)", msg)
+        culprit = m.group(1) if m else (None if _sniff(path) == "zip" else _first_global(path))
         if not allow_pickle:
-            what = f" (it references {m.group(1)})" if m else ""
+            if culprit is None and _sniff(path) != "zip":
+                raise CheckpointError(f"{path}: not a readable torch checkpoint ({msg.splitlines()[0]}); "
+                                      "the file is damaged, re-copy it or use an earlier checkpoint") from None
+            what = f" (it references {culprit})" if culprit else ""
             raise CheckpointError(
                 f"{path} holds pickled Python objects{what}; loading them can run arbitrary code, so it is refused. "
                 "If you trust its source, pass allow_pickle=True (CLI: --allow-pickle) and re-save it with "
@@ -156,7 +190,12 @@ def _torch_load(path: Path, *, allow_pickle: bool, mmap: bool) -> Any:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({first}); "
                               "the file is damaged or truncated, re-copy it or use an earlier checkpoint") from None
     # Explicit opt-in: the caller trusts this file.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: could not unpickle it even with allow_pickle ({first}); the file is damaged "
+                              "or needs code that is not importable here") from None
 
 
 def _tensor_dict(d: dict, where: str, path: Path) -> dict[str, torch.Tensor]:
@@ -313,7 +352,9 @@ class _DCPMetadataUnpickler(pickle.Unpickler):
 def _read_dcp(directory: Path) -> Source:
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+    # _load_state_dict fills the (empty) dict in place; the public load() only writes back keys it already
+    # had. torch's own format_utils.dcp_to_torch_save uses the same call.
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict as dcp_load
     from torch.distributed.checkpoint.storage import StorageMeta
 
     class SafeReader(FileSystemReader):

@@ -70,8 +70,8 @@ def match_keys(source_keys, target_keys, *, prefix: str | None = None) -> KeyMat
     """
     source_keys = list(source_keys)
     target = set(target_keys)
-    if prefix is not None:
-        return _apply(source_keys, prefix, "", target)
+    if prefix is not None:  # keys outside the chosen prefix (e.g. a 'teacher.' copy) are not candidates
+        return _apply([k for k in source_keys if k.startswith(prefix)], prefix, "", target)
     exact = _apply(source_keys, "", "", target)
     if not exact.missing and not exact.unexpected:
         return exact
@@ -90,6 +90,8 @@ def match_keys(source_keys, target_keys, *, prefix: str | None = None) -> KeyMat
     # Among equally good candidates, one that also leaves nothing unexpected is the unambiguous answer.
     cleanest = min(len(c.unexpected) for c in top)
     top = [c for c in top if len(c.unexpected) == cleanest]
+    if len(top) > 1 and all(c.missing for c in top):
+        return exact  # no candidate fits the model: a wrong architecture, reported key by key by the caller
     if len(top) > 1:
         options = ", ".join(repr(c.strip) if c.strip else f"add {c.add!r}" for c in top[:4])
         raise CheckpointError(
