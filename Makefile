@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.anytopo-installed
 
-.PHONY: install demo test test-fast bench bench-ckpt bench-train gpu-check clean
+.PHONY: install demo test bench bench-quick gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,21 @@ demo: install
 
 test: install
 	$(PY) -m pytest
+
+# Performance ratios, measured side by side (minutes; not part of `make test`). Results: bench/results/.
+bench: install
+	$(PY) bench/ckpt_io.py
+	$(PY) bench/train_loop.py
+	$(PY) bench/ddp_step.py
+
+bench-quick: install
+	$(PY) bench/ckpt_io.py --quick
+	$(PY) bench/train_loop.py --quick
+	$(PY) bench/ddp_step.py --quick
+
+# CUDA paths (nccl, DP on 1 GPU, AMP, channels_last, cuda->cpu checkpoint); run on a GPU machine.
+gpu-check: install
+	bash bench/gpu_check.sh
 
 clean:
 	rm -rf demo-output .pytest_cache bench/results
