@@ -12,11 +12,10 @@ state-dict file (``weights=PATH``; nothing is ever downloaded).
 from __future__ import annotations
 
 import os
-import pickle
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Callable
 
 import torch
 import torchvision
@@ -28,7 +27,6 @@ HEADS = ("linear", "mlp")
 MLP_HEAD_HIDDEN = 128
 """Width of the ``head="mlp"`` hidden layer."""
 _MAX_KEYS_IN_ERROR = 10
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 """Prefixes DDP/DataParallel (``module.``) and ``torch.compile`` (``_orig_mod.``) add to saved keys."""
 
 
@@ -187,111 +185,61 @@ def _create_resnet(tv_builder: Callable[..., torchvision.models.ResNet], cfg: Re
 
 
 # ----------------------------------------------------------------------------------- weight loading
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a state dict from a local file, on CPU, never unpickling arbitrary objects.
+def load_weights(model: nn.Module, path: str | os.PathLike, *, skippable_prefixes: tuple[str, ...] = ()) -> None:
+    """Load the checkpoint at ``path`` into ``model`` strictly, except for modules we replaced.
 
-    Args:
-        path: ``*.safetensors`` (read with ``safetensors.torch.load_file``) or any file
-            ``torch.load(..., weights_only=True)`` reads. The file may hold a plain state dict or a dict
-            with a ``"state_dict"`` or ``"model"`` entry holding one.
-
-    Returns:
-        ``{key: tensor}``.
+    Reading goes through ``checkpoint.load`` (imported here, not at module level: ``models`` stays usable
+    without it), so ``weights=`` takes every format the checkpoint package reads (plain state dicts,
+    torchvision reference / timm / Lightning files, safetensors, shards) with ``weights_only`` safety and
+    prefix detection against this model's keys. Keys under ``skippable_prefixes`` (e.g. ``"fc."`` when the
+    head was replaced) that are missing, unexpected or of another shape are skipped with a warning naming
+    them; the rest of those modules still load when they fit. Any other mismatch raises.
 
     Raises:
-        ValueError: missing file, unreadable file, or contents that are not a state dict.
+        ValueError: listing (sorted, at most 10 each) the missing, unexpected and shape-mismatched keys.
     """
+    import checkpoint
+
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise ValueError(f"weights file {path!r} does not exist (weights= takes a local path; nothing is downloaded)")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        obj: Any = load_file(path, device="cpu")
-    else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise ValueError(f"could not read {path!r} with torch.load(weights_only=True): {e}. Re-save it as a "
-                             f"plain state dict (torch.save(model.state_dict(), path)) or as .safetensors") from e
-    if isinstance(obj, Mapping):
-        for entry in ("state_dict", "model"):
-            if isinstance(obj.get(entry), Mapping):
-                obj = obj[entry]
-                break
-    if not isinstance(obj, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                               for k, v in obj.items()):
-        raise ValueError(f"{path!r} does not hold a state dict ({{str: Tensor}}), nor a dict with a "
-                         f"'state_dict' or 'model' entry holding one")
-    return dict(obj)
+    try:
+        report = checkpoint.load(path, model, strict=False)
+    except checkpoint.CheckpointError as e:
+        raise ValueError(f"weights= file unusable: {e}") from None
 
+    def skippable(key: str) -> bool:
+        return bool(skippable_prefixes) and key.startswith(skippable_prefixes)
 
-def _strip_wrapper_prefixes(state: dict[str, torch.Tensor], target_keys: set[str]) -> dict[str, torch.Tensor]:
-    """Remove ``module.`` / ``_orig_mod.`` when *every* file key has it and the target's keys do not."""
-    while state:
-        prefix = next((p for p in _WRAPPER_PREFIXES
-                       if all(k.startswith(p) for k in state) and not any(k.startswith(p) for k in target_keys)),
-                      None)
-        if prefix is None:
-            break
-        state = {k[len(prefix):]: v for k, v in state.items()}
-    return state
+    mismatched = [k for k, _, _ in report.shape_mismatches]
+    errors = []
+    for label, keys in (("missing", report.missing), ("unexpected", report.unexpected)):
+        bad = [k for k in keys if not skippable(k)]
+        if bad:
+            errors.append(f"{len(bad)} {label} key(s): {_key_list(bad)}")
+    bad_shapes = [(k, f, m) for k, f, m in report.shape_mismatches if not skippable(k)]
+    if bad_shapes:
+        shown = bad_shapes[:_MAX_KEYS_IN_ERROR]
+        detail = ", ".join(f"{k} (file {tuple(f)} vs model {tuple(m)})" for k, f, m in shown)
+        more = f" ... and {len(bad_shapes) - len(shown)} more" if len(bad_shapes) > len(shown) else ""
+        errors.append(f"{len(bad_shapes)} shape-mismatched key(s): {detail}{more}")
+    if errors:
+        raise ValueError(
+            f"weights file {path!r} does not fit this model: " + "; ".join(errors)
+            + ". Build the model with the architecture and options the file was saved from (same resnet "
+              "depth; same num_classes/head/extra_inputs/in_channels/small_input), or pass a file saved "
+              "from this model.")
+    skipped = sorted({k for k in report.missing + report.unexpected + mismatched if skippable(k)})
+    if skipped:
+        warnings.warn(f"weights file {path!r}: skipped {len(skipped)} key(s) of replaced modules "
+                      f"that do not fit: {_key_list(skipped)}; these keep their fresh initialisation",
+                      stacklevel=2)
 
 
 def _key_list(keys: list[str]) -> str:
     keys = sorted(keys)
     more = f" ... and {len(keys) - _MAX_KEYS_IN_ERROR} more" if len(keys) > _MAX_KEYS_IN_ERROR else ""
     return ", ".join(keys[:_MAX_KEYS_IN_ERROR]) + more
-
-
-def load_weights(model: nn.Module, path: str | os.PathLike, *, skippable_prefixes: tuple[str, ...] = ()) -> None:
-    """Load the state dict at ``path`` into ``model`` strictly, except for modules we replaced.
-
-    Keys under ``skippable_prefixes`` (e.g. ``"fc."`` when the head was replaced) that are missing,
-    unexpected or of another shape are skipped with a warning naming them; the rest of those modules
-    still load when they fit. Any other mismatch raises. ``*.num_batches_tracked`` may be absent (old
-    torchvision files lack it).
-
-    Raises:
-        ValueError: listing (sorted, at most 10 each) the missing, unexpected and shape-mismatched keys.
-    """
-    target = model.state_dict()
-    state = _strip_wrapper_prefixes(read_state_dict(path), set(target))
-
-    def skippable(key: str) -> bool:
-        return key.startswith(skippable_prefixes) if skippable_prefixes else False
-
-    missing = [k for k in target if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in target]
-    mismatched = [k for k in state if k in target and state[k].shape != target[k].shape]
-
-    errors = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected)):
-        bad = [k for k in keys if not skippable(k)]
-        if bad:
-            errors.append(f"{len(bad)} {label} key(s): {_key_list(bad)}")
-    bad_shapes = [k for k in mismatched if not skippable(k)]
-    if bad_shapes:
-        shown = sorted(bad_shapes)[:_MAX_KEYS_IN_ERROR]
-        detail = ", ".join(f"{k} (file {tuple(state[k].shape)} vs model {tuple(target[k].shape)})" for k in shown)
-        more = f" ... and {len(bad_shapes) - len(shown)} more" if len(bad_shapes) > len(shown) else ""
-        errors.append(f"{len(bad_shapes)} shape-mismatched key(s): {detail}{more}")
-    if errors:
-        raise ValueError(
-            f"weights file {os.fspath(path)!r} does not fit this model: " + "; ".join(errors)
-            + ". Build the model with the architecture and options the file was saved from (same resnet "
-              "depth; same num_classes/head/extra_inputs/in_channels/small_input), or pass a file saved "
-              "from this model.")
-
-    skipped = sorted({k for k in missing + unexpected + mismatched if skippable(k)})
-    if skipped:
-        warnings.warn(f"weights file {os.fspath(path)!r}: skipped {len(skipped)} key(s) of replaced modules "
-                      f"that do not fit: {_key_list(skipped)}; these keep their fresh initialisation",
-                      stacklevel=2)
-    loadable = {k: v for k, v in state.items() if k in target and k not in mismatched}
-    result = model.load_state_dict(loadable, strict=False)
-    leftover = [k for k in result.missing_keys if not skippable(k) and not k.endswith("num_batches_tracked")]
-    if leftover or result.unexpected_keys:  # cannot happen after the checks above; be loud if it does
-        raise RuntimeError(f"internal error loading {path!r}: missing {leftover}, unexpected {result.unexpected_keys}")
 
 
 # -------------------------------------------------------------------------------------- registration
