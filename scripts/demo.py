@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--output-dir", default=str(REPO / "demo-output"))
     p.add_argument("--epochs", type=int, default=3, help="ResNet-18 epochs")
-    p.add_argument("--unet-steps", type=int, default=300)
+    p.add_argument("--unet-steps", type=int, default=150)
     args = p.parse_args(argv)
     out = Path(args.output_dir)
     shutil.rmtree(out, ignore_errors=True)  # the demo is a fresh run each time
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                              "--output-dir", evaluated, "--no-progress"])
         times["unet"] = run(
             "U-Net on shapes (single process)",
-            [sys.executable, TRAIN, "--model", "unet", "--model-arg", "base_width=8", "--data", "shapes:1200",
+            [sys.executable, TRAIN, "--model", "unet", "--model-arg", "base_width=16", "--data", "shapes:1200",
              "--image-size", "32", "--batch-size", "32", "--lr", "3e-3", "--epochs", "100",
              "--max-steps", args.unet_steps, "--output-dir", unet])
     except subprocess.CalledProcessError as e:
