@@ -1,5 +1,6 @@
 """The main job on shipped data (``make demo``), about 3 minutes on a 2-core CPU:
 
+0. the model table: every registered model built with its defaults (name, parameters, input -> output);
 1. ResNet-18 (1-channel, small stem) trained with DDP over 2 processes (torchrun, gloo) on the real
    8x8 digits that ship with scikit-learn;
 2. its checkpoint evaluated by ONE process (another topology): the accuracy must be identical;
@@ -39,6 +40,25 @@ def run(title: str, cmd: list[str]) -> float:
     return time.perf_counter() - t
 
 
+def model_table() -> None:
+    """One line per registered model: name, parameter count, example input -> output shape."""
+    import torch
+
+    import models
+
+    print("=== registered models (default options)")
+    for name in models.list_models():
+        # on the meta device: real shapes and counts, no memory or init cost
+        with torch.device("meta"):
+            model = models.build_model(name).eval()
+            inputs = tuple(x.to("meta") for x in models.example_inputs(name))
+            with torch.no_grad():
+                out = model(*inputs)
+        params = sum(p.numel() for p in model.parameters())
+        shapes = " + ".join(str(tuple(x.shape)) for x in inputs)
+        print(f"  {name:<10} {params:>12,} params  {shapes} -> {tuple(out.shape)}", flush=True)
+
+
 def summary(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
 
@@ -53,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(out, ignore_errors=True)  # the demo is a fresh run each time
     resnet, evaluated, unet = out / "resnet18-ddp", out / "resnet18-eval-1proc", out / "unet-shapes"
     times = {}
+    t = time.perf_counter()
+    model_table()
+    times["models"] = time.perf_counter() - t
     try:
         times["resnet"] = run(
             "ResNet-18 on digits, DDP x2 (torchrun, gloo)",
