@@ -85,16 +85,35 @@ def test_single_process_classification_writes_every_output(tmp_path):
     assert "--resume auto" in p.stderr
 
 
-def test_dp_unet_segmentation_with_amp_channels_last_accum_clip(tmp_path):
+def write_segfolder(root: Path, n: int = 40) -> Path:
+    """A user's segmentation folder (images/ + masks/ PNGs), drawn from the shapes generator."""
+    import numpy as np
+    from PIL import Image
+
+    from datasets import ShapesDataset
+
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    ds = ShapesDataset(n, image_size=20, seed=3)
+    for i in range(n):
+        image, mask = ds[i]
+        Image.fromarray((image[0].clamp(0, 1).numpy() * 255).astype(np.uint8)).save(root / "images" / f"s{i}.png")
+        Image.fromarray(mask.numpy().astype(np.uint8)).save(root / "masks" / f"s{i}.png")
+    return root
+
+
+def test_dp_unet_on_user_segfolder_with_amp_channels_last_accum_clip(tmp_path):
     out = tmp_path / "unet"
+    data = write_segfolder(tmp_path / "seg")
     launch("python", ["--model", "unet", "--model-arg", "base_width=4", "--model-arg", "bilinear=True",
-                      "--data", "shapes:80", "--image-size", "24", "--batch-size", "8", "--max-steps", "4",
+                      "--data", f"segfolder:{data}", "--image-size", "24", "--batch-size", "8", "--max-steps", "4",
                       "--strategy", "dp", "--amp", "bf16", "--channels-last", "--grad-accum", "2",
                       "--clip-grad", "1.0", "--optimizer", "sgd", "--lr", "0.05", "--no-tensorboard",
                       "--no-progress", "--output-dir", str(out)])
     s = summary(out)
     assert s["model"] == "unet" and s["strategy"] == "dp" and s["steps"] == 4
     assert set(s["eval"]) == {"dice", "miou"} and all(0 <= v <= 1 for v in s["eval"].values())
+    assert checkpoint.read_manifest(s["checkpoint"])["model_options"]["num_classes"] == 4  # from the masks
     # DataParallel (on CPU it runs the module directly) still saved bare, canonical keys
     keys = weights(s["checkpoint"])
     assert keys and not any(k.startswith("module.") for k in keys)
