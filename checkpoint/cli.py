@@ -17,7 +17,7 @@ import torch
 
 from .describe import inspect
 from .errors import CheckpointError
-from .formats import read_source, verify_files
+from .formats import check_integrity, read_source
 from .keys import strip_common_wrappers
 from .load import load, load_state_dict
 from .save import build_manifest, parse_size, write_checkpoint
@@ -68,9 +68,7 @@ def cmd_inspect(args: argparse.Namespace) -> tuple[int, dict[str, Any], str]:
 
 def cmd_convert(args: argparse.Namespace) -> tuple[int, dict[str, Any], str]:
     src = read_source(args.src, ema=args.ema, allow_pickle=args.allow_pickle)
-    checks = []
-    if src.manifest and src.manifest.get("files"):
-        checks = verify_files(src.path if src.path.is_dir() else src.path.parent, src.manifest, hashes=True)
+    checks = check_integrity(src, hashes=True)
     tensors = dict(src.tensors)
     stripped = ""
     if args.prefix:
@@ -226,18 +224,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     try:
         code, payload, text = args.func(args)
-    except (CheckpointError, TypeError) as e:
+    except Exception as e:
         if args.debug:
             raise
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        if getattr(args, "json", False):
-            print(json.dumps({"ok": False, "error": msg}))
-        return BAD_INPUT
-    except Exception as e:  # a bug or an input we did not foresee: still one line, no traceback
-        if args.debug:
-            raise
-        msg = f"unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (rerun with --debug for details)"
+        first = str(e).splitlines()[0] if str(e) else ""
+        # our own errors (bad input) are one line already; anything else is unforeseen: say so
+        msg = first if isinstance(e, (CheckpointError, TypeError)) else \
+            f"unexpected {type(e).__name__}: {first} (rerun with --debug for details)"
         print(f"error: {msg}", file=sys.stderr)
         if getattr(args, "json", False):
             print(json.dumps({"ok": False, "error": msg}))

@@ -5,7 +5,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .formats import read_source, verify_files
+from .formats import check_integrity, read_source
 from .keys import WRAPPER_PREFIXES
 
 
@@ -37,10 +37,7 @@ def inspect(path: str | Path, *, ema: bool = False, allow_pickle: bool = False, 
         62
     """
     src = read_source(path, ema=ema, allow_pickle=allow_pickle)
-    integrity: list[str] = []
-    if src.manifest and src.manifest.get("files"):
-        directory = src.path if src.path.is_dir() else src.path.parent
-        integrity = verify_files(directory, src.manifest, hashes=verify)
+    integrity = check_integrity(src, hashes=verify)
     tensors = []
     dtypes: Counter[str] = Counter()
     numel = nbytes = 0

@@ -107,6 +107,14 @@ def verify_files(directory: Path, manifest: dict[str, Any], *, hashes: bool) -> 
     return [f"sha256 verified for {len(files)} file(s)" if hashes else f"sizes verified for {len(files)} file(s)"]
 
 
+def check_integrity(src: "Source", *, hashes: bool) -> list[str]:
+    """What can be checked of a source's files: manifest sizes (and sha256 with ``hashes``), or for a bare
+    safetensors file its header and data extents (validated when it was opened). Returns report lines."""
+    if src.manifest and src.manifest.get("files"):
+        return verify_files(src.path if src.path.is_dir() else src.path.parent, src.manifest, hashes=hashes)
+    return ["safetensors header and data extents checked"] if src.format.endswith("safetensors") else []
+
+
 def _short(v: Any) -> str:
     if isinstance(v, (int, float, bool, str)) or v is None:
         s = repr(v)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
-from .formats import Source, read_source, verify_files
+from .formats import Source, check_integrity, read_source
 from .keys import match_keys, strip_common_wrappers
 from .unwrap import unwrap
 
@@ -88,13 +88,6 @@ def _strict_error(report: LoadReport, model_name: str) -> CheckpointError:
                            "or pass strict=False to load only the matching keys")
 
 
-def _integrity(src: Source, verify: bool) -> list[str]:
-    if src.manifest and src.manifest.get("files"):
-        directory = src.path if src.path.is_dir() else src.path.parent
-        return verify_files(directory, src.manifest, hashes=verify)
-    return ["safetensors header and data extents checked"] if src.format.endswith("safetensors") else []
-
-
 def _source_info(report: LoadReport, src: Source) -> None:
     m = src.manifest or {}
     report.source_topology = m.get("topology")
@@ -141,7 +134,7 @@ def load(path: str | Path, model: nn.Module, *, strict: bool = True, device: str
         target.to(device)
     first = next(iter(target.parameters()), None)
     report = LoadReport(str(path), src.format, strict, str(first.device if first is not None else "cpu"))
-    report.checks.extend(_integrity(src, verify))
+    report.checks.extend(check_integrity(src, hashes=verify))
     _source_info(report, src)
 
     tsd = target.state_dict()
@@ -186,6 +179,6 @@ def load_state_dict(path: str | Path, *, ema: bool = False, allow_pickle: bool =
         >>> sd = checkpoint.load_state_dict("ddp_run.pth")   # keys without "module."
     """
     src = read_source(path, ema=ema, allow_pickle=allow_pickle)
-    _integrity(src, verify)
+    check_integrity(src, hashes=verify)
     sd, _ = strip_common_wrappers(src.materialize())
     return sd

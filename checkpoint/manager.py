@@ -47,6 +47,18 @@ def select_prune(steps: Sequence[int], keep_last: int | None, protect: Iterable[
     return [s for s in ordered if s not in keep]
 
 
+# Entries whose sha256 were checked in this process, keyed by path and manifest mtime, so that choosing an
+# entry (latest) and then loading it reads each file once for hashing, not twice.
+_VERIFIED: set[tuple[str, int]] = set()
+
+
+def _verification_key(path: Path) -> tuple[str, int]:
+    try:
+        return str(path.resolve()), (path / MANIFEST).stat().st_mtime_ns
+    except OSError:
+        return str(path), -1
+
+
 def entry_name(step: int) -> str:
     return f"step-{step}"
 
@@ -191,9 +203,12 @@ class CheckpointManager:
         try:
             manifest = read_json(path / MANIFEST)
             verify_files(path, manifest, hashes=True)
-            return bool(manifest.get("files"))
         except (CheckpointError, OSError):
             return False
+        if not manifest.get("files"):
+            return False
+        _VERIFIED.add(_verification_key(path))
+        return True
 
     def latest(self) -> Path | None:
         """The entry ``latest`` points to if it verifies (sha256 of every file), else the newest entry
@@ -208,23 +223,37 @@ class CheckpointManager:
                 return path
         return None
 
+    def resolve(self, path: str | Path | None = None) -> Path:
+        """The checkpoint to restore: ``path`` itself, or for None this manager's verified latest entry,
+        or for another manager's directory that one's verified latest entry."""
+        if path is None:
+            found = self.latest()
+            if found is None:
+                raise CheckpointError(f"no checkpoint in {self.directory}; start without --resume or point at one")
+            return found
+        path = Path(path)
+        if path.is_dir() and (path / POINTER).is_file() and not (path / MANIFEST).is_file():
+            found = CheckpointManager(path).latest()
+            if found is None:
+                raise CheckpointError(f"{path}: no entry verifies (all damaged or incomplete); point at a good entry")
+            return found
+        return path
+
     def restore(self, path: str | Path | None, components: Mapping[str, Any], *, strict: bool = True,
                 allow_pickle: bool = False) -> Restored:
-        """Load ``path`` (an entry, a manager directory -> its latest, or any weights file) into components.
+        """Load ``path`` (see ``resolve``: an entry, a manager directory, or any weights file) into components.
 
         The model is loaded strictly through ``checkpoint.load`` (any source topology); stateful
         components get ``load_state_dict``; plain-dict components come back in ``Restored.states``.
+        Entries are sha256-verified once: not again when ``latest()`` just verified them.
         """
-        path = Path(path) if path is not None else self.latest()
-        if path is None:
-            raise CheckpointError(f"no checkpoint in {self.directory}; start without --resume or point at one")
-        if path.is_dir() and (path / POINTER).is_file() and not (path / MANIFEST).is_file():
-            latest = CheckpointManager(path).latest()
-            if latest is None:
-                raise CheckpointError(f"{path}: no entry verifies (all damaged or incomplete); point at a good entry")
-            path = latest
+        path = self.resolve(path)
+        entry = path.is_dir() and (path / MANIFEST).is_file()
+        verified = entry and _verification_key(path) in _VERIFIED
         report = load(path, components[MODEL_COMPONENT], strict=strict, allow_pickle=allow_pickle,
-                      verify=(path / MANIFEST).is_file() if path.is_dir() else False)
+                      verify=entry and not verified)
+        if verified:
+            report.checks.insert(0, "sha256 verified for every file when the entry was chosen as latest")
         manifest = read_json(path / MANIFEST) if path.is_dir() and (path / MANIFEST).is_file() else {}
         result = Restored(path, manifest.get("step", report.step), manifest.get("epoch", report.epoch), report,
                           restored=[MODEL_COMPONENT], manifest=manifest)

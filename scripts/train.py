@@ -227,12 +227,7 @@ def resolve_resume(cfg: TrainConfig, manager: checkpoint.CheckpointManager, log)
     path = Path(cfg.resume)
     if not path.exists():
         raise ConfigError(f"--resume {path}: no such file or directory; pass a checkpoint path or 'auto'")
-    if path.is_dir() and (path / "latest").is_file() and not (path / "manifest.json").is_file():
-        found = checkpoint.CheckpointManager(path).latest()
-        if found is None:
-            raise ConfigError(f"--resume {path}: no entry there verifies; point at a specific good entry")
-        return found
-    return path
+    return manager.resolve(path)
 
 
 # ------------------------------------------------------------------------------------------ the loop

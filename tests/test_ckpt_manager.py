@@ -216,3 +216,19 @@ def test_atomic_single_file_save_never_replaces_good_file_with_partial(tmp_path,
         checkpoint.save(net(), path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+
+
+def test_choosing_and_restoring_the_latest_hashes_each_file_once(tmp_path, monkeypatch):
+    m = net()
+    mgr = CheckpointManager(tmp_path)
+    mgr.save(1, {"model": m})
+    formats = sys.modules["checkpoint.formats"]
+    calls = []
+    real = formats.sha256_file
+    monkeypatch.setattr(formats, "sha256_file", lambda p, *a, **k: calls.append(Path(p).name) or real(p, *a, **k))
+    restored = mgr.restore(None, {"model": net()})
+    assert sorted(calls) == ["model.safetensors", "state.pth"]  # verified once by latest(), not again by load
+    assert restored.report.checks[0].startswith("sha256 verified")
+    calls.clear()
+    mgr.restore(tmp_path / "step-1", {"model": net()})  # already verified in this process: no re-hash
+    assert calls == []
