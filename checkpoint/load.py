@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._safetensors_io import TensorSlice, read_slices
 from .errors import CheckpointError
 from .formats import Source, check_integrity, read_source
 from .keys import match_keys, strip_common_wrappers
@@ -137,16 +138,16 @@ def load(path: str | Path, model: nn.Module, *, strict: bool = True, device: str
     report.checks.extend(check_integrity(src, hashes=verify))
     _source_info(report, src)
 
-    tsd = target.state_dict()
+    tsd = target.state_dict(keep_vars=True)  # Parameters themselves: no per-tensor detach (writes are no_grad)
     km = match_keys(src.tensors.keys(), tsd.keys(), prefix=prefix)
     report.prefix_stripped, report.prefix_added = km.strip, km.add
     report.unexpected = km.unexpected
     report.missing = [k for k in km.missing if not k.endswith(_DEFAULTABLE)]
     report.defaulted = [k for k in km.missing if k.endswith(_DEFAULTABLE)]
     plan = []
-    for tkey, skey in km.mapping.items():
+    for tkey, skey in km.mapping.items():  # ~1000 entries for big models: keep the loop lean
         s, d = src.tensors[skey], tsd[tkey]
-        if tuple(s.shape) != tuple(d.shape):
+        if d.shape != s.shape:  # torch.Size is a tuple: compares with the source's tuple directly
             report.shape_mismatches.append((tkey, list(s.shape), list(d.shape)))
             continue
         if s.dtype != d.dtype:
@@ -157,12 +158,15 @@ def load(path: str | Path, model: nn.Module, *, strict: bool = True, device: str
         raise _strict_error(report, type(target).__name__)
     report.checks.append(f"keys: {len(plan)}/{len(tsd)} model tensors matched"
                          + (" (strict)" if strict else " (non-strict)"))
+    direct: dict[Path, list[tuple[TensorSlice, torch.Tensor]]] = {}
     with torch.no_grad():
         for dst, s in plan:
-            if dst.device.type == "cpu" and dst.dtype == s.dtype and dst.is_contiguous():
-                s.read(out=dst)  # straight from the file into the parameter's memory
+            if type(s) is TensorSlice and dst.is_cpu and dst.dtype == s.dtype and dst.is_contiguous():
+                direct.setdefault(s.path, []).append((s, dst))
             else:
                 dst.copy_(s.read())
+        for file, items in direct.items():
+            read_slices(file, items)  # straight from the page cache into the parameters' memory
     report.loaded = len(plan)
     return report
 

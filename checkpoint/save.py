@@ -115,7 +115,7 @@ def canonical_state(obj: nn.Module | Mapping[str, torch.Tensor]) -> tuple[dict[s
     if isinstance(obj, nn.Module):
         wrappers = describe_wrapping(obj)
         bare = unwrap(obj)
-        sd = bare.state_dict()
+        sd = bare.state_dict(keep_vars=True)  # detached once below, not twice
         info["wrappers"] = wrappers
         try:
             info["device_type"] = next(iter(bare.parameters())).device.type
@@ -136,7 +136,7 @@ def canonical_state(obj: nn.Module | Mapping[str, torch.Tensor]) -> tuple[dict[s
     out: dict[str, torch.Tensor] = {}
     for k, v in sd.items():
         t = v.detach()
-        if t.device.type != "cpu":
+        if not t.is_cpu:
             t = t.cpu()
         out[k] = t if t.is_contiguous() else t.contiguous()
     return out, info
@@ -146,30 +146,34 @@ def dedupe(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[s
     """Store tensors that are the same memory (tied weights) once: returns (unique tensors, alias -> stored key).
 
     Two entries are tied when they have the same storage, offset, shape, stride and dtype. Other tensors
-    that merely overlap in memory (views) are cloned so every stored tensor owns its bytes.
+    that merely overlap in memory (views) are cloned so every stored tensor owns its bytes. Only storages
+    shared by several entries are examined (the common case, one storage per tensor, costs one lookup).
     """
-    unique: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    by_identity: dict[tuple, str] = {}
-    spans: dict[int, list[tuple[int, int, str]]] = {}
+    by_storage: dict[int, list[str]] = {}
     for k in sorted(sd):
-        t = sd[k]
-        if t.numel() == 0:
-            unique[k] = t
+        if sd[k].numel():
+            by_storage.setdefault(sd[k].untyped_storage().data_ptr(), []).append(k)
+    aliases: dict[str, str] = {}
+    cloned: set[str] = set()
+    for keys in by_storage.values():
+        if len(keys) == 1:
             continue
-        ptr = t.untyped_storage().data_ptr()
-        ident = (ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-        if ident in by_identity:
-            aliases[k] = by_identity[ident]
-            continue
-        start = t.storage_offset() * t.element_size()
-        end = start + t.numel() * t.element_size()
-        if any(s < end and start < e for s, e, _ in spans.get(ptr, [])):
-            t = t.clone()
-        else:
-            spans.setdefault(ptr, []).append((start, end, k))
-        by_identity[ident] = k
-        unique[k] = t
+        kept: dict[tuple, str] = {}
+        spans: list[tuple[int, int]] = []
+        for k in keys:
+            t = sd[k]
+            ident = (t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            if ident in kept:
+                aliases[k] = kept[ident]
+                continue
+            kept[ident] = k
+            start = t.storage_offset() * t.element_size()
+            end = start + t.numel() * t.element_size()
+            if any(s < end and start < e for s, e in spans):
+                cloned.add(k)
+            else:
+                spans.append((start, end))
+    unique = {k: (sd[k].clone() if k in cloned else sd[k]) for k in sorted(sd) if k not in aliases}
     return unique, aliases
 
 

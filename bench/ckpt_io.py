@@ -1,0 +1,490 @@
+"""Checkpoint I/O: save, load and convert, each measured against raw I/O of the same bytes, side by side.
+
+Targets (from the issue), on torchvision ``resnet152(weights=None)`` (~241 MB fp32):
+
+1. **save** ``checkpoint.save(model, "x.safetensors")`` vs writing the same number of bytes raw with the
+   same durability (temp file in the same directory, write, flush, ``os.fsync``, ``os.replace``, fsync of
+   the directory -- what ``save`` does; fsync is never dropped). Target: ratio <= 1.1. The raw bytes
+   are written from a torch-allocated buffer (the verdict: the same kind of memory as the parameters
+   ``save`` writes from) and, as an extra row, from a bytearray (slower to copy from, see ``torch_buffer``).
+   Reference rows: ``torch.save(state_dict)`` and ``safetensors.torch.save_file``, each with the same
+   temp/fsync/replace/dir-fsync.
+2. **load** ``checkpoint.load(path, model)`` into a live model, page cache warm, vs a raw page-cache read
+   of the file (``f.readinto`` into a preallocated bytearray). Target: ratio <= 1.25. Stricter row: the
+   same readinto into a torch-allocated buffer, which (like the model's parameters) gets transparent
+   huge pages where a bytearray does not; on the reference VM that alone makes the copy ~4x faster, so
+   the ratio is printed against both (the verdict follows the target's wording: the bytearray). A cProfile breakdown of ``checkpoint.load`` follows. Reference rows:
+   ``safetensors.torch.load_file`` alone, ``load_file`` + ``model.load_state_dict``, and
+   ``torch.load(weights_only=True)`` + ``load_state_dict``.
+3. **convert streams**: ``python -m checkpoint convert SRC DST --max-shard-size 500MB`` on a synthetic
+   checkpoint of many tensors, run as a child process. Target: peak RSS <= 0.3 x checkpoint size.
+   Also reported: the peak RSS of a child that only does ``import checkpoint`` (the baseline), the peak
+   minus that baseline, the conversion phase alone (``_convert_probe.py``), and an informational
+   ``.pth`` -> safetensors row (``torch.load`` of a zip file; it may not stream).
+
+How:
+- Save and load candidates are interleaved (A B C D, A B C D, ...) for ``--save-rounds``/``--load-rounds``
+  rounds after one untimed warm-up call each; ``gc.collect()`` runs between calls, untimed, and before
+  each save call ``os.sync()`` (untimed) so no candidate waits on the previous one's writeback. Reported: median seconds,
+  min/max, spread, ratio = median(ours) / median(raw), and the median/min/max of the per-round paired
+  ratios (common-mode machine noise cancels in those).
+- Peak RSS is ``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss`` read in a small stdlib-only spawner
+  (``bench/_peak_rss.py``): a child spawned directly from this (large) process would inherit this
+  process's high-water RSS into its ``ru_maxrss`` (see that file). ``/usr/bin/time -v``'s "Maximum
+  resident set size" is parsed from the same run as a cross-check when present.
+- In full mode the convert sizes are 1 GB and 4 GB. A process that only imports torch peaks at
+  ~0.8 GiB RSS on the reference machine (this torch build maps its CUDA libraries; the peak is reached
+  at interpreter exit), so 0.3 x 1 GB cannot be met by any Python process that imports torch; 4 GB is
+  the smallest round size where the absolute target is achievable with headroom, and the 1 GB row
+  shows the peak does not grow with the size.
+- Files go to a temporary directory under ``bench/results/`` (same disk as the repository, never tmpfs;
+  ``--tmp-dir`` to change), removed at the end.
+
+    .venv/bin/python bench/ckpt_io.py --quick     # seconds: resnet18, 3 rounds, 256 MB convert
+    .venv/bin/python bench/ckpt_io.py             # minutes: resnet152, 15/15 rounds, 1 GB and 4 GB convert
+
+Writes bench/results/ckpt_io.json.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import json
+import os
+import pstats
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, BinaryIO, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+from safetensors.torch import load_file as st_load_file  # noqa: E402
+from safetensors.torch import save_file as st_save_file  # noqa: E402
+
+import checkpoint  # noqa: E402
+from checkpoint.save import parse_size  # noqa: E402
+from _common import (PYTHON, REPO, fmt_bytes, interleave, machine, noisy, ratio, remove, scratch_dir,  # noqa: E402
+                     summarize, table, uptime, verdict, write_result)
+
+BENCH = Path(__file__).resolve().parent
+SAVE_TARGET, LOAD_TARGET, RSS_TARGET = 1.10, 1.25, 0.30
+OURS_SAVE, RAW_SAVE, RAW_SAVE_T = "anytopo checkpoint.save", "raw write (bytearray)", "raw write (torch buffer)"
+OURS_LOAD, RAW_LOAD, RAW_LOAD_T = "anytopo checkpoint.load", "raw readinto (bytearray)", "raw readinto (torch buffer)"
+
+
+# ------------------------------------------------------------------------------------------ primitives
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def durable_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """Temp file beside ``path``, ``write(f)``, flush, fsync, ``os.replace``, fsync the directory."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def durable_st_save(sd: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file takes a file name: write to a temp name, fsync it, replace, fsync the dir."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        st_save_file(sd, tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def read_raw(path: Path, buf: bytearray) -> int:
+    """Read the whole file into ``buf`` (preallocated, exactly the file's size) with readinto."""
+    view = memoryview(buf)
+    done = 0
+    with open(path, "rb", buffering=0) as f:
+        while done < len(buf):
+            n = f.readinto(view[done:])
+            if not n:
+                raise RuntimeError(f"{path}: short read")
+            done += n
+    return done
+
+
+def warm_page_cache(*paths: Path) -> None:
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while f.read(64 << 20):
+                pass
+
+
+def build_model(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return getattr(torchvision.models, name)(weights=None).eval()
+
+
+def _rows(times: dict[str, list[float]], base: str, nbytes: int) -> list[dict[str, Any]]:
+    rows = []
+    for name, xs in times.items():
+        s = summarize(xs)
+        row = {"candidate": name, **{k: s[k] for k in ("median", "min", "max", "spread")},
+               "mb_s": nbytes / s["median"] / 1e6, "seconds": xs}
+        r = ratio(xs, times[base])
+        row.update(ratio=r["ratio"], min_ratio=s["min"] / min(times[base]), paired_median=r["paired_median"],
+                   paired_min=r["paired_min"], paired_max=r["paired_max"])
+        rows.append(row)
+    return rows
+
+
+TIME_COLUMNS = [("candidate", "candidate", ""), ("median", "median s", ".4f"), ("min", "min s", ".4f"),
+                ("max", "max s", ".4f"), ("spread", "spread", ".0%"), ("mb_s", "MB/s", ".0f"),
+                ("ratio", "ratio", ".3f"), ("min_ratio", "min/min", ".3f"), ("paired_median", "paired med", ".3f"),
+                ("paired_min", "paired min", ".3f"), ("paired_max", "paired max", ".3f")]
+
+
+# ----------------------------------------------------------------------------------------------- save
+
+def torch_buffer(data: bytes | bytearray | int) -> torch.Tensor:
+    """A uint8 tensor from torch's CPU allocator: the same kind of memory as model parameters.
+
+    On Linux torch advises huge pages for large allocations (``AnonHugePages`` in smaps), a plain
+    bytearray gets 4 KiB pages; copying a file into or out of the two differs by ~4x on the reference VM
+    (TLB misses), so each raw baseline is measured with both kinds of buffer.
+    """
+    if isinstance(data, int):
+        t = torch.empty(data, dtype=torch.uint8)
+        t.fill_(0)
+        return t
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
+
+
+def bench_save(model: torch.nn.Module, work: Path, rounds: int) -> dict[str, Any]:
+    ours_path = work / "ours.safetensors"
+    checkpoint.save(model, ours_path)
+    payload = bytearray(ours_path.read_bytes())  # the exact bytes ours writes, preallocated once
+    nbytes = len(payload)
+    raw_bytearray = memoryview(payload)
+    raw_torch = memoryview(torch_buffer(payload).numpy())
+    candidates = {
+        OURS_SAVE: lambda: checkpoint.save(model, ours_path),
+        RAW_SAVE: lambda: durable_write(work / "raw.bin", lambda f: f.write(raw_bytearray)),
+        RAW_SAVE_T: lambda: durable_write(work / "raw-t.bin", lambda f: f.write(raw_torch)),
+        "ref torch.save(state_dict)": lambda: durable_write(work / "ref.pth", lambda f: torch.save(model.state_dict(), f)),
+        "ref safetensors save_file": lambda: durable_st_save(model.state_dict(), work / "ref.safetensors"),
+    }
+    for fn in candidates.values():  # warm-up: allocator, imports, first-write effects
+        fn()
+    assert (work / "raw.bin").stat().st_size == ours_path.stat().st_size == nbytes
+    print(f"save: {nbytes:,} bytes per file, {rounds} interleaved rounds (each write fsynced; "
+          "os.sync() untimed before each call so no candidate pays for the previous one's writeback)")
+    times = interleave(candidates, rounds, timer=time.perf_counter, between=_settle_disk)
+    rows = _rows(times, RAW_SAVE_T, nbytes)
+    loose = ratio(times[OURS_SAVE], times[RAW_SAVE])
+    r = rows[0]["ratio"]
+    return {"bytes": nbytes, "rounds": rounds, "rows": rows, "ratio": r, "target": SAVE_TARGET,
+            "verdict": verdict(r, SAVE_TARGET), "baseline": RAW_SAVE_T, "min_ratio": rows[0]["min_ratio"],
+            "ratio_vs_bytearray": loose["ratio"], "verdict_vs_bytearray": verdict(loose["ratio"], SAVE_TARGET)}
+
+
+def _settle_disk() -> None:
+    gc.collect()
+    os.sync()
+
+
+# ----------------------------------------------------------------------------------------------- load
+
+def bench_load(model: torch.nn.Module, work: Path, rounds: int) -> dict[str, Any]:
+    st_path, pth_path = work / "ours.safetensors", work / "ref.pth"
+    if not st_path.exists():
+        checkpoint.save(model, st_path)
+    if not pth_path.exists():
+        durable_write(pth_path, lambda f: torch.save(model.state_dict(), f))
+    nbytes = st_path.stat().st_size
+    buf = bytearray(nbytes)  # preallocated (and touched: bytearray zero-fills) outside the timing
+    tbuf = memoryview(torch_buffer(nbytes).numpy())
+    candidates = {
+        OURS_LOAD: lambda: checkpoint.load(st_path, model),
+        RAW_LOAD: lambda: read_raw(st_path, buf),
+        RAW_LOAD_T: lambda: read_raw(st_path, tbuf),
+        "ref safetensors load_file": lambda: st_load_file(st_path),
+        "ref load_file+load_state_dict": lambda: model.load_state_dict(st_load_file(st_path)),
+        "ref torch.load+load_state_dict": lambda: model.load_state_dict(torch.load(pth_path, weights_only=True)),
+    }
+    warm_page_cache(st_path, pth_path)
+    for fn in candidates.values():
+        fn()
+    # correctness once, untimed: what checkpoint.load put into the model is the file's content
+    report = checkpoint.load(st_path, model)
+    ref = st_load_file(st_path)
+    sd = model.state_dict()
+    assert report.loaded == len(ref) and all(torch.equal(sd[k], v) for k, v in ref.items()), "load mismatch"
+    del ref, sd
+    print(f"load: {nbytes:,} bytes, page cache warm, {rounds} interleaved rounds")
+    times = interleave(candidates, rounds, timer=time.perf_counter, between=gc.collect)
+    rows = _rows(times, RAW_LOAD, nbytes)
+    strict = ratio(times[OURS_LOAD], times[RAW_LOAD_T])
+    r = rows[0]["ratio"]
+    return {"bytes": nbytes, "rounds": rounds, "rows": rows, "ratio": r, "target": LOAD_TARGET,
+            "verdict": verdict(r, LOAD_TARGET), "baseline": RAW_LOAD, "min_ratio": rows[0]["min_ratio"],
+            "ratio_vs_torch_buffer": strict["ratio"], "verdict_vs_torch_buffer": verdict(strict["ratio"], LOAD_TARGET)}
+
+
+def profile_load(model: torch.nn.Module, path: Path, calls: int = 5) -> dict[str, Any]:
+    """Where checkpoint.load's time goes (cProfile over a few calls; own time per call, ms)."""
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(calls):
+        checkpoint.load(path, model)
+    pr.disable()
+    st = pstats.Stats(pr)
+    total = sum(v[2] for v in st.stats.values())
+    top = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:10]
+    rows = [{"function": f"{Path(f).name}:{line}({fn})" if f != "~" else fn, "calls_per_load": v[1] // calls,
+             "ms_per_load": v[2] / calls * 1e3} for (f, line, fn), v in top]
+    print(f"checkpoint.load profile (cProfile, {calls} calls; profiler overhead inflates small calls):")
+    print(table(rows, [("function", "function (own time)", ""), ("calls_per_load", "calls/load", "d"),
+                       ("ms_per_load", "ms/load", ".1f")]))
+    return {"total_ms_per_load": total / calls * 1e3, "top": rows}
+
+
+# -------------------------------------------------------------------------------------------- convert
+
+# fp32 tensors of one synthetic "layer": 32 MiB, 8 MiB, 2 MiB, 16 KiB, 4 KiB (a matrix-heavy model's mix)
+LAYER = [(4096, 2048), (2048, 1024), (1024, 512), (4096,), (1024,)]
+
+
+def synthetic_state(total: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    sd: dict[str, torch.Tensor] = {}
+    n, layer = 0, 0
+    while n < total:
+        for j, shape in enumerate(LAYER):
+            t = torch.empty(shape).uniform_(-1, 1, generator=g)
+            sd[f"layers.{layer:04d}.p{j}"] = t
+            n += t.numel() * t.element_size()
+        layer += 1
+    return sd
+
+
+def run_peak(cmd: list[str], *, time_v: bool = True) -> dict[str, Any]:
+    """Run ``cmd`` under the small spawner; returns its JSON (rc, ru_maxrss_kib, time_v_maxrss_kib, wall_s)."""
+    wrapper = [PYTHON, "-S", str(BENCH / "_peak_rss.py")] + (["--time-v"] if time_v else []) + ["--", *cmd]
+    proc = subprocess.run(wrapper, cwd=REPO, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"spawner failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    out = json.loads(lines[-1])
+    if out["rc"] != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {out['rc']}: {proc.stderr[-2000:]}")
+    out["log_tail"] = proc.stderr.strip().splitlines()[-1:] if proc.stderr.strip() else []
+    return out
+
+
+def _mib(kib: float | None) -> float | None:
+    return None if kib is None else kib / 1024
+
+
+def bench_convert(work: Path, size: int, reps: int, pth_reps: int, shard: str,
+                  baseline_kib: float) -> dict[str, Any]:
+    src_dir, src_pth = work / f"src-{size}", work / f"src-{size}.pth"
+    t0 = time.perf_counter()
+    sd = synthetic_state(size)
+    nbytes = sum(t.numel() * t.element_size() for t in sd.values())
+    largest = max(t.numel() * t.element_size() for t in sd.values())
+    n_tensors = len(sd)
+    checkpoint.save(sd, src_dir)
+    checkpoint.save(sd, src_pth)
+    del sd
+    gc.collect()
+    print(f"convert: source {len(os.listdir(src_dir))} files in {src_dir.name}/ and {src_pth.name}: "
+          f"{nbytes:,} bytes in {n_tensors} tensors, "
+          f"largest {fmt_bytes(largest)} (made in {time.perf_counter() - t0:.1f}s)", flush=True)
+    rows: list[dict[str, Any]] = []
+
+    def measure(label: str, cmd_for: Callable[[Path], list[str]], n: int, source: str) -> dict[str, Any]:
+        runs = []
+        for i in range(n):
+            dst = work / f"dst-{size}-{i}"
+            r = run_peak(cmd_for(dst))
+            shards = sorted(p.name for p in dst.iterdir()) if dst.is_dir() else []
+            remove(dst)
+            runs.append(r)
+            print(f"  {label} run {i + 1}/{n}: peak {_mib(r['ru_maxrss_kib']):.0f} MiB "
+                  f"(time -v {_mib(r['time_v_maxrss_kib']) or float('nan'):.0f} MiB), {r['wall_s']:.1f}s, "
+                  f"{sum(s.endswith('.safetensors') for s in shards)} shards", flush=True)
+        peaks = summarize([r["ru_maxrss_kib"] / 1024 for r in runs])
+        tv = [r["time_v_maxrss_kib"] / 1024 for r in runs if r["time_v_maxrss_kib"]]
+        row = {"candidate": label, "source": source, "runs": n, "peak_mib": peaks["median"],
+               "peak_min_mib": peaks["min"], "peak_max_mib": peaks["max"],
+               "time_v_mib": summarize(tv)["median"] if tv else None,
+               "minus_baseline_mib": peaks["median"] - baseline_kib / 1024,
+               "wall_s": summarize([r["wall_s"] for r in runs])["median"],
+               "peak_over_size": peaks["median"] * 2 ** 20 / nbytes,
+               "minus_baseline_over_size": (peaks["median"] - baseline_kib / 1024) * 2 ** 20 / nbytes}
+        rows.append(row)
+        return row
+
+    cli = lambda src: (lambda dst: [PYTHON, "-m", "checkpoint", "convert", str(src), str(dst), "--max-shard-size", shard])
+    main_row = measure("cli convert safetensors dir -> shards", cli(src_dir), reps, "safetensors")
+    # the conversion phase alone (informational): same CLI code in-process, RSS high-water reset after import
+    probe_json = work / "probe.json"
+    probe = run_peak([PYTHON, str(BENCH / "_convert_probe.py"), str(probe_json), str(src_dir),
+                      str(work / f"dst-{size}-probe"), "--max-shard-size", shard])
+    remove(work / f"dst-{size}-probe")
+    phases = json.loads(probe_json.read_text())
+    after, conv = phases["after_import"], phases["after_convert"]
+    rows.append({"candidate": "probe: convert phase alone", "source": "safetensors", "runs": 1,
+                 "peak_mib": conv["VmHWM_kib"] / 1024 if phases["hwm_reset"] else None,
+                 "minus_baseline_mib": (conv["VmHWM_kib"] - after["VmRSS_kib"]) / 1024 if phases["hwm_reset"] else None,
+                 "import_peak_mib": after["VmHWM_kib"] / 1024, "after_import_mib": after["VmRSS_kib"] / 1024,
+                 "wall_s": probe["wall_s"], "note": "minus = peak while converting - RSS right after import"})
+    print(f"  probe: RSS after import {after['VmRSS_kib'] / 1024:.0f} MiB (import peak {after['VmHWM_kib'] / 1024:.0f}),"
+          f" peak while converting {conv['VmHWM_kib'] / 1024:.0f} MiB (reset={phases['hwm_reset']})", flush=True)
+    measure("cli convert .pth -> shards (info)", cli(src_pth), pth_reps, "pth")
+    remove(src_dir)
+    src_pth.unlink(missing_ok=True)
+    Path(str(src_pth) + ".manifest.json").unlink(missing_ok=True)
+    limit_mib = RSS_TARGET * nbytes / 2 ** 20
+    return {"size_bytes": nbytes, "tensors": n_tensors, "largest_tensor_bytes": largest, "max_shard_size": shard,
+            "limit_mib": limit_mib, "rows": rows,
+            "peak_over_size": main_row["peak_over_size"], "minus_baseline_over_size": main_row["minus_baseline_over_size"],
+            "verdict_absolute": verdict(main_row["peak_over_size"], RSS_TARGET),
+            "verdict_minus_baseline": verdict(main_row["minus_baseline_over_size"], RSS_TARGET)}
+
+
+RSS_COLUMNS = [("candidate", "candidate", ""), ("runs", "runs", "d"), ("peak_mib", "peak MiB", ".0f"),
+               ("peak_min_mib", "min", ".0f"), ("peak_max_mib", "max", ".0f"), ("time_v_mib", "time -v MiB", ".0f"),
+               ("minus_baseline_mib", "minus base MiB", ".0f"), ("peak_over_size", "peak/size", ".3f"),
+               ("minus_baseline_over_size", "minus/size", ".3f"), ("wall_s", "wall s", ".1f")]
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small sizes, seconds (resnet18, 3 rounds, 256MB convert)")
+    p.add_argument("--model", default=None, help="torchvision model for save/load (default resnet152; quick resnet18)")
+    p.add_argument("--save-rounds", type=int, default=None, help="interleaved save rounds (default 15; quick 3)")
+    p.add_argument("--load-rounds", type=int, default=None, help="interleaved load rounds (default 15; quick 3)")
+    p.add_argument("--convert-sizes", default=None, help="comma list, e.g. 1GB,4GB (default; quick 256MB)")
+    p.add_argument("--convert-reps", type=int, default=None, help="runs per convert size (default 3; quick 1)")
+    p.add_argument("--pth-reps", type=int, default=None, help="runs of the .pth convert row (default 2; quick 1)")
+    p.add_argument("--max-shard-size", default="500MB")
+    p.add_argument("--only", choices=["save", "load", "convert"], action="append", default=None,
+                   help="run only these parts (repeatable)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--tmp-dir", default=None, help="parent of the scratch directory (default bench/results/)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    q = args.quick
+    model_name = args.model or ("resnet18" if q else "resnet152")
+    save_rounds = args.save_rounds or (3 if q else 15)
+    load_rounds = args.load_rounds or (3 if q else 15)
+    sizes = [parse_size(s) for s in (args.convert_sizes or ("256MB" if q else "1GB,4GB")).split(",")]
+    reps = args.convert_reps or (1 if q else 3)
+    pth_reps = args.pth_reps or (1 if q else 2)
+    parts = args.only or ["save", "load", "convert"]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    result: dict[str, Any] = {"bench": "ckpt_io", "quick": q, "machine": machine(), "model": model_name,
+                              "argv": sys.argv, "uptime": []}
+    work = scratch_dir(".ckpt_io-", args.tmp_dir)
+    result["scratch"] = str(work)
+    try:
+        if "convert" in parts:
+            need = 3 * max(sizes) + (1 << 30)
+            free = shutil.disk_usage(work).free
+            if free < need:
+                raise SystemExit(f"error: {fmt_bytes(free)} free under {work}, need {fmt_bytes(need)}: "
+                                 "pass --convert-sizes smaller or --tmp-dir elsewhere")
+        if "save" in parts or "load" in parts:
+            model = build_model(model_name)
+            nparams = sum(p.numel() for p in model.parameters())
+            print(f"model {model_name}: {nparams:,} parameters, torch threads {torch.get_num_threads()}")
+            result["model_params"] = nparams
+            if "save" in parts:
+                result["uptime"].append(uptime("before save"))
+                result["save"] = bench_save(model, work, save_rounds)
+                result["uptime"].append(uptime("after save"))
+                print(table(result["save"]["rows"], TIME_COLUMNS))
+            if "load" in parts:
+                result["uptime"].append(uptime("before load"))
+                result["load"] = bench_load(model, work, load_rounds)
+                result["uptime"].append(uptime("after load"))
+                print(table(result["load"]["rows"], TIME_COLUMNS))
+                result["load"]["profile"] = profile_load(model, work / "ours.safetensors")
+            del model
+            for p in work.iterdir():
+                p.unlink() if p.is_file() else remove(p)
+            gc.collect()
+        if "convert" in parts:
+            result["uptime"].append(uptime("before convert"))
+            base_runs = [run_peak([PYTHON, "-c", "import checkpoint"]) for _ in range(3)]
+            base = summarize([r["ru_maxrss_kib"] for r in base_runs])
+            print(f"baseline `python -c 'import checkpoint'`: peak RSS {base['median'] / 1024:.0f} MiB "
+                  f"(min {base['min'] / 1024:.0f}, max {base['max'] / 1024:.0f}; "
+                  f"time -v {(base_runs[0]['time_v_maxrss_kib'] or 0) / 1024:.0f} MiB)", flush=True)
+            result["convert_baseline"] = {"peak_mib": base["median"] / 1024, "min_mib": base["min"] / 1024,
+                                          "max_mib": base["max"] / 1024, "runs": base_runs}
+            result["convert"] = []
+            for size in sizes:
+                c = bench_convert(work, size, reps, pth_reps, args.max_shard_size, base["median"])
+                result["convert"].append(c)
+                print(f"convert {c['size_bytes'] / 1e9:.2f} GB = {fmt_bytes(c['size_bytes'])} "
+                      f"(limit 0.3 x size = {c['limit_mib']:.0f} MiB):")
+                print(table(c["rows"], RSS_COLUMNS))
+            result["uptime"].append(uptime("after convert"))
+    finally:
+        remove(work)
+    result["noisy"] = noisy(result["uptime"])
+
+    print("\nsummary" + (" (QUICK mode: sizes are not the target configuration)" if q else ""))
+    if "save" in result:
+        s = result["save"]
+        print(f"  save  ratio {s['ratio']:.3f} vs raw write from a torch buffer (target <= {SAVE_TARGET}) {s['verdict']} "
+              f"(min/min {s['min_ratio']:.3f}); vs raw write from a bytearray {s['ratio_vs_bytearray']:.3f} "
+              f"{s['verdict_vs_bytearray']}")
+    if "load" in result:
+        s = result["load"]
+        print(f"  load  ratio {s['ratio']:.3f} vs readinto a bytearray (target <= {LOAD_TARGET}) {s['verdict']}; "
+              f"vs readinto a torch buffer {s['ratio_vs_torch_buffer']:.3f} {s['verdict_vs_torch_buffer']}")
+    for c in result.get("convert", []):
+        print(f"  convert {c['size_bytes'] / 1e9:.2f} GB: peak/size {c['peak_over_size']:.3f} {c['verdict_absolute']}, "
+              f"(peak - baseline)/size {c['minus_baseline_over_size']:.3f} {c['verdict_minus_baseline']} "
+              f"(target <= {RSS_TARGET})")
+    if result["noisy"]:
+        print("  note: load average was > 1 during the run (shared machine): expect extra spread")
+    write_result("ckpt_io", result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

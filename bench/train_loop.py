@@ -1,0 +1,273 @@
+"""Training-loop overhead: our ``Trainer.train_step`` vs a bare hand-written PyTorch loop, side by side.
+
+Target: ours at most 3% slower per step (ratio = median step time ours / bare <= 1.03).
+
+Ours: a ``Trainer`` from ``scripts/train.py`` built from the real parser and ``TrainConfig.from_args``
+(single process, no TensorBoard, no progress bar, output in a temp dir); each step iterates
+``trainer.loader`` (torchdata StatefulDataLoader + TrainSampler) and calls
+``trainer.train_step(trainer._to_device(x, y))``.
+Bare: a plain ``torch.utils.data.DataLoader`` over the SAME dataset object and batch size (shuffle,
+drop_last), a freshly built identical model (same registry name and options, same seed: the initial
+weights are checked equal), ``AdamW`` with the same lr, and
+``zero_grad; loss = F.cross_entropy(model(x), y); loss.backward(); opt.step(); sched.step()`` with a
+``LambdaLR`` warmup-cosine schedule written inline.
+
+How: ``torch.set_num_threads`` fixed (``--threads``, default 1: on a shared 2-core machine two threads
+make single blocks swing by up to 10x); both loops warm up (10 steps each), then blocks of
+``--block-steps`` (2) steps alternate ours, bare, ours, bare ... (``--blocks`` of each, default 30). A
+block's time / steps is one sample (data loading included on both sides). Reported: median step time,
+min/max, ratio of medians, the per-pair ratios (ours block i vs the bare block right after it), and the
+same for process CPU time (``time.process_time``: not inflated by other processes' load). When the
+ratio misses the target (full mode), both loops are profiled with cProfile and the top functions are
+printed and stored (``--profile`` forces it).
+
+    .venv/bin/python bench/train_loop.py --quick          # seconds
+    .venv/bin/python bench/train_loop.py                  # resnet18 small_input, digits 8x8, batch 64
+    .venv/bin/python bench/train_loop.py --data mnist5k   # 28x28: heavier steps, overhead share smaller
+    .venv/bin/python bench/train_loop.py --device cuda --model resnet50 --image-size 224   # GPU (images/s)
+
+Writes bench/results/train_loop.json (``--result-name`` to change; ``--results-dir`` to write elsewhere).
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import math
+import os
+import pstats
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "scripts"))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from _common import RESULTS, machine, noisy, ratio, remove, summarize, table, uptime, verdict  # noqa: E402
+
+TARGET = 1.03
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="seconds: 2 blocks of 4 steps each")
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--data", default="digits", help="a scripts/train.py --data spec (digits, mnist5k, ...)")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads, fixed for the run (1: steadiest on a shared machine)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="untimed steps per loop (default 10; quick 3)")
+    p.add_argument("--block-steps", type=int, default=None, help="steps per timed block (default 2; quick 2)")
+    p.add_argument("--blocks", type=int, default=None, help="timed blocks per loop (default 30; quick 3)")
+    p.add_argument("--profile", action="store_true", help="cProfile both loops even when the target is met")
+    p.add_argument("--result-name", default="train_loop")
+    p.add_argument("--results-dir", default=None, help=f"where the JSON goes (default {RESULTS})")
+    return p
+
+
+def cycle(loader, set_epoch: Callable[[int], None] | None = None) -> Iterator:
+    """Batches forever, epoch after epoch (``set_epoch`` before each, like the training loop)."""
+    epoch = 0
+    while True:
+        if set_epoch is not None:
+            set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def warmup_cosine(total: int, warmup: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return f
+
+
+def build(args: argparse.Namespace, out_dir: Path):
+    """(trainer, ours_step, bare_step, info): both step functions take no argument and do one step."""
+    import launcher
+    import models
+    import train
+
+    argv = ["--model", args.model, "--data", args.data, "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+            "--output-dir", str(out_dir), "--no-tensorboard", "--no-progress", "--epochs", "1000",
+            "--amp", args.amp, "--seed", "0"]
+    if args.image_size:
+        argv += ["--image-size", str(args.image_size)]
+    if args.channels_last:
+        argv += ["--channels-last"]
+    cfg = train.TrainConfig.from_args(train.get_args_parser().parse_args(argv))
+    info = launcher.setup("single")
+    if info.device.type != args.device:
+        raise SystemExit(f"error: asked for --device {args.device} but the launcher picked {info.device}")
+    trainer = train.Trainer(cfg, info, launcher.get_logger(info))
+    trainer.model.train()
+
+    # bare: same dataset object, same batch, same model built the same way from the same seed
+    launcher.seed_everything(cfg.seed)
+    model = models.build_model(trainer.model_name, **trainer.model_options)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = model.to(info.device).train()
+    same = all(torch.equal(a, b) for a, b in zip(trainer.bare.state_dict().values(), model.state_dict().values()))
+    if not same:
+        raise SystemExit("error: the bare model's initial weights differ from the Trainer's; the comparison is void")
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(trainer.total_steps, max(1, trainer.total_steps // 20)))
+    cuda = info.device.type == "cuda"
+    loader = DataLoader(trainer.train_ds, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                        num_workers=0, pin_memory=cuda)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    scaler = torch.amp.GradScaler(info.device.type, enabled=args.amp == "fp16")
+    dev = info.device
+
+    ours_batches = cycle(trainer.loader, trainer.sampler.set_epoch)
+    bare_batches = cycle(loader)
+
+    def ours_step() -> None:
+        x, y = next(ours_batches)
+        trainer.train_step(trainer._to_device(x, y))
+
+    def bare_step() -> None:
+        x, y = next(bare_batches)
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        opt.zero_grad()
+        if amp is None:
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+        else:
+            with torch.autocast(dev.type, dtype=amp):
+                loss = F.cross_entropy(model(x).float(), y)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        sched.step()
+
+    return trainer, ours_step, bare_step, info
+
+
+def profile(step: Callable[[], None], steps: int, top: int = 18) -> tuple[str, list[dict[str, Any]]]:
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(steps):
+        step()
+    pr.disable()
+    buf = io.StringIO()
+    st = pstats.Stats(pr, stream=buf).sort_stats("tottime")
+    st.print_stats(top)
+    rows = []
+    for (fname, line, func), (cc, nc, tt, ct, _) in sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:top]:
+        rows.append({"function": f"{Path(fname).name}:{line}({func})", "calls": nc, "tottime_s": tt, "cumtime_s": ct})
+    return buf.getvalue(), rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the launcher would pick a GPU if one were visible
+    q = args.quick
+    warm = args.warmup_steps if args.warmup_steps is not None else (3 if q else 10)
+    nsteps = args.block_steps or 2
+    blocks = args.blocks or (3 if q else 30)
+    torch.set_num_threads(args.threads)
+    out_dir = Path(tempfile.mkdtemp(prefix="train_loop-"))
+    result: dict[str, Any] = {"bench": "train_loop", "quick": q, "machine": machine(), "argv": sys.argv,
+                              "config": {**vars(args), "warmup_steps": warm, "block_steps": nsteps, "blocks": blocks},
+                              "uptime": []}
+    import launcher
+
+    try:
+        trainer, ours_step, bare_step, info = build(args, out_dir)
+        sync = torch.cuda.synchronize if info.device.type == "cuda" else (lambda: None)
+        print(f"{args.model} {trainer.model_options} on {args.data} (train {len(trainer.train_ds)} samples), "
+              f"batch {args.batch_size}, device {info.device}, threads {torch.get_num_threads()}, amp {args.amp}")
+        for _ in range(warm):
+            ours_step()
+        for _ in range(warm):
+            bare_step()
+        sync()
+        result["uptime"].append(uptime("before"))
+        names = ("ours Trainer.train_step", "bare loop")
+        times: dict[str, list[float]] = {n: [] for n in names}
+        cpu: dict[str, list[float]] = {n: [] for n in names}
+        for b in range(blocks):
+            for name, step in zip(names, (ours_step, bare_step)):
+                sync()
+                t0, c0 = time.perf_counter(), time.process_time()
+                for _ in range(nsteps):
+                    step()
+                sync()
+                times[name].append((time.perf_counter() - t0) / nsteps)
+                cpu[name].append((time.process_time() - c0) / nsteps)
+            if blocks <= 12 or (b + 1) % 5 == 0 or b + 1 == blocks:
+                print(f"  block {b + 1}/{blocks}: " + "  ".join(
+                    f"{n} {v[-1] * 1e3:.2f} ms/step (cpu {cpu[n][-1] * 1e3:.2f})" for n, v in times.items()), flush=True)
+        result["uptime"].append(uptime("after"))
+        ours, bare = times[names[0]], times[names[1]]
+        r = ratio(ours, bare)
+        rc = ratio(cpu[names[0]], cpu[names[1]])
+        rows = []
+        for name, xs in times.items():
+            s, sc = summarize(xs), summarize(cpu[name])
+            rows.append({"loop": name, "median_ms": s["median"] * 1e3, "min_ms": s["min"] * 1e3, "max_ms": s["max"] * 1e3,
+                         "spread": s["spread"], "img_s": args.batch_size / s["median"],
+                         "ratio": s["median"] / summarize(bare)["median"], "cpu_median_ms": sc["median"] * 1e3,
+                         "cpu_ratio": sc["median"] / summarize(cpu[names[1]])["median"], "step_s": xs, "cpu_s": cpu[name]})
+        rows[0].update(paired_median=r["paired_median"], paired_min=r["paired_min"], paired_max=r["paired_max"])
+        print(table(rows, [("loop", "loop", ""), ("median_ms", "median ms/step", ".2f"), ("min_ms", "min", ".2f"),
+                           ("max_ms", "max", ".2f"), ("spread", "spread", ".0%"), ("img_s", "images/s", ".0f"),
+                           ("ratio", "ratio", ".3f"), ("paired_median", "paired med", ".3f"),
+                           ("paired_min", "paired min", ".3f"), ("paired_max", "paired max", ".3f"),
+                           ("cpu_median_ms", "cpu ms/step", ".2f"), ("cpu_ratio", "cpu ratio", ".3f")]))
+        result["cpu_ratio"] = rc["ratio"]
+        result["cpu_paired"] = rc
+        result.update(rows=rows, ratio=r["ratio"], paired=r, target=TARGET, verdict=verdict(r["ratio"], TARGET))
+        if args.profile or (r["ratio"] > TARGET and not q):
+            psteps = max(nsteps, 20)
+            print(f"\nprofile (cProfile, {psteps} steps each, sorted by own time):")
+            for name, step in (("ours", ours_step), ("bare", bare_step)):
+                text, prow = profile(step, psteps)
+                result.setdefault("profile", {})[name] = prow
+                print(f"--- {name}\n" + "\n".join(text.strip().splitlines()[:32]))
+        trainer.runlog.close()
+    finally:
+        launcher.teardown()
+        remove(out_dir)
+    result["noisy"] = noisy(result["uptime"])
+    print(f"\nsummary: ours/bare = {result['ratio']:.3f} wall (paired median {result['paired']['paired_median']:.3f}, "
+          f"min {result['paired']['paired_min']:.3f}, max {result['paired']['paired_max']:.3f}); "
+          f"target <= {TARGET}: {result['verdict']}" + (" (QUICK mode)" if q else ""))
+    print(f"         process CPU time ours/bare = {result['cpu_ratio']:.3f} (paired median "
+          f"{result['cpu_paired']['paired_median']:.3f}): {verdict(result['cpu_ratio'], TARGET)}")
+    if result["noisy"]:
+        print("note: load average was > 1 during the run (shared machine): expect extra spread")
+    if args.results_dir:
+        import json
+
+        d = Path(args.results_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{args.result_name}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+        print(f"wrote {d / (args.result_name + '.json')}")
+    else:
+        from _common import write_result
+
+        write_result(args.result_name, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
