@@ -316,9 +316,12 @@ class Trainer:
         self.log.info("resumed from %s\n%s", self.resume_path, restored.report)
         if self.cfg.eval_only:
             return
-        if restored.absent:
-            raise ConfigError(f"--resume {self.resume_path} holds weights only (no {', '.join(restored.absent)}); "
+        if "optimizer" in restored.absent:
+            raise ConfigError(f"--resume {self.resume_path} holds weights only (no optimizer state); "
                               "to start training from these weights use a checkpoint entry, or evaluate with --eval-only")
+        if restored.absent:  # e.g. a GradScaler when switching --amp none -> fp16: starts fresh
+            self.log.warning("checkpoint has no %s state: starting %s fresh", ", ".join(restored.absent),
+                             "it" if len(restored.absent) == 1 else "them")
         self.step = int(restored.step or 0)
         saved = restored.states.get("trainer", {})
         if saved.get("global_batch") not in (None, self.cfg.batch_size) or saved.get("seed") not in (None, self.cfg.seed):
