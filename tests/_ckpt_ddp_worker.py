@@ -5,7 +5,6 @@ save MODE: every rank trains one DDP step on its own shard, then `checkpoint.sav
 load MODE: every rank loads PATH into a DDP-wrapped model and writes its output on the fixed input.
 """
 import json
-import os
 import sys
 
 import torch

@@ -1,7 +1,6 @@
 """datasets: real packaged data, generated shapes with exact masks, user folders, and error messages."""
 from __future__ import annotations
 
-import ast
 import doctest
 import math
 from pathlib import Path
@@ -349,10 +348,3 @@ def test_argument_errors():
 
 def test_docstring_examples_hold():
     assert doctest.testmod(datasets).failed == 0
-
-
-def test_no_topology_imports():
-    tree = ast.parse(Path(datasets.__file__).read_text())
-    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert not names & {"checkpoint", "launcher"}

@@ -1,9 +1,7 @@
 """tasks: hand-checked metrics, exact aggregation over shards, losses, and build_task."""
 from __future__ import annotations
 
-import ast
 import doctest
-from pathlib import Path
 
 import pytest
 import torch
@@ -193,10 +191,3 @@ def test_build_task_segmentation():
 
 def test_docstring_examples_hold():
     assert doctest.testmod(tasks).failed == 0
-
-
-def test_no_topology_imports():
-    tree = ast.parse(Path(tasks.__file__).read_text())
-    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert not names & {"checkpoint", "launcher"}
