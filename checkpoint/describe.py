@@ -1,6 +1,7 @@
 """``inspect(path)``: what a checkpoint holds, without a model."""
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -43,9 +44,7 @@ def inspect(path: str | Path, *, ema: bool = False, allow_pickle: bool = False, 
     numel = nbytes = 0
     seen: set[int] = set()
     for k, t in src.tensors.items():
-        n = 1
-        for s in t.shape:
-            n *= s
+        n = math.prod(t.shape)
         dt = str(t.dtype).removeprefix("torch.")
         tensors.append({"name": k, "dtype": dt, "shape": list(t.shape)})
         dtypes[dt] += 1

@@ -21,7 +21,7 @@ from ._safetensors_io import InMemory
 from .errors import CheckpointError
 from .formats import FORMAT_TAG, MANIFEST, POINTER, SAFE_GLOBALS, read_json, verify_files
 from .load import LoadReport, load
-from .save import atomic_write_text, barrier, build_manifest, canonical_state, dedupe, write_directory
+from .save import atomic_write_text, barrier, build_manifest, canonical_state, dedupe, is_writer, write_directory
 from .unwrap import unwrap
 
 STATE_FILE = "state.pth"
@@ -150,10 +150,8 @@ class CheckpointManager:
         states = {name: _to_cpu(comp.state_dict() if hasattr(comp, "state_dict") and not isinstance(comp, dict) else comp)
                   for name, comp in components.items() if name != MODEL_COMPONENT}
         path = self.directory / entry_name(step)
-        dist = torch.distributed
-        writer = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
         try:
-            if writer:
+            if is_writer():
                 self._clean_temps()
                 sd, info = canonical_state(components[MODEL_COMPONENT])
                 unique, aliases = dedupe(sd)

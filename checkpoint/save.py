@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import re
@@ -217,7 +218,7 @@ def build_manifest(sd: Mapping[str, torch.Tensor | TensorSource], aliases: Mappi
     for t in sd.values():  # tensors or TensorSources: both have dtype and shape
         name = str(t.dtype).removeprefix("torch.")
         dtypes[name] = dtypes.get(name, 0) + 1
-        n = _numel(t.shape)
+        n = math.prod(t.shape)
         numel += n
         nbytes += n * t.dtype.itemsize
     topology = {**_topology(info), **meta.pop("topology", {})}
@@ -257,9 +258,7 @@ def _plan_shards(entries: list[tuple[str, TensorSource]], max_bytes: int | None)
     shards: list[list[tuple[str, TensorSource]]] = [[]]
     size = 0
     for k, e in entries:
-        n = e.dtype.itemsize
-        for s in e.shape:
-            n *= s
+        n = e.dtype.itemsize * math.prod(e.shape)
         if shards[-1] and size + n > max_bytes:
             shards.append([])
             size = 0
@@ -325,7 +324,7 @@ def write_checkpoint(path: Path, entries: list[tuple[str, TensorSource]], manife
         if fmt is not None and (fmt == "pth") != (suffix in TORCH_SUFFIXES):
             raise CheckpointError(f"{path}: the suffix says {suffix} but format {fmt!r} was asked; "
                                   "make them agree or give a directory path")
-        total = sum(e.dtype.itemsize * _numel(e.shape) for _, e in entries)
+        total = sum(e.dtype.itemsize * math.prod(e.shape) for _, e in entries)
         if max_bytes and total > max_bytes:
             raise CheckpointError(f"{path}: {total} bytes do not fit one shard of {max_bytes}; "
                                   "sharded checkpoints are directories, pass a path without a suffix")
@@ -342,13 +341,6 @@ def write_checkpoint(path: Path, entries: list[tuple[str, TensorSource]], manife
     return write_directory(path, entries, manifest, max_shard_size=max_bytes, fmt=fmt or "safetensors")
 
 
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 def _undedupe(sd: dict[str, torch.Tensor], aliases: Mapping[str, str]) -> dict[str, torch.Tensor]:
     """.pth files store tied entries as the same tensor (torch.save keeps sharing), so add aliases back."""
     out = dict(sd)
@@ -356,7 +348,8 @@ def _undedupe(sd: dict[str, torch.Tensor], aliases: Mapping[str, str]) -> dict[s
     return dict(sorted(out.items()))
 
 
-def _is_writer() -> bool:
+def is_writer() -> bool:
+    """True where checkpoint files are written: the only process, or global rank 0."""
     dist = torch.distributed
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
@@ -389,7 +382,7 @@ def save(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], path: str 
     """
     path = Path(path)
     try:
-        if _is_writer():
+        if is_writer():
             sd, info = canonical_state(model_or_state_dict)
             unique, aliases = dedupe(sd)
             manifest = build_manifest(unique, aliases, info, metadata)
