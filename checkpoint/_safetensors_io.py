@@ -21,6 +21,7 @@ from typing import BinaryIO, Iterable, Protocol
 
 import torch
 
+from ._pages import PageReleaser
 from .errors import CheckpointError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -201,19 +202,84 @@ class InMemory:
         return out.copy_(self.tensor)
 
 
+@dataclass(frozen=True)
+class MappedInMemory(InMemory):
+    """A tensor inside a file mapping (``torch.load(mmap=True)``) whose pages can be given back once written.
+
+    ``write_file`` calls ``release()`` right after writing it: that is its last use in ``convert``, which
+    is what keeps converting a ``.pth`` streaming (see ``_pages``).
+    """
+
+    pages: "PageReleaser"
+
+    def release(self) -> None:
+        self.pages.release(self.tensor)
+
+
+def _load_sync_file_range():
+    """libc's ``sync_file_range`` (Linux), or None where there is no such call."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # start writeback of the range's dirty pages; do not wait for it
+WRITEBACK_CHUNK = 32 << 20
+
+
+class EarlyWriteback:
+    """Start the disk writing each ``WRITEBACK_CHUNK`` bytes of a file while the rest is still being copied.
+
+    A durable save is copy-into-page-cache then ``fsync``; left alone, the kernel starts writing only at
+    the fsync, so the two run one after the other. Asking for writeback of each finished chunk
+    (``sync_file_range(SYNC_FILE_RANGE_WRITE)``, which does not wait) overlaps them; the final ``fsync`` is
+    still what makes the file durable and still runs. Measured on the reference VM: a 241 MB durable write
+    takes ~0.8x the time (docs/performance.md). Advisory only: a file object with no descriptor, a
+    platform without the call or a filesystem that refuses it just skips it.
+    """
+
+    __slots__ = ("f", "fd", "start", "pos")
+
+    def __init__(self, f: BinaryIO, pos: int = 0):
+        self.f = f
+        self.start = self.pos = pos
+        try:
+            self.fd = f.fileno() if _sync_file_range is not None else -1
+        except (AttributeError, OSError, ValueError):  # BytesIO and friends
+            self.fd = -1
+
+    def advance(self, n: int) -> None:
+        self.pos += n
+        if self.fd >= 0 and self.pos - self.start >= WRITEBACK_CHUNK:
+            self.f.flush()
+            if _sync_file_range(self.fd, self.start, self.pos - self.start, _SYNC_FILE_RANGE_WRITE) != 0:
+                self.fd = -1  # EINVAL/ESPIPE etc.: not a regular file on a filesystem that supports it
+            self.start = self.pos
+
+
 def write_file(f: BinaryIO, entries: list[tuple[str, TensorSource]], metadata: dict[str, str] | None) -> int:
     """Write a safetensors file, reading one tensor at a time and writing it straight from its memory.
 
     In-memory CPU contiguous tensors are written with no copy; lazily read ones are resident one at a
-    time, which is what keeps ``convert`` streaming. Returns the number of bytes written.
+    time, which is what keeps ``convert`` streaming. Writeback to disk starts chunk by chunk while later
+    tensors are still being written (``EarlyWriteback``). Returns the number of bytes written.
     """
     header, sizes = plan_header([(k, e.dtype, e.shape) for k, e in entries], metadata)
     f.write(header)
+    wb = EarlyWriteback(f, len(header))
     for (_, e), n in zip(entries, sizes):
         if n:
             t = e.tensor if type(e) is InMemory else e.read()
             f.write(_byte_view(t if t.is_contiguous() else t.contiguous()))
             del t
+            wb.advance(n)
+            if type(e) is MappedInMemory:
+                e.release()
     return len(header) + sum(sizes)
 
 

@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._safetensors_io import InMemory, TensorSource, read_header
+from ._pages import PageReleaser
+from ._safetensors_io import InMemory, MappedInMemory, TensorSource, read_header
 from .errors import CheckpointError
 
 MANIFEST = "manifest.json"
@@ -266,13 +267,19 @@ def _read_torch_file(path: Path, *, ema: bool, allow_pickle: bool, kind: str) ->
         fmt = "anytopo-pth"
     else:
         manifest = None
-    return Source(path, fmt, _share(tensors), manifest, other, [path], notes)
+    pages = PageReleaser.for_file(path) if kind == "zip" else None
+    return Source(path, fmt, _share(tensors, pages), manifest, other, [path], notes)
 
 
-def _share(tensors: dict[str, torch.Tensor]) -> dict[str, TensorSource]:
-    """Wrap in-memory tensors; entries that are the same tensor stay one source (tied weights)."""
+def _share(tensors: dict[str, torch.Tensor], pages: PageReleaser | None = None) -> dict[str, TensorSource]:
+    """Wrap in-memory tensors; entries that are the same tensor stay one source (tied weights).
+
+    ``pages``: the file mapping ``torch.load(mmap=True)`` made, so writers can give each tensor's pages
+    back once it is written (``convert`` of a .pth then streams).
+    """
     by_id: dict[int, InMemory] = {}
-    return {k: by_id.setdefault(id(t), InMemory(t)) for k, t in tensors.items()}
+    wrap = InMemory if pages is None else (lambda t: MappedInMemory(t, pages))
+    return {k: by_id.setdefault(id(t), wrap(t)) for k, t in tensors.items()}
 
 
 # ---------------------------------------------------------------------------------------- safetensors
@@ -323,8 +330,9 @@ def _read_index(index_path: Path, *, allow_pickle: bool) -> Source:
             part, _ = read_header(p)
             tensors.update(part)
         else:
-            obj = _torch_load(p, allow_pickle=allow_pickle, mmap=_sniff(p) == "zip")
-            tensors.update(_share(_tensor_dict(obj, "shard", p)))
+            mapped = _sniff(p) == "zip"
+            obj = _torch_load(p, allow_pickle=allow_pickle, mmap=mapped)
+            tensors.update(_share(_tensor_dict(obj, "shard", p), PageReleaser.for_file(p) if mapped else None))
     wanted = set(idx["weight_map"])
     absent = sorted(wanted.difference(tensors))
     if absent:

@@ -1,0 +1,86 @@
+"""Give back the pages of a memory-mapped checkpoint once a tensor has been written out (Linux).
+
+``torch.load(path, mmap=True)`` maps the whole file privately; every tensor that is read (to be written
+elsewhere) faults its pages into this process, so converting a multi-GB ``.pth`` would end with the whole
+file resident. After a tensor has been written for the last time, ``madvise(MADV_DONTNEED)`` on the
+pages that lie wholly inside its bytes unmaps them from this process; the data stays in the kernel's
+page cache. Only whole pages inside the tensor are dropped (never a page shared with a neighbouring
+tensor, which may still be needed), and only inside a private mapping of the file ``torch.load`` mapped,
+found in ``/proc/self/maps``; anonymous memory and other platforms are left alone. Reading the tensor
+again afterwards faults its pages back in from the file (which is what it held, unless something wrote
+into the mapping: callers release a tensor only after its last use).
+"""
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+from pathlib import Path
+
+import torch
+
+_MADV_DONTNEED = 4
+_PAGE = mmap.PAGESIZE
+
+
+def _load_madvise():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (AttributeError, OSError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_madvise = _load_madvise()
+
+
+def file_mappings(path: str | os.PathLike[str]) -> list[tuple[int, int]]:
+    """Address ranges [start, end) of this process's private mappings of ``path`` ([] where unknown)."""
+    if _madvise is None:
+        return []
+    target = os.path.realpath(path)
+    ranges = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[5].rstrip("\n") == target and parts[1][3] == "p":
+                    lo, hi = parts[0].split("-")
+                    ranges.append((int(lo, 16), int(hi, 16)))
+    except OSError:
+        return []
+    return ranges
+
+
+class PageReleaser:
+    """Drops the pages of tensors that live inside given file mappings from this process (see module doc)."""
+
+    __slots__ = ("ranges",)
+
+    def __init__(self, ranges: list[tuple[int, int]]):
+        self.ranges = ranges
+
+    @classmethod
+    def for_file(cls, path: str | os.PathLike[str] | Path) -> "PageReleaser | None":
+        ranges = file_mappings(path)
+        return cls(ranges) if ranges else None
+
+    def release(self, t: torch.Tensor) -> bool:
+        """Unmap the whole pages inside ``t``'s bytes, if they lie in one of the mappings; True if done.
+
+        Only ``t``'s own bytes (not the rest of its storage, which other entries may view) are considered;
+        a non-contiguous ``t`` was copied to be written, so it is left alone.
+        """
+        if not t.is_contiguous():
+            return False
+        ptr, n = t.data_ptr(), t.numel() * t.element_size()
+        start = -(-ptr // _PAGE) * _PAGE  # first page boundary at or after its bytes start
+        end = (ptr + n) // _PAGE * _PAGE  # last page boundary at or before it ends
+        if end <= start:
+            return False  # smaller than a page (or straddling one boundary): nothing of its own to drop
+        for lo, hi in self.ranges:
+            if lo <= ptr and ptr + n <= hi:
+                return _madvise(start, end - start, _MADV_DONTNEED) == 0
+        return False
