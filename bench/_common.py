@@ -119,10 +119,13 @@ def ratio(ours: Sequence[float], base: Sequence[float]) -> dict[str, Any]:
 
 def interleave(candidates: dict[str, Callable[[], Any]], rounds: int, *, timer: Callable[[], float],
                between: Callable[[], None] | None = None, progress: bool = True) -> dict[str, list[float]]:
-    """Run the candidates in order A B C, A B C, ... for ``rounds`` rounds; seconds per call, by name."""
+    """Run the candidates for ``rounds`` rounds, the order rotated each round (A B C, B C A, C A B, ...) so
+    no candidate always runs first or always follows the same one; seconds per call, by name."""
     out: dict[str, list[float]] = {name: [] for name in candidates}
+    names = list(candidates)
     for r in range(rounds):
-        for name, fn in candidates.items():
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = candidates[name]
             if between is not None:
                 between()
             t0 = timer()
