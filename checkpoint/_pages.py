@@ -16,8 +16,10 @@ import ctypes
 import mmap
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 _MADV_DONTNEED = 4
 _PAGE = mmap.PAGESIZE

@@ -11,26 +11,43 @@ the tests check both directions.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import math
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable, Protocol
-
-import torch
+from typing import TYPE_CHECKING, BinaryIO, Iterable, Protocol
 
 from ._pages import PageReleaser
 from .errors import CheckpointError
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool, "C64": torch.complex64,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype code -> (torch dtype name, bytes per element). Plain strings, so reading headers and
+# converting safetensors files need no torch (see checkpoint/__init__: `convert` runs without importing it).
+CODES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1),
+    "U8": ("uint8", 1), "BOOL": ("bool", 1), "C64": ("complex64", 8),
+    "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
 }
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+CODE_OF_NAME: dict[str, str] = {name: code for code, (name, _) in CODES.items()}
+
+
+@functools.cache
+def torch_dtypes() -> dict[str, "torch.dtype"]:
+    """safetensors code -> torch dtype (imports torch on first use)."""
+    import torch
+
+    return {code: getattr(torch, name) for code, (name, _) in CODES.items()}
+
+
+def dtype_name(dtype: "torch.dtype") -> str:
+    """``torch.float32`` -> ``"float32"`` (the names CODES uses)."""
+    return str(dtype).removeprefix("torch.")
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 _IOV_MAX = 1024  # Linux's limit on buffers per preadv
 _MAX_RUN = 1 << 30  # keep each preadv under the kernel's ~2 GiB per-call cap
@@ -39,27 +56,44 @@ _MAX_RUN = 1 << 30  # keep each preadv under the kernel's ~2 GiB per-call cap
 class TensorSlice:
     """Where one tensor lives inside a safetensors file (a plain slotted class: ResNet-152 has ~900)."""
 
-    __slots__ = ("path", "offset", "nbytes", "dtype", "shape")
+    __slots__ = ("path", "offset", "nbytes", "code", "shape")
 
-    def __init__(self, path: Path, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]):
+    def __init__(self, path: Path, offset: int, nbytes: int, code: str, shape: tuple[int, ...]):
         self.path = path
         self.offset = offset  # absolute byte offset in the file
         self.nbytes = nbytes
-        self.dtype = dtype
+        self.code = code  # safetensors dtype code, e.g. "F32"
         self.shape = shape
 
     def __repr__(self) -> str:
-        return f"TensorSlice({self.path.name}@{self.offset}, {self.dtype}, {list(self.shape)})"
+        return f"TensorSlice({self.path.name}@{self.offset}, {self.code}, {list(self.shape)})"
 
-    def read(self, out: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def dtype(self) -> "torch.dtype":
+        return torch_dtypes()[self.code]
+
+    @property
+    def dtype_name(self) -> str:
+        return CODES[self.code][0]
+
+    def read(self, out: "torch.Tensor | None" = None) -> "torch.Tensor":
         """Read the tensor into ``out`` (CPU, contiguous, same dtype and shape) or into a new tensor."""
         if out is None:
+            import torch
+
             out = torch.empty(self.shape, dtype=self.dtype)
         read_slices(self.path, [(self, out)])
         return out
 
+    def write_to(self, f: BinaryIO) -> None:
+        """Copy this tensor's bytes into ``f`` file to file (``os.copy_file_range``: no user-space buffer,
+        so converting keeps a flat resident set; a bounded read/write loop where that is unavailable)."""
+        f.flush()
+        with open(self.path, "rb", buffering=0) as src:
+            copy_range(src.fileno(), f, self.offset, self.nbytes, self.path)
 
-def _byte_view(t: torch.Tensor) -> memoryview:
+
+def _byte_view(t: "torch.Tensor") -> memoryview:
     """A flat byte view of a CPU contiguous tensor's memory, no copy (the caller keeps ``t`` alive)."""
     n = t.numel() * t.element_size()
     if n == 0:
@@ -67,7 +101,7 @@ def _byte_view(t: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_ubyte * n).from_address(t.data_ptr()))
 
 
-def read_slices(path: Path, items: list[tuple[TensorSlice, torch.Tensor]]) -> None:
+def read_slices(path: Path, items: "list[tuple[TensorSlice, torch.Tensor]]") -> None:
     """Read many slices of one file straight into their destination tensors (CPU, contiguous, right dtype).
 
     One open; slices in file order; each run of adjacent slices is filled by one ``os.preadv`` into the
@@ -126,7 +160,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorSlice], dict[str, str]]:
     spans = []
     for name, info in header.items():
         try:
-            dtype = DTYPES[info["dtype"]]
+            code = info["dtype"]
+            itemsize = CODES[code][1]
             shape = tuple(info["shape"])
             begin, end = info["data_offsets"]
             numel = math.prod(shape)
@@ -135,14 +170,14 @@ def read_header(path: Path) -> tuple[dict[str, TensorSlice], dict[str, str]]:
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: bad header entry for tensor {name!r}; the file is damaged "
                                   "or uses a dtype anytopo does not know") from None
-        if end - begin != numel * dtype.itemsize or begin < 0:
+        if end - begin != numel * itemsize or begin < 0:
             raise CheckpointError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {list(shape)} "
                                   f"{info['dtype']}; the file is damaged")
         if end > data_len:
             raise CheckpointError(f"{path}: truncated: tensor {name!r} ends at byte {base + end} but the file has "
                                   f"{size} bytes; the save or copy was interrupted, re-copy it or use an earlier checkpoint")
         spans.append((begin, end))
-        tensors[name] = TensorSlice(path, base + begin, end - begin, dtype, shape)
+        tensors[name] = TensorSlice(path, base + begin, end - begin, code, shape)
     spans.sort()
     for (b0, e0), (b1, _) in zip(spans, spans[1:]):
         if b1 < e0:
@@ -150,20 +185,20 @@ def read_header(path: Path) -> tuple[dict[str, TensorSlice], dict[str, str]]:
     return tensors, {str(k): str(v) for k, v in metadata.items()}
 
 
-def plan_header(items: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
+def plan_header(items: Iterable[tuple[str, str, tuple[int, ...]]],
                 metadata: dict[str, str] | None) -> tuple[bytes, list[int]]:
-    """Build the header bytes for tensors written in the given order; returns (header, byte sizes)."""
+    """Build the header bytes for (name, dtype name, shape) written in the given order; returns (header, byte sizes)."""
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = metadata
     sizes = []
     offset = 0
     for name, dtype, shape in items:  # ~1000 entries for big models: keep the loop lean
-        code = DTYPE_NAMES.get(dtype)
+        code = CODE_OF_NAME.get(dtype)
         if code is None:
             raise CheckpointError(f"tensor {name!r} has dtype {dtype}, which safetensors cannot store; "
                                   "cast it or save as .pth")
-        nbytes = math.prod(shape) * dtype.itemsize
+        nbytes = math.prod(shape) * CODES[code][1]
         # plain lists: json encodes them about twice as fast as torch.Size (a tuple subclass)
         header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         sizes.append(nbytes)
@@ -174,46 +209,102 @@ def plan_header(items: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
 
 
 class TensorSource(Protocol):
-    """Anything that can produce one CPU tensor on demand (a slice of a file, or a tensor in memory)."""
+    """One tensor of a checkpoint, produced on demand: a slice of a file, or a tensor in memory.
 
-    dtype: torch.dtype
+    ``dtype_name``/``shape``/``nbytes`` and ``write_to`` need no torch; ``dtype`` and ``read`` may import it.
+    """
+
     shape: tuple[int, ...]
+    nbytes: int
 
-    def read(self, out: torch.Tensor | None = None) -> torch.Tensor: ...
+    @property
+    def dtype_name(self) -> str: ...
+
+    @property
+    def dtype(self) -> "torch.dtype": ...
+
+    def read(self, out: "torch.Tensor | None" = None) -> "torch.Tensor": ...
+
+    def write_to(self, f: BinaryIO) -> None: ...
 
 
 @dataclass(frozen=True)
 class InMemory:
     """A tensor already in memory, seen through the ``TensorSource`` interface."""
 
-    tensor: torch.Tensor
+    tensor: "torch.Tensor"
 
     @property
-    def dtype(self) -> torch.dtype:
+    def dtype(self) -> "torch.dtype":
         return self.tensor.dtype
+
+    @property
+    def dtype_name(self) -> str:
+        return dtype_name(self.tensor.dtype)
 
     @property
     def shape(self) -> tuple[int, ...]:
         return self.tensor.shape  # a torch.Size, which is a tuple
 
-    def read(self, out: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.numel() * self.tensor.element_size()
+
+    def read(self, out: "torch.Tensor | None" = None) -> "torch.Tensor":
         if out is None:
             return self.tensor
         return out.copy_(self.tensor)
 
+    def write_to(self, f: BinaryIO) -> None:
+        t = self.tensor
+        f.write(_byte_view(t if t.is_contiguous() else t.contiguous()))
+
 
 @dataclass(frozen=True)
 class MappedInMemory(InMemory):
-    """A tensor inside a file mapping (``torch.load(mmap=True)``) whose pages can be given back once written.
+    """A tensor inside a file mapping (``torch.load(mmap=True)``) whose pages are given back once written.
 
-    ``write_file`` calls ``release()`` right after writing it: that is its last use in ``convert``, which
-    is what keeps converting a ``.pth`` streaming (see ``_pages``).
+    ``write_to`` is its last use in ``convert``; releasing the pages right after it is what keeps
+    converting a ``.pth`` streaming (see ``_pages``).
     """
 
     pages: "PageReleaser"
 
-    def release(self) -> None:
+    def write_to(self, f: BinaryIO) -> None:
+        super().write_to(f)
         self.pages.release(self.tensor)
+
+
+_COPY_CHUNK = 8 << 20
+
+
+def copy_range(src_fd: int, f: BinaryIO, offset: int, n: int, path: Path) -> None:
+    """Append ``n`` bytes of file ``src_fd`` from ``offset`` to ``f`` (flushed by the caller).
+
+    ``os.copy_file_range`` copies inside the kernel; where it is missing or refused (another platform, an
+    old kernel across filesystems, a target with no descriptor) a read/write loop of 8 MiB pieces does it.
+    """
+    try:
+        dst_fd = f.fileno()
+        copy = os.copy_file_range
+    except (AttributeError, OSError, ValueError):
+        dst_fd, copy = -1, None
+    while n > 0 and copy is not None:
+        try:
+            k = copy(src_fd, dst_fd, min(n, 1 << 30), offset)
+        except OSError:
+            break  # EXDEV/ENOSYS/EINVAL...: the loop below does the rest
+        if k == 0:
+            raise CheckpointError(f"{path}: file ended early (truncated?); re-copy it or use an earlier checkpoint")
+        offset += k
+        n -= k
+    while n > 0:
+        piece = os.pread(src_fd, min(n, _COPY_CHUNK), offset)
+        if not piece:
+            raise CheckpointError(f"{path}: file ended early (truncated?); re-copy it or use an earlier checkpoint")
+        f.write(piece)
+        offset += len(piece)
+        n -= len(piece)
 
 
 def _load_sync_file_range():
@@ -263,23 +354,25 @@ class EarlyWriteback:
 
 
 def write_file(f: BinaryIO, entries: list[tuple[str, TensorSource]], metadata: dict[str, str] | None) -> int:
-    """Write a safetensors file, reading one tensor at a time and writing it straight from its memory.
+    """Write a safetensors file, one entry at a time, each straight from where it is.
 
-    In-memory CPU contiguous tensors are written with no copy; lazily read ones are resident one at a
-    time, which is what keeps ``convert`` streaming. Writeback to disk starts chunk by chunk while later
-    tensors are still being written (``EarlyWriteback``). Returns the number of bytes written.
+    In-memory CPU contiguous tensors are written from their memory with no copy; slices of other files are
+    copied file to file; only one entry is ever staged, which is what keeps ``convert`` streaming.
+    Writeback to disk starts chunk by chunk while later entries are still being written
+    (``EarlyWriteback``). Returns the number of bytes written.
     """
-    header, sizes = plan_header([(k, e.dtype, e.shape) for k, e in entries], metadata)
+    header, sizes = plan_header([(k, e.dtype_name, e.shape) for k, e in entries], metadata)
     f.write(header)
     wb = EarlyWriteback(f, len(header))
     for (_, e), n in zip(entries, sizes):
         if n:
-            t = e.tensor if type(e) is InMemory else e.read()
-            f.write(_byte_view(t if t.is_contiguous() else t.contiguous()))
-            del t
+            if type(e) is InMemory:  # save(): ~1000 of these, skip the method call
+                t = e.tensor
+                f.write(_byte_view(t if t.is_contiguous() else t.contiguous()))
+                del t
+            else:
+                e.write_to(f)
             wb.advance(n)
-            if type(e) is MappedInMemory:
-                e.release()
     return len(header) + sum(sizes)
 
 

@@ -44,14 +44,13 @@ def inspect(path: str | Path, *, ema: bool = False, allow_pickle: bool = False, 
     numel = nbytes = 0
     seen: set[int] = set()
     for k, t in src.tensors.items():
-        n = math.prod(t.shape)
-        dt = str(t.dtype).removeprefix("torch.")
+        dt = t.dtype_name
         tensors.append({"name": k, "dtype": dt, "shape": list(t.shape)})
         dtypes[dt] += 1
         if id(t) not in seen:  # tied entries count once
             seen.add(id(t))
-            numel += n
-            nbytes += n * t.dtype.itemsize
+            numel += math.prod(t.shape)
+            nbytes += t.nbytes
     keys = list(src.tensors)
     return {
         "path": str(path),

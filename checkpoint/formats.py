@@ -24,14 +24,16 @@ import warnings
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from ._pages import PageReleaser
 from ._safetensors_io import InMemory, MappedInMemory, TensorSource, read_header
 from .errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported by the readers that need it (torch.load, DCP); safetensors sources are read without it.
 
 MANIFEST = "manifest.json"
 POINTER = "latest"
@@ -173,6 +175,8 @@ def _first_global(path: Path) -> str | None:
 
 def _torch_load(path: Path, *, allow_pickle: bool, mmap: bool) -> Any:
     """torch.load with weights_only=True; unsafe pickles only with explicit opt-in."""
+    import torch
+
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
             # raw pickles (not torch.save) make torch warn about the protocol before refusing them
@@ -207,6 +211,8 @@ def _torch_load(path: Path, *, allow_pickle: bool, mmap: bool) -> Any:
 
 
 def _tensor_dict(d: dict, where: str, path: Path) -> dict[str, torch.Tensor]:
+    import torch
+
     tensors = {str(k): v for k, v in d.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise CheckpointError(f"{path}: {where} holds no tensors (keys: {', '.join(sorted(map(str, d))[:8])}); "
@@ -216,6 +222,9 @@ def _tensor_dict(d: dict, where: str, path: Path) -> dict[str, torch.Tensor]:
 
 def _interpret(obj: Any, path: Path, *, ema: bool) -> tuple[str, dict[str, torch.Tensor], dict[str, str], list[str]]:
     """Find the model weights inside whatever torch.load returned: (format, tensors, other entries, notes)."""
+    import torch
+    from torch import nn
+
     notes: list[str] = []
     if isinstance(obj, nn.Module):
         from .unwrap import unwrap
@@ -354,6 +363,8 @@ class _DCPMetadataUnpickler(pickle.Unpickler):
         if module == "torch.distributed.checkpoint.metadata" or (
                 module == "torch.distributed.checkpoint.filesystem" and name == "_StorageInfo"):
             return super().find_class(module, name)
+        import torch
+
         if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
             return getattr(torch, name)
         if (module, name) in {("torch.serialization", "_get_layout"), ("torch._utils", "_get_layout"),

@@ -150,9 +150,10 @@ def load(path: str | Path, model: nn.Module, *, strict: bool = True, device: str
         if d.shape != s.shape:  # torch.Size is a tuple: compares with the source's tuple directly
             report.shape_mismatches.append((tkey, list(s.shape), list(d.shape)))
             continue
-        if s.dtype != d.dtype:
+        same_dtype = s.dtype == d.dtype
+        if not same_dtype:
             report.dtype_casts.append((tkey, str(s.dtype).removeprefix("torch."), str(d.dtype).removeprefix("torch.")))
-        plan.append((d, s))
+        plan.append((d, s, same_dtype))
     report.shape_mismatches.sort()
     if strict and not report.ok:
         raise _strict_error(report, type(target).__name__)
@@ -160,8 +161,8 @@ def load(path: str | Path, model: nn.Module, *, strict: bool = True, device: str
                          + (" (strict)" if strict else " (non-strict)"))
     direct: dict[Path, list[tuple[TensorSlice, torch.Tensor]]] = {}
     with torch.no_grad():
-        for dst, s in plan:
-            if type(s) is TensorSlice and dst.is_cpu and dst.dtype == s.dtype and dst.is_contiguous():
+        for dst, s, same_dtype in plan:
+            if same_dtype and type(s) is TensorSlice and dst.is_cpu and dst.is_contiguous():
                 direct.setdefault(s.path, []).append((s, dst))
             else:
                 dst.copy_(s.read())

@@ -155,12 +155,13 @@ class CheckpointManager:
                 self._clean_temps()
                 sd, info = canonical_state(components[MODEL_COMPONENT])
                 unique, aliases = dedupe(sd)
-                manifest = build_manifest(unique, aliases, info, {**(metadata or {}), "step": step})
+                entries = {k: InMemory(t) for k, t in unique.items()}
+                manifest = build_manifest(entries, aliases, info, {**(metadata or {}), "step": step})
                 manifest["kind"] = "entry"
                 manifest["components"] = sorted(components)
                 buf = io.BytesIO()
                 torch.save(states, buf)
-                write_directory(path, [(k, InMemory(t)) for k, t in unique.items()], manifest,
+                write_directory(path, list(entries.items()), manifest,
                                 extra_files={STATE_FILE: buf.getvalue()})
                 atomic_write_text(self.directory / POINTER, entry_name(step) + "\n")
                 self._prune(protect=step)

@@ -17,25 +17,30 @@ every rank waits at a barrier before returning.
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.metadata
 import json
 import math
 import os
 import platform
 import re
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from ._safetensors_io import InMemory, TensorSource, fsync_dir, write_file
 from .errors import CheckpointError
 from .formats import FORMAT_TAG, MANIFEST, sha256_file
 from .keys import strip_common_wrappers
-from .unwrap import describe_wrapping, unwrap
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# torch is imported inside the functions that handle tensors: `convert` between safetensors layouts runs
+# through write_checkpoint/build_manifest without it (see checkpoint/__init__).
 
 FORMAT_VERSION = 1
 TORCH_SUFFIXES = (".pth", ".pt", ".pkl", ".bin")
@@ -112,6 +117,11 @@ def parse_size(size: int | str | None) -> int | None:
 
 def canonical_state(obj: nn.Module | Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """CPU, contiguous tensors under bare keys, plus what was learned about the source (for the manifest)."""
+    import torch
+    from torch import nn
+
+    from .unwrap import describe_wrapping, unwrap
+
     info: dict[str, Any] = {}
     if isinstance(obj, nn.Module):
         wrappers = describe_wrapping(obj)
@@ -179,17 +189,27 @@ def dedupe(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[s
 
 
 def _versions() -> dict[str, str]:
-    import safetensors
-
     from . import __version__
 
-    return {"anytopo": __version__, "torch": torch.__version__, "safetensors": safetensors.__version__,
+    def dist_version(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "unknown"
+
+    return {"anytopo": __version__, "torch": dist_version("torch"), "safetensors": dist_version("safetensors"),
             "python": platform.python_version()}
 
 
+def _process_group():
+    """torch.distributed if a process group is up, else None (never imports torch: no torch, no group)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
+
+
 def _topology(info: dict[str, Any]) -> dict[str, Any]:
-    dist = torch.distributed
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    dist = _process_group()
+    world = dist.get_world_size() if dist is not None else 1
     wrappers = info.get("wrappers") or []
     if "DistributedDataParallel" in wrappers:
         strategy = "ddp"
@@ -209,18 +229,18 @@ def _check_json(metadata: Mapping[str, Any]) -> dict[str, Any]:
                               "convert objects such as argparse.Namespace with vars()") from None
 
 
-def build_manifest(sd: Mapping[str, torch.Tensor | TensorSource], aliases: Mapping[str, str], info: dict[str, Any],
+def build_manifest(sources: Mapping[str, TensorSource], aliases: Mapping[str, str], info: dict[str, Any],
                    metadata: Mapping[str, Any] | None) -> dict[str, Any]:
     """The manifest: provenance and shape of a checkpoint, as plain JSON (never a pickled object)."""
     meta = _check_json(metadata or {})
     dtypes: dict[str, int] = {}
     numel = nbytes = 0
-    for t in sd.values():  # tensors or TensorSources: both have dtype and shape
-        name = str(t.dtype).removeprefix("torch.")
+    for t in sources.values():
+        name = t.dtype_name
         dtypes[name] = dtypes.get(name, 0) + 1
         n = math.prod(t.shape)
         numel += n
-        nbytes += n * t.dtype.itemsize
+        nbytes += t.nbytes
     topology = {**_topology(info), **meta.pop("topology", {})}
     manifest: dict[str, Any] = {
         "format": FORMAT_TAG,
@@ -232,7 +252,7 @@ def build_manifest(sd: Mapping[str, torch.Tensor | TensorSource], aliases: Mappi
         "epoch": meta.pop("epoch", None),
         "topology": topology,
         "dtypes": dtypes,
-        "num_tensors": len(sd) + len(aliases),
+        "num_tensors": len(sources) + len(aliases),
         "num_elements": numel,
         "total_bytes": nbytes,
         "aliases": dict(aliases),
@@ -258,7 +278,7 @@ def _plan_shards(entries: list[tuple[str, TensorSource]], max_bytes: int | None)
     shards: list[list[tuple[str, TensorSource]]] = [[]]
     size = 0
     for k, e in entries:
-        n = e.dtype.itemsize * math.prod(e.shape)
+        n = e.nbytes
         if shards[-1] and size + n > max_bytes:
             shards.append([])
             size = 0
@@ -273,6 +293,8 @@ def write_safetensors(path: Path, entries: list[tuple[str, TensorSource]], manif
 
 
 def write_torch(path: Path, sd: Mapping[str, torch.Tensor]) -> None:
+    import torch
+
     with atomic_file(path) as f:
         torch.save(dict(sd), f)
 
@@ -324,7 +346,7 @@ def write_checkpoint(path: Path, entries: list[tuple[str, TensorSource]], manife
         if fmt is not None and (fmt == "pth") != (suffix in TORCH_SUFFIXES):
             raise CheckpointError(f"{path}: the suffix says {suffix} but format {fmt!r} was asked; "
                                   "make them agree or give a directory path")
-        total = sum(e.dtype.itemsize * math.prod(e.shape) for _, e in entries)
+        total = sum(e.nbytes for _, e in entries)
         if max_bytes and total > max_bytes:
             raise CheckpointError(f"{path}: {total} bytes do not fit one shard of {max_bytes}; "
                                   "sharded checkpoints are directories, pass a path without a suffix")
@@ -350,13 +372,13 @@ def _undedupe(sd: dict[str, torch.Tensor], aliases: Mapping[str, str]) -> dict[s
 
 def is_writer() -> bool:
     """True where checkpoint files are written: the only process, or global rank 0."""
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    dist = _process_group()
+    return dist is None or dist.get_rank() == 0
 
 
 def barrier() -> None:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    dist = _process_group()
+    if dist is not None and dist.get_world_size() > 1:
         dist.barrier()
 
 
@@ -385,9 +407,9 @@ def save(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], path: str 
         if is_writer():
             sd, info = canonical_state(model_or_state_dict)
             unique, aliases = dedupe(sd)
-            manifest = build_manifest(unique, aliases, info, metadata)
-            entries = [(k, InMemory(t)) for k, t in unique.items()]
-            write_checkpoint(path, entries, manifest, max_shard_size=max_shard_size, fmt=format)
+            entries = {k: InMemory(t) for k, t in unique.items()}
+            manifest = build_manifest(entries, aliases, info, metadata)
+            write_checkpoint(path, list(entries.items()), manifest, max_shard_size=max_shard_size, fmt=format)
     finally:
         barrier()
     return path
