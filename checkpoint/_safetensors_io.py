@@ -45,9 +45,15 @@ def torch_dtypes() -> dict[str, "torch.dtype"]:
     return {code: getattr(torch, name) for code, (name, _) in CODES.items()}
 
 
+_DTYPE_NAMES: dict = {}
+
+
 def dtype_name(dtype: "torch.dtype") -> str:
-    """``torch.float32`` -> ``"float32"`` (the names CODES uses)."""
-    return str(dtype).removeprefix("torch.")
+    """``torch.float32`` -> ``"float32"`` (the names CODES uses); memoized, it runs once per tensor per save."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
+    return name
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 _IOV_MAX = 1024  # Linux's limit on buffers per preadv
 _MAX_RUN = 1 << 30  # keep each preadv under the kernel's ~2 GiB per-call cap

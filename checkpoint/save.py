@@ -17,6 +17,7 @@ every rank waits at a barrier before returning.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import importlib.metadata
 import json
 import math
@@ -188,7 +189,9 @@ def dedupe(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[s
     return unique, aliases
 
 
+@functools.cache
 def _versions() -> dict[str, str]:
+    """Library versions for the manifest (package metadata lookups take ~1 ms each: once per process)."""
     from . import __version__
 
     def dist_version(name: str) -> str:
@@ -256,7 +259,7 @@ def build_manifest(sources: Mapping[str, TensorSource], aliases: Mapping[str, st
         "num_elements": numel,
         "total_bytes": nbytes,
         "aliases": dict(aliases),
-        "versions": _versions(),
+        "versions": dict(_versions()),
     }
     if "prefix_stripped" in info:
         manifest["prefix_stripped"] = info["prefix_stripped"]
