@@ -3,10 +3,14 @@
 The ``safetensors`` package reads and writes whole dicts held in memory. anytopo needs two things it does
 not offer: writing tensors one at a time (so ``convert`` of a multi-GB checkpoint keeps a small resident
 set, and ``save`` writes straight from parameter memory with no staging copy), and reading each tensor
-straight into its destination (a model parameter) with one ``readinto`` from the page cache. The layout is
+straight into its destination (a model parameter) with vectored reads from the page cache. The layout is
 the published one: 8-byte little-endian header length, a JSON header (padded with spaces to 8 bytes),
 then the raw little-endian tensor bytes. Files written here are read by ``safetensors`` and vice versa;
 the tests check both directions.
+
+Nothing here imports torch at module level: headers, dtype codes and file-to-file copies are plain Python,
+so ``convert`` of safetensors checkpoints runs without torch (see ``checkpoint/__init__``); reading into
+tensors imports it on first use.
 """
 from __future__ import annotations
 
@@ -54,6 +58,8 @@ def dtype_name(dtype: "torch.dtype") -> str:
     if name is None:
         name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
     return name
+
+
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 _IOV_MAX = 1024  # Linux's limit on buffers per preadv
 _MAX_RUN = 1 << 30  # keep each preadv under the kernel's ~2 GiB per-call cap
@@ -372,12 +378,7 @@ def write_file(f: BinaryIO, entries: list[tuple[str, TensorSource]], metadata: d
     wb = EarlyWriteback(f, len(header))
     for (_, e), n in zip(entries, sizes):
         if n:
-            if type(e) is InMemory:  # save(): ~1000 of these, skip the method call
-                t = e.tensor
-                f.write(_byte_view(t if t.is_contiguous() else t.contiguous()))
-                del t
-            else:
-                e.write_to(f)
+            e.write_to(f)
             wb.advance(n)
     return len(header) + sum(sizes)
 
