@@ -16,7 +16,7 @@ import ctypes
 import mmap
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -25,17 +25,18 @@ _MADV_DONTNEED = 4
 _PAGE = mmap.PAGESIZE
 
 
-def _load_madvise():
+def libc_function(name: str, argtypes: list) -> Any:
+    """A libc call through ctypes (int result), or None where this platform has no such call."""
     try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (AttributeError, OSError):
         return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.argtypes = argtypes
     fn.restype = ctypes.c_int
     return fn
 
 
-_madvise = _load_madvise()
+_madvise = libc_function("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int])
 
 
 def file_mappings(path: str | os.PathLike[str]) -> list[tuple[int, int]]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Iterable, Protocol
 
-from ._pages import PageReleaser
+from ._pages import PageReleaser, libc_function
 from .errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -319,18 +319,7 @@ def copy_range(src_fd: int, f: BinaryIO, offset: int, n: int, path: Path) -> Non
         n -= len(piece)
 
 
-def _load_sync_file_range():
-    """libc's ``sync_file_range`` (Linux), or None where there is no such call."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (AttributeError, OSError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_sync_file_range = _load_sync_file_range()
+_sync_file_range = libc_function("sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])
 _SYNC_FILE_RANGE_WRITE = 2  # start writeback of the range's dirty pages; do not wait for it
 WRITEBACK_CHUNK = 32 << 20
 
