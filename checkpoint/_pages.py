@@ -2,13 +2,18 @@
 
 ``torch.load(path, mmap=True)`` maps the whole file privately; every tensor that is read (to be written
 elsewhere) faults its pages into this process, so converting a multi-GB ``.pth`` would end with the whole
-file resident. After a tensor has been written for the last time, ``madvise(MADV_DONTNEED)`` on the
-pages that lie wholly inside its bytes unmaps them from this process; the data stays in the kernel's
-page cache. Only whole pages inside the tensor are dropped (never a page shared with a neighbouring
-tensor, which may still be needed), and only inside a private mapping of the file ``torch.load`` mapped,
-found in ``/proc/self/maps``; anonymous memory and other platforms are left alone. Reading the tensor
-again afterwards faults its pages back in from the file (which is what it held, unless something wrote
-into the mapping: callers release a tensor only after its last use).
+file resident. After a tensor has been written, ``madvise(MADV_DONTNEED)`` unmaps the pages that lie wholly
+inside its bytes; the data stays in the page cache and is read back from the file if touched again.
+
+That is only right for pages that still hold the file's bytes. A private mapping's page that was written to
+is a private copy -- ``torch.load`` writes every page of a file saved with the other byte order, swapping it
+in place -- and dropping it would bring the file's unswapped bytes back to a later reader (a tied entry is
+a second tensor over the same storage). So each range is first checked in ``/proc/self/pagemap``: if any
+page in it is a private copy (present or swapped, and not a file page), nothing is dropped. Only whole
+pages inside the tensor are considered, and only inside a private mapping of the file ``torch.load`` mapped
+(found in ``/proc/self/maps``); anonymous memory and platforms without these files are left alone.
+(``MADV_PAGEOUT`` would be safe without the check, but the kernel ignores it for files the process may not
+write, e.g. someone else's read-only checkpoint, so that convert would not stream.)
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ if TYPE_CHECKING:
     import torch
 
 _MADV_DONTNEED = 4
+_PM_PRESENT, _PM_SWAPPED, _PM_FILE = 1 << 63, 1 << 62, 1 << 61  # /proc/<pid>/pagemap entry bits
 _PAGE = mmap.PAGESIZE
 
 
@@ -29,7 +35,7 @@ def libc_function(name: str, argtypes: list) -> Any:
     """A libc call through ctypes (int result), or None where this platform has no such call."""
     try:
         fn = getattr(ctypes.CDLL(None, use_errno=True), name)
-    except (AttributeError, OSError):
+    except (AttributeError, OSError, TypeError):  # TypeError: Windows' ctypes cannot open "no name"
         return None
     fn.argtypes = argtypes
     fn.restype = ctypes.c_int
@@ -71,7 +77,8 @@ class PageReleaser:
         return cls(ranges) if ranges else None
 
     def release(self, t: torch.Tensor) -> bool:
-        """Unmap the whole pages inside ``t``'s bytes, if they lie in one of the mappings; True if done.
+        """Unmap the whole pages inside ``t``'s bytes, if they lie in one of the mappings and all still hold
+        the file's bytes; True if done.
 
         Only ``t``'s own bytes (not the rest of its storage, which other entries may view) are considered;
         a non-contiguous ``t`` was copied to be written, so it is left alone.
@@ -85,5 +92,30 @@ class PageReleaser:
             return False  # smaller than a page (or straddling one boundary): nothing of its own to drop
         for lo, hi in self.ranges:
             if lo <= ptr and ptr + n <= hi:
+                if not _all_file_pages(start, end):
+                    return False
                 return _madvise(start, end - start, _MADV_DONTNEED) == 0
         return False
+
+
+def _all_file_pages(start: int, end: int) -> bool:
+    """True if no page in [start, end) is a private copy (present or swapped out without being a file page).
+
+    Reads this process's own ``/proc/self/pagemap`` (8 bytes per page; the flag bits need no privilege).
+    Unreadable -> False, so nothing is dropped.
+    """
+    first, count = start // _PAGE, (end - start) // _PAGE
+    try:
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        raw = os.pread(fd, 8 * count, 8 * first)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    if len(raw) != 8 * count:
+        return False
+    used = _PM_PRESENT | _PM_SWAPPED
+    return not any(e & used and not e & _PM_FILE for e in memoryview(raw).cast("Q"))

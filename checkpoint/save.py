@@ -200,8 +200,26 @@ def _versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             return "unknown"
 
-    return {"anytopo": __version__, "torch": dist_version("torch"), "safetensors": dist_version("safetensors"),
-            "python": platform.python_version()}
+    return {"anytopo": __version__, "torch": _torch_version() or dist_version("torch"),
+            "safetensors": dist_version("safetensors"), "python": platform.python_version()}
+
+
+def _torch_version() -> str | None:
+    """torch.__version__ with its build tag (e.g. 2.14.1+cu130), without importing torch.
+
+    Package metadata may lack the tag; torch's generated ``torch/version.py`` has it. Read as text.
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return torch.__version__
+    for entry in sys.path:
+        version_py = Path(entry or ".") / "torch" / "version.py"
+        try:
+            m = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", version_py.read_text(), re.MULTILINE)
+        except OSError:
+            continue
+        return m.group(1) if m else None
+    return None
 
 
 def _process_group():

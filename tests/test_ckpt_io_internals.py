@@ -143,6 +143,24 @@ def test_converting_a_pth_gives_back_each_tensors_pages(tmp_path, monkeypatch):
     assert src2.tensors["w00"].read().equal(want["w00"])  # a released tensor reads back from the file
 
 
+@linux_only
+def test_giving_pages_back_never_changes_data_torch_load_rewrote(tmp_path, monkeypatch):
+    """A .pth saved with the other byte order is byte-swapped in place by torch.load: its pages become private
+    copies that differ from the file. Tied entries are two tensor objects over one storage, so both get
+    written; the second must still see the swapped values after the first one's pages were given back."""
+    w = torch.arange(3 * 4096, dtype=torch.float32).reshape(3, 4096)  # 48 KiB: whole pages inside
+    sd = {"embed.weight": w.detach(), "head.weight": w.detach(), "small": torch.ones(3)}
+    monkeypatch.setattr(sys, "byteorder", "big" if sys.byteorder == "little" else "little")
+    torch.save(sd, tmp_path / "swapped.pth")  # labelled with the other byte order, as a save on s390x would be
+    monkeypatch.undo()
+    want = torch.load(tmp_path / "swapped.pth", weights_only=True)
+    assert not torch.equal(want["head.weight"], w)  # torch.load swapped the bytes: private copies of the pages
+    src, _ = _convert_in_process(tmp_path / "swapped.pth", tmp_path / "out.safetensors")
+    assert all(type(e) is MappedInMemory for e in src.tensors.values())
+    out = load_file(tmp_path / "out.safetensors")
+    assert all(torch.equal(out[k], want[k]) for k in want), {k: torch.equal(out[k], want[k]) for k in want}
+
+
 _PEAK = """
 import runpy, sys
 sys.argv = ["checkpoint", *sys.argv[1:]]

@@ -6,7 +6,6 @@ run with ``sys.modules["torch"] = None``, which makes any ``import torch`` raise
 """
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import subprocess
@@ -102,9 +101,7 @@ def test_convert_without_torch_equals_convert_with_it(tmp_path, dst_name, extra)
     for m in (ma, mb):
         m.pop("created"), m.pop("files", None), m["extra"]["converted_from"].pop("path")
     assert ma == mb
-    # the installed distribution's version, read from package metadata in both paths (torch not imported)
-    assert ma["versions"]["torch"] == importlib.metadata.version("torch") and torch.__version__.startswith(
-        ma["versions"]["torch"])
+    assert ma["versions"]["torch"] == torch.__version__  # with its build tag, although torch was not imported
     files = [light] if light.is_file() else sorted(light.glob("*.safetensors"))
     stored = {k for f in files for k in load_file(f)}
     prefix = "module." if "dp" in extra else ""
@@ -143,6 +140,10 @@ def test_file_to_file_copy_falls_back_when_the_kernel_refuses(tmp_path, monkeypa
     monkeypatch.setattr(os, "copy_file_range", refuse)
     with open(tmp_path / "loop.safetensors", "wb") as f:
         write_file(f, entries, None)
+    monkeypatch.setattr(os, "copy_file_range", lambda *args: 0)  # some filesystems copy nothing this way
+    with open(tmp_path / "zero.safetensors", "wb") as f:
+        write_file(f, entries, None)
+    assert (tmp_path / "zero.safetensors").read_bytes() == (tmp_path / "loop.safetensors").read_bytes()
     ref = tmp_path / "ref.safetensors"
     with open(ref, "wb") as f:
         write_file(f, [(k, InMemory(v)) for k, v in sorted(sd.items())], None)
