@@ -97,6 +97,10 @@ class TensorSlice:
         read_slices(self.path, [(self, out)])
         return out
 
+    def identity(self) -> object:
+        """Equal for two sources that are the same bytes (see ``InMemory.identity``)."""
+        return (str(self.path), self.offset, self.code, self.shape) if self.nbytes else id(self)
+
     def write_to(self, f: BinaryIO) -> None:
         """Copy this tensor's bytes into ``f`` file to file (``os.copy_file_range``: no user-space buffer,
         so converting keeps a flat resident set; a bounded read/write loop where that is unavailable)."""
@@ -237,6 +241,8 @@ class TensorSource(Protocol):
 
     def read(self, out: "torch.Tensor | None" = None) -> "torch.Tensor": ...
 
+    def identity(self) -> object: ...
+
     def write_to(self, f: BinaryIO) -> None: ...
 
 
@@ -266,6 +272,14 @@ class InMemory:
         if out is None:
             return self.tensor
         return out.copy_(self.tensor)
+
+    def identity(self) -> object:
+        """Equal for two sources that are the same memory: tied weights loaded from a file are often two
+        tensor objects over one storage (``state_dict()`` detaches each entry), not one object."""
+        t = self.tensor
+        if not t.numel():
+            return id(self)
+        return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
     def write_to(self, f: BinaryIO) -> None:
         t = self.tensor

@@ -80,15 +80,16 @@ def cmd_convert(args: argparse.Namespace) -> tuple[int, dict[str, Any], str]:
     stripped += common
     if args.layout == "dp":
         tensors = {"module." + k: v for k, v in tensors.items()}
-    # Tied entries (one source object under several keys) are written once and recorded as aliases.
-    first: dict[int, str] = {}
+    # Tied entries (the same memory under several keys) are written once and recorded as aliases.
+    first: dict[object, str] = {}
     entries, aliases = [], {}
     for k in sorted(tensors):
         src_t = tensors[k]
-        if id(src_t) in first:
-            aliases[k] = first[id(src_t)]
+        ident = src_t.identity()
+        if ident in first:
+            aliases[k] = first[ident]
         else:
-            first[id(src_t)] = k
+            first[ident] = k
             entries.append((k, src_t))
     m = src.manifest or {}
     meta = {key: m[key] for key in ("model", "model_options", "step", "epoch") if m.get(key) is not None}

@@ -431,6 +431,20 @@ def test_tied_weights_saved_once_and_stay_tied(tmp_path, layout):
     assert torch.equal(target(x), source(x))
 
 
+def test_cli_convert_stores_tied_pth_entries_once(tmp_path):
+    """torch.save(model.state_dict()) holds tied weights as two tensor objects over one storage."""
+    source = TiedNet(seed=0)
+    sd = source.state_dict()
+    assert sd["encode.weight"] is not sd["decode.weight"]
+    torch.save(sd, tmp_path / "tied.pth")
+    assert run_cli("convert", tmp_path / "tied.pth", tmp_path / "tied.safetensors").returncode == 0
+    assert len(load_file(tmp_path / "tied.safetensors")) == 3  # the shared weight written once
+    manifest = checkpoint.read_manifest(tmp_path / "tied.safetensors")
+    assert manifest["aliases"] == {"encode.weight": "decode.weight"}
+    back = checkpoint.load_state_dict(tmp_path / "tied.safetensors")
+    assert back["encode.weight"] is back["decode.weight"] and torch.equal(back["encode.weight"], sd["encode.weight"])
+
+
 # --------------------------------------------------------------------------------------- device tags
 
 def test_pth_tagged_for_a_missing_gpu_loads_on_cpu(tmp_path, monkeypatch):
