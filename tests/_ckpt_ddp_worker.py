@@ -46,6 +46,9 @@ def main() -> int:
             y = model(fixed_input())
         with open(f"{out}.rank{rank}.json", "w") as f:
             json.dump({"rank": rank, "world": world, "out": y.tolist()}, f)
+        # Every rank past its last collective before any tears down: one CI run saw rank 0 abort in gloo's
+        # teardown ("terminate called without an active exception") while rank 1 was still finishing.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     return 0
