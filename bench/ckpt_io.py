@@ -72,7 +72,7 @@ from safetensors.torch import save_file as st_save_file  # noqa: E402
 
 import checkpoint  # noqa: E402
 from checkpoint._safetensors_io import WRITEBACK_CHUNK, EarlyWriteback  # noqa: E402
-from checkpoint.save import parse_size  # noqa: E402
+from checkpoint._save import parse_size  # noqa: E402
 from _common import (PYTHON, REPO, fmt_bytes, interleave, machine, noisy, ratio, remove, scratch_dir,  # noqa: E402
                      summarize, table, uptime, verdict, write_result)
 

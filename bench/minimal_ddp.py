@@ -5,7 +5,7 @@
 
 What a user would write by hand: ``init_process_group("gloo")`` from torchrun's environment, the same
 model as ours (the ``models`` registry with the options scripts/train.py derives for the data: classes,
-channels, ``small_input`` for images <= 64 px), the same data (``scripts/datasets.build_datasets``),
+channels, ``small_input`` for images <= 64 px), the same data (``scripts/data.build_datasets``),
 ``DistributedSampler(drop_last=True)``, ``DataLoader(batch_size=global_batch // world)``, ``DDP``,
 ``AdamW(lr)`` and a warmup-cosine ``LambdaLR``. Each iteration (fetch the batch, move it, zero_grad,
 forward, loss, backward, step, scheduler step) is timed with ``time.perf_counter`` from the end of the
@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from torch.utils.data.distributed import DistributedSampler  # noqa: E402
 
-import datasets  # noqa: E402
+import data  # noqa: E402
 import models  # noqa: E402
 
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_process_group("gloo")
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
-        train_ds, _, info = datasets.build_datasets(args.data, seed=args.seed, image_size=args.image_size)
+        train_ds, _, info = data.build_datasets(args.data, seed=args.seed, image_size=args.image_size)
         torch.manual_seed(args.seed)
         model = models.build_model(args.model, num_classes=info.num_classes, in_channels=info.in_channels,
                                    small_input=bool(info.image_size and info.image_size <= 64))

@@ -7,7 +7,6 @@ JSON object on stdout.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import sys
 from pathlib import Path
@@ -17,27 +16,12 @@ from .describe import inspect
 from .errors import CheckpointError
 from .formats import check_integrity, read_source
 from .keys import strip_common_wrappers
-from .save import build_manifest, parse_size, write_checkpoint
+from ._save import build_manifest, parse_size, write_checkpoint
 
 # torch is imported by the commands that hold tensors (diff, verify, and reading .pth/DCP sources);
 # `inspect` and `convert` of safetensors checkpoints run without it, in a small resident set.
 
 OK, DIFFERENT, BAD_INPUT = 0, 1, 2
-
-
-def parse_model_args(items: Sequence[str] | None) -> dict[str, Any]:
-    """``["num_classes=10", "small_input=True", "style=ordereddict"]`` -> dict; values are Python
-    literals where they parse as one, else strings."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise CheckpointError(f"bad --model-arg {item!r}: use KEY=VALUE, e.g. --model-arg num_classes=10")
-        try:
-            out[key.strip()] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            out[key.strip()] = raw
-    return out
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -111,7 +95,7 @@ def cmd_convert(args: argparse.Namespace) -> tuple[int, dict[str, Any], str]:
 def cmd_diff(args: argparse.Namespace) -> tuple[int, dict[str, Any], str]:
     import torch
 
-    from .load import load_state_dict
+    from ._load import load_state_dict
 
     a = load_state_dict(args.a, allow_pickle=args.allow_pickle)
     b = load_state_dict(args.b, allow_pickle=args.allow_pickle)
@@ -148,9 +132,12 @@ def cmd_verify(args: argparse.Namespace) -> tuple[int, dict[str, Any], str]:
     import models  # only this command needs the registry
     import torch
 
-    from .load import load
+    from ._load import load
 
-    options = parse_model_args(args.model_arg)
+    try:
+        options = models.parse_model_args(args.model_arg)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     name = args.model
     if name is None:
         m = read_source(args.path, ema=args.ema, allow_pickle=args.allow_pickle).manifest or {}

@@ -227,7 +227,7 @@ def _interpret(obj: Any, path: Path, *, ema: bool) -> tuple[str, dict[str, torch
 
     notes: list[str] = []
     if isinstance(obj, nn.Module):
-        from .unwrap import unwrap
+        from ._unwrap import unwrap
 
         return "pickled-module", dict(unwrap(obj).state_dict()), {}, ["whole pickled module (loaded with allow_pickle)"]
     if not isinstance(obj, dict):

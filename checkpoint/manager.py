@@ -20,9 +20,9 @@ from torch import nn
 from ._safetensors_io import InMemory
 from .errors import CheckpointError
 from .formats import FORMAT_TAG, MANIFEST, POINTER, SAFE_GLOBALS, read_json, verify_files
-from .load import LoadReport, load
-from .save import atomic_write_text, barrier, build_manifest, canonical_state, dedupe, is_writer, write_directory
-from .unwrap import unwrap
+from ._load import LoadReport, load
+from ._save import atomic_write_text, barrier, build_manifest, canonical_state, dedupe, is_writer, write_directory
+from ._unwrap import unwrap
 
 STATE_FILE = "state.pth"
 MODEL_COMPONENT = "model"

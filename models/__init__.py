@@ -14,7 +14,7 @@ knows nothing of distribution or checkpoints: it must not import ``launcher`` or
 """
 from __future__ import annotations
 
-from ._registry import build_model, example_inputs, get_config, list_models, register_model
+from ._registry import build_model, example_inputs, get_config, list_models, parse_model_args, register_model
 
 # Importing the families registers their models.
 from .mlp import MLPConfig, ModuleDictMLP, ModuleListMLP
@@ -22,7 +22,7 @@ from .resnet import ResNet, ResNetConfig
 from .unet import DoubleConv, Down, OutConv, UNet, UNetConfig, Up
 
 __all__ = [
-    "build_model", "example_inputs", "get_config", "list_models", "register_model",
+    "build_model", "example_inputs", "get_config", "list_models", "parse_model_args", "register_model",
     "MLPConfig", "ModuleDictMLP", "ModuleListMLP",
     "ResNet", "ResNetConfig",
     "DoubleConv", "Down", "OutConv", "UNet", "UNetConfig", "Up",

@@ -9,6 +9,7 @@ values with the same kind of message (the option, the value, the valid values).
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -172,3 +173,24 @@ def check_choice(option: str, value: Any, choices: Sequence[str]) -> None:
     """``ValueError`` naming the valid values unless ``value`` is one of ``choices``."""
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{option} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
+
+
+def parse_model_args(items: Sequence[str] | None) -> dict[str, Any]:
+    """``["num_classes=10", "small_input=True", "style=ordereddict"]`` -> dict of model options.
+
+    Values are Python literals where they parse as one, else strings (the ``--model-arg KEY=VALUE`` flags
+    of scripts/train.py and ``anytopo-ckpt``).
+
+    Raises:
+        ValueError: an item without ``=`` or with an empty key, naming the form to use.
+    """
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"bad --model-arg {item!r}: use KEY=VALUE, e.g. --model-arg num_classes=10")
+        try:
+            out[key.strip()] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            out[key.strip()] = raw
+    return out

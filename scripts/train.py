@@ -31,11 +31,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, under every launcher
 
 import checkpoint  # noqa: E402
-import datasets  # noqa: E402
+import data  # noqa: E402
 import launcher  # noqa: E402
 import models  # noqa: E402
 import tasks  # noqa: E402
-from checkpoint.cli import parse_model_args  # noqa: E402
 from reporting import RunLog  # noqa: E402
 
 # torchdata's StatefulDataLoader calls a deprecated torch API on every iterator; not actionable by users.
@@ -157,10 +156,13 @@ class TrainConfig:
 
 # ---------------------------------------------------------------------------------------------- build
 
-def resolve_model(cfg: TrainConfig, info: datasets.DataInfo, manifest: dict[str, Any] | None,
+def resolve_model(cfg: TrainConfig, info: data.DataInfo, manifest: dict[str, Any] | None,
                   log) -> tuple[str, dict[str, Any]]:
     """Model name and options: flags first, then the resumed checkpoint's manifest, then the data."""
-    name, options = cfg.model, parse_model_args(cfg.model_args)
+    try:
+        name, options = cfg.model, models.parse_model_args(cfg.model_args)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if manifest and manifest.get("model"):
         if name is None:
             name = manifest["model"]
@@ -188,7 +190,7 @@ def resolve_model(cfg: TrainConfig, info: datasets.DataInfo, manifest: dict[str,
         raise ConfigError(str(e)) from None
     if options.get("extra_inputs", 0) not in (0, 1):
         raise ConfigError("the training script feeds one extra feature per image "
-                          f"({datasets.EXTRA_FEATURE}): use --model-arg extra_inputs=1")
+                          f"({data.EXTRA_FEATURE}): use --model-arg extra_inputs=1")
     task_of_model = "segmentation" if name == "unet" else "classification"
     if task_of_model != info.task:
         raise ConfigError(f"model {name!r} does {task_of_model} but --data {cfg.data} is a {info.task} dataset; "
@@ -252,7 +254,7 @@ class Trainer:
             raise ConfigError(f"{self.manager.directory} already holds checkpoints of another run: "
                               "pass --resume auto to continue it, or choose another --output-dir")
         try:
-            self.train_ds, self.test_ds, self.data = datasets.build_datasets(
+            self.train_ds, self.test_ds, self.data = data.build_datasets(
                 cfg.data, seed=cfg.seed, image_size=cfg.image_size, num_samples=cfg.num_samples)
         except ValueError as e:
             raise ConfigError(str(e)) from None
@@ -338,7 +340,7 @@ class Trainer:
         return Batch(images, targets.to(dev, non_blocking=True))
 
     def _forward(self, model: nn.Module, images: torch.Tensor):
-        out = model(images, datasets.extra_feature(images)) if self.extra else model(images)
+        out = model(images, data.extra_feature(images)) if self.extra else model(images)
         return out if self.aux else (out, None)
 
     def _autocast(self):

@@ -16,7 +16,7 @@ import checkpoint
 from checkpoint._pages import PageReleaser
 from checkpoint._safetensors_io import InMemory, MappedInMemory, read_header, read_slices, write_file
 from checkpoint.formats import read_source
-from checkpoint.save import build_manifest, write_checkpoint
+from checkpoint._save import build_manifest, write_checkpoint
 from conftest import REPO, child_env
 
 IO = sys.modules["checkpoint._safetensors_io"]

@@ -205,7 +205,7 @@ def test_atomic_single_file_save_never_replaces_good_file_with_partial(tmp_path,
     path = tmp_path / "w.safetensors"
     checkpoint.save(net(), path)
     before = path.read_bytes()
-    save_module = sys.modules["checkpoint.save"]  # the package exports the function under the same name
+    save_module = sys.modules["checkpoint._save"]
 
     def broken(f, entries, metadata):
         f.write(b"partial")

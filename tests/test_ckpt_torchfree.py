@@ -62,12 +62,12 @@ def test_import_checkpoint_is_light_and_names_stay_functions():
 import sys, types
 import checkpoint, checkpoint.cli
 assert "torch" not in sys.modules, "import checkpoint pulled in torch"
-import checkpoint.save, checkpoint.load, checkpoint.unwrap   # binds the submodules on the package...
+import checkpoint._save, checkpoint._load, checkpoint._unwrap   # private names: the public ones stay functions
 for name in ("save", "load", "unwrap", "load_state_dict", "inspect", "CheckpointManager"):
-    value = getattr(checkpoint, name)                         # ...but the public names stay the API
+    value = getattr(checkpoint, name)
     assert not isinstance(value, types.ModuleType) and callable(value), (name, value)
 from checkpoint import save, load
-assert save.__module__ == "checkpoint.save" and load.__module__ == "checkpoint.load"
+assert save.__module__ == "checkpoint._save" and load.__module__ == "checkpoint._load"
 assert set(checkpoint.__all__) <= set(dir(checkpoint))
 print("ok")
 """

@@ -34,7 +34,7 @@ RULES = [  # (files, never imported, not imported at module level)
     ("launcher/*.py", {"checkpoint", "models"}, set()),
     ("models/*.py", {"launcher"}, {"checkpoint"}),
     ("checkpoint/*.py", {"launcher"}, {"models"}),
-    ("scripts/datasets.py", {"checkpoint", "launcher", "models"}, set()),
+    ("scripts/data.py", {"checkpoint", "launcher", "models"}, set()),
     ("scripts/tasks.py", {"checkpoint", "launcher", "models"}, set()),
 ]
 

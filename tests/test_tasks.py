@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import tasks
-from datasets import DataInfo
+from data import DataInfo
 from tasks import (Accuracy, Metric, SegmentationMetrics, build_task, classification_loss, dice_loss,
                    segmentation_loss)
 

@@ -90,7 +90,7 @@ def write_segfolder(root: Path, n: int = 40) -> Path:
     import numpy as np
     from PIL import Image
 
-    from datasets import ShapesDataset
+    from data import ShapesDataset
 
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()

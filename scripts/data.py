@@ -38,7 +38,7 @@ __all__ = ["DataInfo", "ShapesDataset", "SegmentationFolder", "Shape", "build_da
 
 SPECS_HELP = "digits, mnist5k, shapes[:N], imagefolder:PATH, segfolder:PATH"
 
-EXTRA_FEATURE = "mean intensity of each image over channels and pixels (datasets.extra_feature)"
+EXTRA_FEATURE = "mean intensity of each image over channels and pixels (data.extra_feature)"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""datasets: real packaged data, generated shapes with exact masks, user folders, and error messages."""
+"""scripts/data.py: real packaged data, generated shapes with exact masks, user folders, and error messages."""
 from __future__ import annotations
 
 import doctest
@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-import datasets
-from datasets import ShapesDataset, build_datasets, extra_feature
+import data as datasets
+from data import ShapesDataset, build_datasets, extra_feature
 
 UNKNOWN = ("unknown dataset 'foo': use one of digits, mnist5k, shapes[:N], imagefolder:PATH, "
            "segfolder:PATH")

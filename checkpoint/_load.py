@@ -12,7 +12,7 @@ from ._safetensors_io import TensorSlice, read_slices
 from .errors import CheckpointError
 from .formats import Source, check_integrity, read_source
 from .keys import match_keys, strip_common_wrappers
-from .unwrap import unwrap
+from ._unwrap import unwrap
 
 _CAP = 6
 # Buffers that torch's own loaders tolerate missing from older files (BatchNorm before torch 0.4.1).

@@ -121,7 +121,7 @@ def canonical_state(obj: nn.Module | Mapping[str, torch.Tensor]) -> tuple[dict[s
     import torch
     from torch import nn
 
-    from .unwrap import describe_wrapping, unwrap
+    from ._unwrap import describe_wrapping, unwrap
 
     info: dict[str, Any] = {}
     if isinstance(obj, nn.Module):
