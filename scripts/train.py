@@ -9,14 +9,21 @@
 into ``--grad-accum`` micro-batches), so the optimisation does not change with the topology, and a
 checkpoint saved by any topology resumes on any other at the same step and sample cursor.
 
-Outputs in --output-dir: checkpoints/ (step-N entries, ``latest``), metrics.csv, tensorboard/, curves.png,
-summary.json. Bad input exits 2 with one line on stderr (``--debug`` shows the traceback).
+Options come from the flags below, or from ``--config FILE`` (YAML, TOML or JSON; keys are the option names
+with ``_``) with flags given on the command line overriding the file. ``--print-config`` prints the resolved
+options in that format and exits; every run records them in config.json and in each checkpoint's manifest.
+
+Outputs in --output-dir: checkpoints/ (step-N entries, ``latest``), config.json, metrics.csv, tensorboard/,
+curves.png, summary.json. Bad input exits 2 with one line on stderr (``--debug`` shows the traceback).
 """
 from __future__ import annotations
 
 import argparse
+import difflib
+import json
 import math
 import os
+import re
 import sys
 import time
 import typing
@@ -27,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, under every launcher
@@ -50,21 +58,24 @@ class ConfigError(ValueError):
 
 # --------------------------------------------------------------------------------------------- config
 #
-# TrainConfig is the ONE source of the run's options: get_args_parser() is generated from its fields.
+# TrainConfig is the ONE source of the run's options: get_args_parser() is generated from its fields, and
+# --config files, --print-config, output-dir/config.json and the checkpoint manifest ("config") all use
+# its field names as keys.
 #
 # To add an option (say --ema-decay), add ONE field to TrainConfig and nothing else here:
 #
 #     ema_decay: float | None = option(None, "keep an EMA of the weights with this decay")
 #
 #   - the flag is the field name with '-' for '_' (--ema-decay); its type (int, float, str, Path, X | None,
-#     bool, tuple[str, ...]) gives the argparse type;
+#     bool, tuple[str, ...]) gives the argparse type and the type checked in --config files;
 #   - a bool field is a switch: default False -> --name (store_true), default True -> --no-name (store_false);
 #   - tuple[str, ...] is a repeatable flag: pass flag="--model-arg" to name its single form;
-#   - choices=[...] restricts the values, metavar= names the value in --help;
+#   - choices=[...] restricts the values (on the command line and in files), metavar= names the value;
 #   - an optional field (X | None) must default to None (a config file omits unset options);
 #   - checks that need a number range or another field go in __post_init__ and raise ConfigError with a
-#     message that names the flag and the fix (cli() prints it as one line and exits 2).
-# Then read it as ``cfg.ema_decay`` where it is used; --help follows.
+#     message that names the flag and the fix (cli() prints it as one line and exits 2); they apply to
+#     flags and config files alike.
+# Then read it as ``cfg.ema_decay`` where it is used. --help, --config, --print-config and config.json follow.
 
 
 def option(default: Any, help: str, *, choices: list[str] | tuple[str, ...] | None = None,
@@ -121,6 +132,10 @@ class TrainConfig:
         if self.amp is None:  # `accelerate launch --mixed_precision bf16` sets this for its children
             amp = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
             object.__setattr__(self, "amp", amp if amp in AMP_DTYPES else "none")
+        for f in fields(self):  # config.json and the manifest are strict JSON: no inf/nan
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number, got {v}")
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
                     "log_every": self.log_every}
         for name, v in positive.items():
@@ -171,9 +186,127 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", Path: "a path string", bool: "true or false",
+               tuple: "a list of strings"}
+
+
+def _check_value(cls: type, f, value: Any) -> Any:
+    """``value`` read from a config file for field ``f``, checked against the field's type; else ConfigError."""
+    kind = _field_kind(cls, f)
+    ok = (value is None and f.default is None
+          or kind is bool and isinstance(value, bool)
+          or kind is int and isinstance(value, int) and not isinstance(value, bool)
+          or kind is float and isinstance(value, (int, float)) and not isinstance(value, bool)
+          or kind in (str, Path) and isinstance(value, str)
+          or kind is tuple and isinstance(value, list) and all(isinstance(v, str) for v in value))
+    if not ok:
+        null = " or null" if f.default is None else ""
+        raise ConfigError(f"{f.name} must be {_KIND_NAMES[kind]}{null}, got {value!r} ({type(value).__name__})")
+    choices = f.metadata.get("choices")
+    if choices and value is not None and any(v not in choices for v in (value if kind is tuple else [value])):
+        raise ConfigError(f"{f.name} must be one of {', '.join(choices)}, got {value!r}")
+    return float(value) if kind is float and value is not None else value
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-3`` as a string; read it as the float that users (and YAML 1.2) mean."""
+
+
+class _YamlDumper(yaml.SafeDumper):
+    """Quotes strings that _YamlLoader would read as numbers, so dumps read back unchanged."""
+
+
+for _cls in (_YamlLoader, _YamlDumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d[\d_]*)?\.?\d*[eE][-+]?\d+$"),
+                               list("-+0123456789."))
+
+
+def read_config_file(path: str | Path, cls: type = None) -> dict[str, Any]:
+    """The options in a YAML (``--print-config`` writes it), JSON (``config.json``) or TOML file, checked
+    against ``cls``'s fields (TrainConfig by default): unknown keys and wrong types raise ConfigError."""
+    cls = cls or TrainConfig
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"--config {path}: {e.strerror or e}; pass an existing YAML/TOML/JSON file") from None
+    try:
+        if path.suffix == ".toml":
+            import tomllib  # Python 3.11+
+
+            raw = tomllib.loads(text)
+        elif path.suffix == ".json":
+            raw = json.loads(text)
+        else:
+            raw = yaml.load(text, Loader=_YamlLoader)
+    except ImportError:
+        raise ConfigError(f"--config {path}: reading TOML needs Python 3.11+; write the file as YAML "
+                          "(python scripts/train.py --print-config)") from None
+    except yaml.MarkedYAMLError as e:
+        where = f" at line {e.problem_mark.line + 1}" if e.problem_mark else ""
+        raise ConfigError(f"--config {path}: not valid YAML{where}: {e.problem}") from None
+    except ValueError as e:  # tomllib.TOMLDecodeError and json.JSONDecodeError; one line each
+        raise ConfigError(f"--config {path}: not valid {path.suffix[1:].upper()}: {e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of option names to values, got a {type(raw).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(str(key).replace("-", "_"), known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"--config {path}: unknown key {key!r}{hint}; valid keys: {', '.join(known)}")
+    values = {}
+    for key, value in raw.items():
+        try:
+            values[key] = _check_value(cls, known[key], value)
+        except ConfigError as e:
+            raise ConfigError(f"--config {path}: {e}") from None
+    return values
+
+
+def dump_config(cfg: Any) -> str:
+    """``cfg`` as the YAML that --config reads back to the same config."""
+    head = "# scripts/train.py options: --config FILE reads this file; flags given on the command line override it\n"
+    return head + yaml.dump(cfg.to_dict(), Dumper=_YamlDumper, sort_keys=False, default_flow_style=False)
+
+
+class _ReplaceList(argparse.Action):
+    """A repeatable flag whose first use on the command line replaces the default (or the --config file's list)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, ([] if current is self.default else list(current)) + [values])
+
+
+class ConfigArgumentParser(argparse.ArgumentParser):
+    """Reads ``--config FILE`` first: its values become the defaults, so only flags given on the command line
+    override them. A bad file prints one line ``error: ...`` and exits 2, like a bad flag."""
+
+    config_class: type
+
+    def parse_known_args(self, args=None, namespace=None):
+        first, _ = super().parse_known_args(args, None)
+        if getattr(first, "config", None):
+            try:
+                self.set_defaults(**read_config_file(first.config, self.config_class))
+            except ConfigError as e:
+                if getattr(first, "debug", False):
+                    raise
+                self.exit(2, f"error: {e}\n")
+        return super().parse_known_args(args, namespace)
+
+
 def build_parser(cls: type, add_help: bool = True) -> argparse.ArgumentParser:
-    """An argparse parser with one flag per field of the config dataclass ``cls`` (dest = field name)."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=add_help, formatter_class=_HelpFormatter)
+    """An argparse parser with one flag per field of the config dataclass ``cls`` (dest = field name), plus
+    --config FILE (values for those fields; flags override) and --print-config."""
+    p = ConfigArgumentParser(description=__doc__.splitlines()[0], add_help=add_help, formatter_class=_HelpFormatter)
+    p.config_class = cls
+    p.add_argument("--config", metavar="FILE", help="read options from this YAML/TOML/JSON file (keys: the "
+                   "option names with '_', as --print-config writes them); flags given here override it")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved options in the --config format and exit without training")
     for f in fields(cls):
         kind, meta = _field_kind(cls, f), f.metadata
         name = meta.get("flag") or "--" + ("no-" if kind is bool and f.default else "") + f.name.replace("_", "-")
@@ -181,7 +314,7 @@ def build_parser(cls: type, add_help: bool = True) -> argparse.ArgumentParser:
         if kind is bool:
             p.add_argument(name, action="store_false" if f.default else "store_true", **common)
         elif kind is tuple:
-            p.add_argument(name, action="append", default=list(f.default), metavar=meta.get("metavar"),
+            p.add_argument(name, action=_ReplaceList, default=list(f.default), metavar=meta.get("metavar"),
                            choices=meta.get("choices"), **common)
         else:
             p.add_argument(name, type=kind, default=f.default, metavar=meta.get("metavar"),
@@ -342,6 +475,7 @@ class Trainer:
         self.test_loader = self._loader(self.test_ds, launcher.EvalSampler(len(self.test_ds), info),
                                         max(1, self.per_rank), drop_last=False)
         self.runlog = RunLog(self.out, enabled=info.is_main, tensorboard=cfg.tensorboard and not cfg.eval_only)
+        self.runlog.config(cfg.to_dict())
 
     def _loader(self, ds, sampler, batch_size: int, drop_last: bool):
         from torchdata.stateful_dataloader import StatefulDataLoader
@@ -443,7 +577,7 @@ class Trainer:
         metadata = {"model": self.model_name, "model_options": self.model_options, "epoch": epoch,
                     "topology": {"strategy": self.info.strategy, "world_size": self.info.world_size,
                                  "device_type": self.info.device.type, "launcher": self.info.launcher},
-                    "data": self.cfg.data}
+                    "data": self.cfg.data, "config": self.cfg.to_dict()}
         return self.manager.save(self.step, self.components, metadata=metadata)
 
     def fit(self) -> tuple[float | None, dict[str, float], Path | None]:
@@ -507,6 +641,9 @@ def _progress(total: int, initial: int, *, enabled: bool):
 
 def main(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_args(args)
+    if args.print_config:
+        sys.stdout.write(dump_config(cfg))
+        return 0
     with launcher.distributed(cfg.strategy) as info:
         log = launcher.get_logger(info)
         trainer = Trainer(cfg, info, log)
