@@ -27,7 +27,6 @@ import re
 import sys
 import time
 import typing
-import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any
 import torch
 import yaml
 from torch import nn
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, under every launcher
 
@@ -45,9 +45,6 @@ import launcher  # noqa: E402
 import models  # noqa: E402
 import tasks  # noqa: E402
 from reporting import RunLog  # noqa: E402
-
-# torchdata's StatefulDataLoader calls a deprecated torch API on every iterator; not actionable by users.
-warnings.filterwarnings("ignore", message=".*'set_vital' is deprecated")
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -477,12 +474,12 @@ class Trainer:
         self.runlog = RunLog(self.out, enabled=info.is_main, tensorboard=cfg.tensorboard and not cfg.eval_only)
         self.runlog.config(cfg.to_dict())
 
-    def _loader(self, ds, sampler, batch_size: int, drop_last: bool):
-        from torchdata.stateful_dataloader import StatefulDataLoader
-
-        return StatefulDataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                                  num_workers=self.cfg.workers, pin_memory=self.info.device.type == "cuda",
-                                  persistent_workers=self.cfg.workers > 0)
+    def _loader(self, ds, sampler, batch_size: int, drop_last: bool) -> DataLoader:
+        # A plain DataLoader: resuming needs no loader state, because the sampler starts each epoch at the
+        # checkpoint's sample cursor (TrainSampler.set_start in fit()), whatever the world size.
+        return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                          num_workers=self.cfg.workers, pin_memory=self.info.device.type == "cuda",
+                          persistent_workers=self.cfg.workers > 0)
 
     # -- resume
 

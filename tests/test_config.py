@@ -180,13 +180,17 @@ def test_a_run_records_its_resolved_config_in_config_json_and_every_checkpoint(t
     f.write_text(f"model: mlp\ndata: digits\nnum_samples: 200\nbatch_size: 32\nmax_steps: 9\nsave_every: 2\n"
                  f"lr: 1e-2\nprogress: false\ntensorboard: false\noutput_dir: {out}\n")
     argv = ["--config", str(f), "--max-steps", "3", "--seed", "5"]  # flags override the file
-    run = lambda *extra: subprocess.run([sys.executable, TRAIN, *argv, *extra], cwd=REPO, env=child_env(),
-                                        capture_output=True, text=True, timeout=180)
-    printed = run("--print-config")
+    printed = subprocess.run([sys.executable, TRAIN, *argv, "--print-config"], cwd=REPO, env=child_env(),
+                             capture_output=True, text=True, timeout=180)
     assert printed.returncode == 0 and not out.exists()  # --print-config trains nothing
     expected = yaml.safe_load(printed.stdout)
-    p = run()
+    # the run itself, in a process that afterwards reports whether torchdata was imported (no longer a dependency)
+    check = (f"import sys; sys.path.insert(0, {str(REPO / 'scripts')!r}); import train; rc = train.cli(sys.argv[1:]); "
+             "print('torchdata imported:', 'torchdata' in sys.modules); sys.exit(rc)")
+    p = subprocess.run([sys.executable, "-c", check, *argv], cwd=REPO, env=child_env(), capture_output=True,
+                       text=True, timeout=180)
     assert p.returncode == 0, p.stderr[-3000:]
+    assert "torchdata imported: False" in p.stdout
     recorded = json.loads((out / "config.json").read_text())
     assert recorded == expected
     assert recorded["max_steps"] == 3 and recorded["seed"] == 5 and recorded["lr"] == 0.01
