@@ -132,10 +132,10 @@ def _sniff(path: Path) -> str:
     """'safetensors', 'zip', 'pickle' or 'unknown', from the first bytes."""
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(9)
+        head = f.read(64)
     if head[:4] == b"PK\x03\x04":
         return "zip"
-    if len(head) == 9 and head[8:9] == b"{":
+    if len(head) > 8 and head[8:].lstrip(b" \t\r\n")[:1] == b"{":  # safetensors allows leading whitespace
         (n,) = struct.unpack("<Q", head[:8])
         if 8 + n <= size:
             return "safetensors"

@@ -160,6 +160,8 @@ ACCEPTED = {
     "unknown-field-in-entry": _file({"a": {**_t(0, 4), "extra": 1}}, bytes(4)),
     "null-metadata": _file({"__metadata__": None, "a": _t(0, 4)}, bytes(4)),
     "unpadded-header": _file({"a": _t(0, 4)}, bytes(4), pad=False),
+    "whitespace-before-the-header": struct.pack("<Q", 64) + b"  " + json.dumps({"a": _t(0, 4)}).encode().ljust(62)
+    + bytes(4),
     "empty-tensor-between": _file({"a": _t(0, 4), "e": _t(4, 4, (0, 3)), "b": _t(4, 8)}, bytes(8)),
     "no-tensors": _file({"__metadata__": {"k": "v"}}, b""),
 }
