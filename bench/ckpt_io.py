@@ -23,8 +23,9 @@ Targets (from the issue), on torchvision ``resnet152(weights=None)`` (~241 MB fp
    Also reported: two baselines (the peak RSS of a child that only does ``import checkpoint.cli``, which
    is what a safetensors convert imports -- no torch --, and of one that also imports torch, what a
    ``.pth`` source needs), each row's peak minus its baseline, the conversion phase alone
-   (``_convert_probe.py``), and a ``.pth`` -> safetensors row (``torch.load(mmap=True)``; each tensor's
-   pages are given back once written).
+   (``_convert_probe.py``), and a ``.pth`` -> safetensors row (``torch.load(mmap=True)``: its RSS counts
+   the file pages read through the mapping, which the kernel reclaims under memory pressure; that it fits
+   under a real memory limit is measured by ``bench/pages_probe.py``).
 
 How:
 - Save and load candidates are interleaved, the order rotated each round (A B C D, B C D A, ...), for ``--save-rounds``/``--load-rounds``

@@ -5,8 +5,9 @@ not offer: writing tensors one at a time (so ``convert`` of a multi-GB checkpoin
 set, and ``save`` writes straight from parameter memory with no staging copy), and reading each tensor
 straight into its destination (a model parameter) with vectored reads from the page cache. The layout is
 the published one: 8-byte little-endian header length, a JSON header (padded with spaces to 8 bytes),
-then the raw little-endian tensor bytes. Files written here are read by ``safetensors`` and vice versa;
-the tests check both directions.
+then the raw little-endian tensor bytes. Which headers are valid is the installed ``safetensors``' call:
+its own parser validates every header before anything here reads it. Files written here are read by
+``safetensors`` and vice versa, bit for bit, for every dtype it can write (tests/test_ckpt_conformance.py).
 
 Nothing here imports torch at module level: headers, dtype codes and file-to-file copies are plain Python,
 so ``convert`` of safetensors checkpoints runs without torch (see ``checkpoint/__init__``); reading into
@@ -22,31 +23,37 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Iterable, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterable, Protocol
 
-from ._pages import PageReleaser, libc_function
 from .errors import CheckpointError
 
 if TYPE_CHECKING:
     import torch
 
-# safetensors dtype code -> (torch dtype name, bytes per element). Plain strings, so reading headers and
-# converting safetensors files need no torch (see checkpoint/__init__: `convert` runs without importing it).
-CODES: dict[str, tuple[str, int]] = {
-    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
-    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1),
-    "U8": ("uint8", 1), "BOOL": ("bool", 1), "C64": ("complex64", 8),
-    "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
+# safetensors dtype code -> (torch dtype name, bytes per torch element, header elements per torch element).
+# safetensors keeps its own table in safetensors.torch, which imports torch; reading headers and converting
+# safetensors files must not (see checkpoint/__init__: `convert` runs without it), so the table is written
+# out here and tests/test_ckpt_conformance.py checks it against the installed library for every dtype it
+# can write (names and sizes from safetensors.torch._SIZE, codes and packing from safetensors.TensorSpec).
+# Packed dtypes: the header's shape counts the packed values, torch's counts bytes (F4: two per byte).
+CODES: dict[str, tuple[str, int, int]] = {
+    "BOOL": ("bool", 1, 1), "U8": ("uint8", 1, 1), "I8": ("int8", 1, 1),
+    "I16": ("int16", 2, 1), "U16": ("uint16", 2, 1), "F16": ("float16", 2, 1), "BF16": ("bfloat16", 2, 1),
+    "I32": ("int32", 4, 1), "U32": ("uint32", 4, 1), "F32": ("float32", 4, 1),
+    "I64": ("int64", 8, 1), "U64": ("uint64", 8, 1), "F64": ("float64", 8, 1), "C64": ("complex64", 8, 1),
+    "F8_E4M3": ("float8_e4m3fn", 1, 1), "F8_E4M3FNUZ": ("float8_e4m3fnuz", 1, 1),
+    "F8_E5M2": ("float8_e5m2", 1, 1), "F8_E5M2FNUZ": ("float8_e5m2fnuz", 1, 1),
+    "F8_E8M0": ("float8_e8m0fnu", 1, 1), "F4": ("float4_e2m1fn_x2", 1, 2),
 }
-CODE_OF_NAME: dict[str, str] = {name: code for code, (name, _) in CODES.items()}
+CODE_OF_NAME: dict[str, str] = {name: code for code, (name, _, _) in CODES.items()}
 
 
 @functools.cache
 def torch_dtypes() -> dict[str, "torch.dtype"]:
-    """safetensors code -> torch dtype (imports torch on first use)."""
+    """safetensors code -> torch dtype, for the dtypes this torch build has (imports torch on first use)."""
     import torch
 
-    return {code: getattr(torch, name) for code, (name, _) in CODES.items()}
+    return {code: getattr(torch, name) for code, (name, _, _) in CODES.items() if hasattr(torch, name)}
 
 
 _DTYPE_NAMES: dict = {}
@@ -60,7 +67,6 @@ def dtype_name(dtype: "torch.dtype") -> str:
     return name
 
 
-_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 _IOV_MAX = 1024  # Linux's limit on buffers per preadv
 _MAX_RUN = 1 << 30  # keep each preadv under the kernel's ~2 GiB per-call cap
 
@@ -82,7 +88,13 @@ class TensorSlice:
 
     @property
     def dtype(self) -> "torch.dtype":
-        return torch_dtypes()[self.code]
+        dtype = torch_dtypes().get(self.code)
+        if dtype is None:
+            import torch
+
+            raise CheckpointError(f"{self.path}: a tensor has dtype {self.code} ({self.dtype_name}), which torch "
+                                  f"{torch.__version__} does not have; upgrade torch to read it")
+        return dtype
 
     @property
     def dtype_name(self) -> str:
@@ -151,59 +163,85 @@ def read_slices(path: Path, items: "list[tuple[TensorSlice, torch.Tensor]]") -> 
         os.close(fd)
 
 
-def read_header(path: Path) -> tuple[dict[str, TensorSlice], dict[str, str]]:
-    """Parse and validate a safetensors header. Returns (tensors by name, __metadata__)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: too short to be a safetensors file ({size} bytes); the file is damaged")
-        (n,) = struct.unpack("<Q", head)
-        if n > _MAX_HEADER or 8 + n > size:
-            raise CheckpointError(f"{path}: safetensors header length {n} exceeds the file size {size}; "
-                                  "the file is truncated or not safetensors")
-        raw = f.read(n)
+def _safetensors_verdict(path: Path) -> str | None:
+    """What the installed safetensors says about the file's header: None if it accepts it, else its reason.
+
+    ``safe_open`` parses and validates the header (it maps the file but reads no tensor); framework
+    "numpy" is the one that needs no torch.
+    """
+    from safetensors import SafetensorError, safe_open
+
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e.msg}); the file is damaged") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: safetensors header is not a JSON object; the file is damaged")
+        with safe_open(path, framework="numpy"):
+            return None
+    except SafetensorError as e:
+        return " ".join(str(e).split()).removeprefix("Error while deserializing header: ")
+
+
+def _looks_truncated(path: Path, size: int) -> bool:
+    """Best effort, for the message only: does the header promise more bytes than the file has?"""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return False
+            (n,) = struct.unpack("<Q", head)
+            if 8 + n > size:
+                return True
+            if n > 100_000_000:  # over safetensors' header limit: refused for that, not truncated
+                return False
+            header = json.loads(f.read(n))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        return 8 + n + max(ends, default=0) > size
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return False
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorSlice], dict[str, str]]:
+    """Parse a safetensors header as the installed ``safetensors`` defines it. Returns (tensors by name,
+    __metadata__).
+
+    The rules are the library's, applied by the library: its parser reads the header first, and a file it
+    refuses is refused here in one line naming the file (header size limit, a JSON object, known dtypes,
+    offsets that tile the data section from its first to the file's last byte with no gap or overlap,
+    shape x dtype size == byte count, metadata str -> str). safetensors does not expose the offsets, so
+    they are read from the same, now validated, header.
+    """
+    size = path.stat().st_size
+    problem = _safetensors_verdict(path)
+    if problem is not None:
+        if _looks_truncated(path, size):
+            raise CheckpointError(f"{path}: truncated: the safetensors header describes more bytes than the file's "
+                                  f"{size}; the save or copy was interrupted, re-copy it or use an earlier checkpoint")
+        raise CheckpointError(f"{path}: not a valid safetensors file (safetensors: {problem}); the file is damaged, "
+                              "re-copy it or use an earlier checkpoint")
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
     metadata = header.pop("__metadata__", None) or {}
     base = 8 + n
-    data_len = size - base
     tensors: dict[str, TensorSlice] = {}
-    spans = []
     for name, info in header.items():
-        try:
-            code = info["dtype"]
-            itemsize = CODES[code][1]
-            shape = tuple(info["shape"])
-            begin, end = info["data_offsets"]
-            numel = math.prod(shape)
-            if not (type(begin) is int and type(end) is int and type(numel) is int):
-                raise TypeError
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: bad header entry for tensor {name!r}; the file is damaged "
-                                  "or uses a dtype anytopo does not know") from None
-        if end - begin != numel * itemsize or begin < 0:
-            raise CheckpointError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {list(shape)} "
-                                  f"{info['dtype']}; the file is damaged")
-        if end > data_len:
-            raise CheckpointError(f"{path}: truncated: tensor {name!r} ends at byte {base + end} but the file has "
-                                  f"{size} bytes; the save or copy was interrupted, re-copy it or use an earlier checkpoint")
-        spans.append((begin, end))
+        code, shape = info["dtype"], tuple(info["shape"])
+        begin, end = info["data_offsets"]
+        known = CODES.get(code)
+        if known is None:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {code}, which safetensors knows but torch has "
+                                  "no dtype for; anytopo cannot use it")
+        pack = known[2]
+        if pack != 1:
+            if not shape or shape[-1] % pack:
+                raise CheckpointError(f"{path}: tensor {name!r} is {code} of shape {list(shape)}; torch's {known[0]} "
+                                      f"needs a last dimension divisible by {pack}, so it cannot be read as torch")
+            shape = (*shape[:-1], shape[-1] // pack)
         tensors[name] = TensorSlice(path, base + begin, end - begin, code, shape)
-    spans.sort()
-    for (b0, e0), (b1, _) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise CheckpointError(f"{path}: tensors overlap in the data section; the file is damaged")
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
+    return tensors, metadata
 
 
 def plan_header(items: Iterable[tuple[str, str, tuple[int, ...]]],
                 metadata: dict[str, str] | None) -> tuple[bytes, list[int]]:
-    """Build the header bytes for (name, dtype name, shape) written in the given order; returns (header, byte sizes)."""
+    """Build the header bytes for (name, torch dtype name, torch shape) written in the given order, the way
+    ``safetensors.torch.save_file`` describes the same tensors; returns (header, byte sizes)."""
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = metadata
@@ -214,9 +252,18 @@ def plan_header(items: Iterable[tuple[str, str, tuple[int, ...]]],
         if code is None:
             raise CheckpointError(f"tensor {name!r} has dtype {dtype}, which safetensors cannot store; "
                                   "cast it or save as .pth")
-        nbytes = math.prod(shape) * CODES[code][1]
+        _, itemsize, pack = CODES[code]
+        nbytes = math.prod(shape) * itemsize
         # plain lists: json encodes them about twice as fast as torch.Size (a tuple subclass)
-        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        if pack == 1:
+            shape = list(shape)
+        elif shape:
+            shape = [*shape[:-1], shape[-1] * pack]
+        else:
+            raise CheckpointError(f"tensor {name!r} is a 0-d {dtype}, which safetensors cannot store (it packs "
+                                  f"{pack} values per element along the last dimension); reshape it to (1,) or "
+                                  "save as .pth")
+        header[name] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + nbytes]}
         sizes.append(nbytes)
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -286,21 +333,6 @@ class InMemory:
         f.write(_byte_view(t if t.is_contiguous() else t.contiguous()))
 
 
-@dataclass(frozen=True)
-class MappedInMemory(InMemory):
-    """A tensor inside a file mapping (``torch.load(mmap=True)``) whose pages are reclaimed once written.
-
-    ``write_to`` is its last use in ``convert``; releasing the pages right after it is what keeps
-    converting a ``.pth`` streaming (see ``_pages``).
-    """
-
-    pages: "PageReleaser"
-
-    def write_to(self, f: BinaryIO) -> None:
-        super().write_to(f)
-        self.pages.release(self.tensor)
-
-
 _COPY_CHUNK = 8 << 20
 
 
@@ -331,6 +363,17 @@ def copy_range(src_fd: int, f: BinaryIO, offset: int, n: int, path: Path) -> Non
         f.write(piece)
         offset += len(piece)
         n -= len(piece)
+
+
+def libc_function(name: str, argtypes: list) -> Any:
+    """A libc call through ctypes (int result), or None where this platform has no such call."""
+    try:
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (AttributeError, OSError, TypeError):  # TypeError: Windows' ctypes cannot open "no name"
+        return None
+    fn.argtypes = argtypes
+    fn.restype = ctypes.c_int
+    return fn
 
 
 _sync_file_range = libc_function("sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])

@@ -26,8 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._pages import PageReleaser
-from ._safetensors_io import InMemory, MappedInMemory, TensorSource, read_header
+from ._safetensors_io import InMemory, TensorSource, read_header
 from .errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -111,7 +110,8 @@ def verify_files(directory: Path, manifest: dict[str, Any], *, hashes: bool) -> 
 
 def check_integrity(src: "Source", *, hashes: bool) -> list[str]:
     """What can be checked of a source's files: manifest sizes (and sha256 with ``hashes``), or for a bare
-    safetensors file its header and data extents (validated when it was opened). Returns report lines."""
+    safetensors file its header and data extents (validated by the safetensors library when it was opened).
+    Returns report lines."""
     if src.manifest and src.manifest.get("files"):
         return verify_files(src.path if src.path.is_dir() else src.path.parent, src.manifest, hashes=hashes)
     return ["safetensors header and data extents checked"] if src.format.endswith("safetensors") else []
@@ -132,10 +132,10 @@ def _sniff(path: Path) -> str:
     """'safetensors', 'zip', 'pickle' or 'unknown', from the first bytes."""
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(9)
+        head = f.read(64)
     if head[:4] == b"PK\x03\x04":
         return "zip"
-    if len(head) == 9 and head[8:9] == b"{":
+    if len(head) > 8 and head[8:].lstrip(b" \t\r\n")[:1] == b"{":  # safetensors allows leading whitespace
         (n,) = struct.unpack("<Q", head[:8])
         if 8 + n <= size:
             return "safetensors"
@@ -276,19 +276,13 @@ def _read_torch_file(path: Path, *, ema: bool, allow_pickle: bool, kind: str) ->
         fmt = "anytopo-pth"
     else:
         manifest = None
-    pages = PageReleaser.for_file(path) if kind == "zip" else None
-    return Source(path, fmt, _share(tensors, pages), manifest, other, [path], notes)
+    return Source(path, fmt, _share(tensors), manifest, other, [path], notes)
 
 
-def _share(tensors: dict[str, torch.Tensor], pages: PageReleaser | None = None) -> dict[str, TensorSource]:
-    """Wrap in-memory tensors; entries that are the same tensor stay one source (tied weights).
-
-    ``pages``: the file mapping ``torch.load(mmap=True)`` made, so writers can give each tensor's pages
-    back once it is written (``convert`` of a .pth then streams).
-    """
+def _share(tensors: dict[str, torch.Tensor]) -> dict[str, TensorSource]:
+    """Wrap in-memory tensors; entries that are the same tensor stay one source (tied weights)."""
     by_id: dict[int, InMemory] = {}
-    wrap = InMemory if pages is None else (lambda t: MappedInMemory(t, pages))
-    return {k: by_id.setdefault(id(t), wrap(t)) for k, t in tensors.items()}
+    return {k: by_id.setdefault(id(t), InMemory(t)) for k, t in tensors.items()}
 
 
 # ---------------------------------------------------------------------------------------- safetensors
@@ -341,7 +335,7 @@ def _read_index(index_path: Path, *, allow_pickle: bool) -> Source:
         else:
             mapped = _sniff(p) == "zip"
             obj = _torch_load(p, allow_pickle=allow_pickle, mmap=mapped)
-            tensors.update(_share(_tensor_dict(obj, "shard", p), PageReleaser.for_file(p) if mapped else None))
+            tensors.update(_share(_tensor_dict(obj, "shard", p)))
     wanted = set(idx["weight_map"])
     absent = sorted(wanted.difference(tensors))
     if absent:
