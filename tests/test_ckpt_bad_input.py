@@ -268,7 +268,7 @@ def test_strict_load_lists_missing_and_unexpected_sorted_and_capped(tmp_path):
         checkpoint.load(path, Ladder())
     msg = str(exc.value)
     assert "4 missing [l03.bias, l03.weight, l07.bias, l07.weight]" in msg, msg
-    assert "9 unexpected [extra_00, extra_01, extra_02, extra_03, extra_04, extra_05] ... and 3 more" in msg, msg
+    assert "9 unexpected [extra_00, extra_01, extra_02, extra_03, extra_04, extra_05 and 3 more]" in msg, msg
     assert "extra_08" not in msg
     assert "strict=False" in msg
 
