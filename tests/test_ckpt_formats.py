@@ -402,6 +402,21 @@ def test_torch_distributed_checkpoint_folder(tmp_path, nested):
     assert_bit_identical(checkpoint.load_state_dict(tmp_path), _canonical(source))
 
 
+@pytest.mark.filterwarnings("ignore")
+def test_cli_convert_dcp_strips_its_model_subtree(tmp_path):
+    """A DCP folder saved flat with every key under 'model.' converts to the bare network's keys."""
+    import torch.distributed.checkpoint as dcp
+
+    source = trained_net()
+    dcp.save({"model." + k: v for k, v in source.state_dict().items()}, checkpoint_id=tmp_path / "dcp", no_dist=True)
+    proc = run_cli("convert", tmp_path / "dcp", tmp_path / "net.safetensors", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["prefix_reasons"] == ["'model.': the DCP state's 'model' entry"]
+    bare = fresh_net_differs(source)
+    bare.load_state_dict(load_file(tmp_path / "net.safetensors"), strict=True)
+    assert torch.equal(outputs(bare), outputs(source))
+
+
 # ------------------------------------------------------------------------------------ our own layouts
 
 def _mixed_dtypes() -> dict[str, torch.Tensor]:
