@@ -4,11 +4,13 @@ Public API:
 - ``save(model_or_state_dict, path, *, metadata=None, max_shard_size=None)``
 - ``load_state_dict(path, *, ema=False, allow_pickle=False) -> dict[str, Tensor]`` (canonical, CPU)
 - ``load(path, model, *, strict=True, device=None, ema=False, allow_pickle=False) -> LoadReport``
+- ``load_pretrained(model, path, *, skippable_prefixes=()) -> LoadReport`` (strict but for replaced modules)
 - ``unwrap(model)``, ``inspect(path)``, ``read_manifest(path)``
 - ``CheckpointManager(directory, keep_last=k)`` with ``OptimizerState`` for name-keyed optimizer state
 - CLI: ``python -m checkpoint`` / ``anytopo-ckpt`` (inspect, convert, diff, verify)
 
-This package knows nothing of training; it imports ``models`` only inside the CLI's ``verify``.
+This package knows nothing of training; it imports ``models`` only lazily, inside the CLI (``verify``,
+``convert --model``).
 
 The names above are imported on first use (PEP 562), and torch only by the code that holds tensors:
 ``import checkpoint`` is cheap, and the CLI's ``inspect``/``convert`` of safetensors checkpoints never import torch
@@ -26,13 +28,15 @@ __version__ = "0.1.0"
 
 _EXPORTS = {  # public name -> private submodule that defines it
     "CheckpointManager": "manager", "LoadReport": "_load", "OptimizerState": "manager", "Restored": "manager",
-    "inspect": "describe", "load": "_load", "load_state_dict": "_load", "read_manifest": "formats",
+    "inspect": "describe", "load": "_load", "load_pretrained": "_pretrained", "load_state_dict": "_load",
+    "read_manifest": "formats",
     "save": "_save", "select_prune": "manager", "should_save": "manager", "unwrap": "_unwrap",
 }
 __all__ = ["CheckpointError", *sorted(_EXPORTS)]
 
 if TYPE_CHECKING:
     from ._load import LoadReport, load, load_state_dict
+    from ._pretrained import load_pretrained
     from ._save import save
     from ._unwrap import unwrap
     from .describe import inspect

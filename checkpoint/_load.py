@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ._safetensors_io import TensorSlice, read_slices
-from .errors import CheckpointError
+from .errors import CheckpointError, and_more
 from .formats import Source, check_integrity, read_source
 from .keys import match_keys, strip_common_wrappers
 from ._unwrap import unwrap
@@ -70,12 +70,11 @@ class LoadReport:
 
 
 def _fmt_list(items: list) -> str:
-    shown = [i if isinstance(i, str) else f"{i[0]} ({i[1]} vs {i[2]})" for i in items[:_CAP]]
-    more = f" ... and {len(items) - _CAP} more" if len(items) > _CAP else ""
-    return "[" + ", ".join(shown) + "]" + more
+    return "[" + and_more((i if isinstance(i, str) else f"{i[0]} ({i[1]} vs {i[2]})" for i in items), _CAP) + "]"
 
 
-def _strict_error(report: LoadReport, model_name: str) -> CheckpointError:
+def _strict_error(report: LoadReport, model_name: str, *,
+                  instead: str = "pass strict=False to load only the matching keys") -> CheckpointError:
     parts = []
     if report.missing:
         parts.append(f"{len(report.missing)} missing {_fmt_list(report.missing)}")
@@ -85,8 +84,7 @@ def _strict_error(report: LoadReport, model_name: str) -> CheckpointError:
         parts.append(f"{len(report.shape_mismatches)} shape mismatches (file vs model) {_fmt_list(report.shape_mismatches)}")
     hint = (f"the file was saved from {report.source_model!r}; build that model with the same options"
             if report.source_model else "build the model the checkpoint was saved from")
-    return CheckpointError(f"{report.path} does not fit {model_name}: {'; '.join(parts)}. Fix: {hint}, "
-                           "or pass strict=False to load only the matching keys")
+    return CheckpointError(f"{report.path} does not fit {model_name}: {'; '.join(parts)}. Fix: {hint}, or {instead}")
 
 
 def _source_info(report: LoadReport, src: Source) -> None:

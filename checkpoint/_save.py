@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from ._safetensors_io import InMemory, TensorSource, fsync_dir, write_file
 from .errors import CheckpointError
-from .formats import FORMAT_TAG, MANIFEST, sha256_file
+from .formats import FORMAT_TAG, MANIFEST, group_tied, sha256_file
 from .keys import strip_common_wrappers
 
 if TYPE_CHECKING:
@@ -157,35 +157,28 @@ def canonical_state(obj: nn.Module | Mapping[str, torch.Tensor]) -> tuple[dict[s
 def dedupe(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Store tensors that are the same memory (tied weights) once: returns (unique tensors, alias -> stored key).
 
-    Two entries are tied when they have the same storage, offset, shape, stride and dtype. Other tensors
-    that merely overlap in memory (views) are cloned so every stored tensor owns its bytes. Only storages
-    shared by several entries are examined (the common case, one storage per tensor, costs one lookup).
+    Ties are what ``formats.group_tied`` says they are. Stored tensors that merely overlap in memory
+    (views of one storage that are not the same tensor) are cloned so every stored tensor owns its bytes;
+    only storages shared by several stored entries are examined (the common case costs one lookup).
     """
+    stored, aliases = group_tied({k: InMemory(t) for k, t in sd.items()})
+    unique = {k: s.tensor for k, s in stored.items()}
     by_storage: dict[int, list[str]] = {}
-    for k in sorted(sd):
-        if sd[k].numel():
-            by_storage.setdefault(sd[k].untyped_storage().data_ptr(), []).append(k)
-    aliases: dict[str, str] = {}
-    cloned: set[str] = set()
+    for k, t in unique.items():
+        if t.numel():
+            by_storage.setdefault(t.untyped_storage().data_ptr(), []).append(k)
     for keys in by_storage.values():
-        if len(keys) == 1:
+        if len(keys) == 1:  # alone in its storage: overlaps nothing
             continue
-        kept: dict[tuple, str] = {}
         spans: list[tuple[int, int]] = []
         for k in keys:
-            t = sd[k]
-            ident = (t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-            if ident in kept:
-                aliases[k] = kept[ident]
-                continue
-            kept[ident] = k
+            t = unique[k]
             start = t.storage_offset() * t.element_size()
             end = start + t.numel() * t.element_size()
             if any(s < end and start < e for s, e in spans):
-                cloned.add(k)
+                unique[k] = t.clone()
             else:
                 spans.append((start, end))
-    unique = {k: (sd[k].clone() if k in cloned else sd[k]) for k in sorted(sd) if k not in aliases}
     return unique, aliases
 
 

@@ -15,6 +15,21 @@ def _compiled_type():
     return OptimizedModule
 
 
+def _peel(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """The bare module inside ``model`` and the names of the wrappers around it, outermost first."""
+    names: list[str] = []
+    compiled = _compiled_type()
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            names.append(type(model).__name__)
+            model = model.module
+        elif compiled is not None and isinstance(model, compiled):
+            names.append("OptimizedModule")
+            model = model._orig_mod
+        else:
+            return model, names
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """Return the bare module inside any nesting of DataParallel, DistributedDataParallel and
     ``torch.compile`` (OptimizedModule), e.g. ``DDP(compile(m))`` or ``compile(DDP(m))``, and what
@@ -28,26 +43,9 @@ def unwrap(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"unwrap expects an nn.Module, got {type(model).__name__}")
-    compiled = _compiled_type()
-    while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        elif compiled is not None and isinstance(model, compiled):
-            model = model._orig_mod
-        else:
-            return model
+    return _peel(model)[0]
 
 
 def describe_wrapping(model: nn.Module) -> list[str]:
     """Names of the wrappers around ``model``, outermost first (e.g. ``["DistributedDataParallel", "OptimizedModule"]``)."""
-    names = []
-    compiled = _compiled_type()
-    while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            names.append(type(model).__name__)
-            model = model.module
-        elif compiled is not None and isinstance(model, compiled):
-            names.append("OptimizedModule")
-            model = model._orig_mod
-        else:
-            return names
+    return _peel(model)[1]

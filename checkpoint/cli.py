@@ -1,8 +1,8 @@
 """``anytopo-ckpt`` / ``python -m checkpoint``: inspect, convert, diff, verify.
 
-Exit codes: 0 ok; 1 a difference or a failed verification; 2 bad input or usage. Errors are one line on
-stderr naming the problem and the fix; tracebacks only with ``--debug``. ``--json`` prints exactly one
-JSON object on stdout.
+Exit codes: 0 ok; 1 a difference or a failed verification; 2 bad input or usage; 3 an internal error (a bug:
+the message says so). Errors are one line on stderr naming the problem and the fix; tracebacks only with
+``--debug``. ``--json`` prints exactly one JSON object on stdout.
 """
 from __future__ import annotations
 
@@ -13,24 +13,29 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .describe import inspect
-from .errors import CheckpointError
-from .formats import check_integrity, read_source
-from .keys import strip_common_wrappers
+from .errors import CheckpointError, and_more, first_line
+from .formats import Source, TensorSource, check_integrity, group_tied, read_source
+from .keys import match_keys, wrapper_prefix
 from ._save import build_manifest, parse_size, write_checkpoint
 
 # torch is imported by the commands that hold tensors (diff, verify, and reading .pth/DCP sources);
 # `inspect` and `convert` of safetensors checkpoints run without it, in a small resident set.
 
-OK, DIFFERENT, BAD_INPUT = 0, 1, 2
+OK, DIFFERENT, BAD_INPUT, INTERNAL_ERROR = 0, 1, 2, 3
 
 
 # ------------------------------------------------------------------------------------------ commands
 
+def _stripped_line(prefix: str, reasons: list[str]) -> list[str]:
+    return [f"  keys: stripped {prefix!r} ({'; '.join(reasons)}); --keep-prefix keeps it"] if prefix else []
+
+
 def cmd_inspect(args: argparse.Namespace) -> tuple[int, dict[str, Any], str]:
-    info = inspect(args.path, ema=args.ema, allow_pickle=args.allow_pickle)
+    info = inspect(args.path, ema=args.ema, allow_pickle=args.allow_pickle, keep_prefix=args.keep_prefix)
     lines = [f"{info['path']}: {info['format']}, {info['num_tensors']} tensors, "
              f"{info['num_elements']:,} elements, {info['bytes']:,} bytes",
              f"  dtypes: {info['dtypes']}"]
+    lines += _stripped_line(info["prefix_stripped"], info["prefix_reasons"])
     if info["prefixes"]:
         lines.append(f"  key prefixes: {info['prefixes']}")
     if info["other_entries"]:
@@ -46,50 +51,109 @@ def cmd_inspect(args: argparse.Namespace) -> tuple[int, dict[str, Any], str]:
     shown = info["tensors"][: args.limit]
     lines += [f"  {t['name']}: {t['dtype']} {t['shape']}" for t in shown]
     if len(info["tensors"]) > len(shown):
-        lines.append(f"  ... {len(info['tensors']) - len(shown)} more (--limit N)")
+        lines.append(f"  ... and {len(info['tensors']) - len(shown)} more (--limit N)")
     return OK, info, "\n".join(lines)
 
 
-def cmd_convert(args: argparse.Namespace) -> tuple[int, dict[str, Any], str]:
-    src = read_source(args.src, ema=args.ema, allow_pickle=args.allow_pickle)
-    checks = check_integrity(src, hashes=True)
+def _without_model(args: argparse.Namespace, src: Source) -> tuple[dict[str, TensorSource], str, list[str]]:
+    """The file's keys minus ``--prefix`` and the prefix wrappers put on every key (unless --keep-prefix)."""
     tensors = dict(src.tensors)
-    stripped = ""
+    if args.keep_prefix:
+        return tensors, "", []
+    stripped, reasons, fmt = "", [], src.format
     if args.prefix:
         if not all(k.startswith(args.prefix) for k in tensors):
             raise CheckpointError(f"--prefix {args.prefix!r} is not on every key; check `anytopo-ckpt inspect {args.src}`")
         tensors = {k[len(args.prefix):]: v for k, v in tensors.items()}
-        stripped = args.prefix
-    tensors, common = strip_common_wrappers(tensors)
-    stripped += common
-    if args.layout == "dp":
-        tensors = {"module." + k: v for k, v in tensors.items()}
-    # Tied entries (the same memory under several keys) are written once and recorded as aliases.
-    first: dict[object, str] = {}
-    entries, aliases = [], {}
-    for k in sorted(tensors):
-        src_t = tensors[k]
-        ident = src_t.identity()
-        if ident in first:
-            aliases[k] = first[ident]
-        else:
-            first[ident] = k
-            entries.append((k, src_t))
+        stripped, reasons, fmt = args.prefix, [f"{args.prefix!r}: --prefix"], ""  # the user chose the attribute
+    common, why = wrapper_prefix(tensors, fmt)
+    return {k[len(common):]: v for k, v in tensors.items()}, stripped + common, reasons + why
+
+
+def _build_meta_model(name: str, options: dict[str, Any]):
+    """``models.build_model`` on the meta device (no memory, no init cost) where the model allows it,
+    and all its options (defaults filled in, for the manifest)."""
+    import dataclasses
+
+    import models  # the registry: only the commands given --model need it
+    import torch
+
+    try:
+        full = dataclasses.asdict(models.get_config(name, **options))
+        with torch.device("meta"):
+            return models.build_model(name, **full), full
+    except ValueError as e:
+        raise CheckpointError(f"cannot build model {name!r}: {e}") from None
+    except (RuntimeError, NotImplementedError):  # an init that needs real memory: build it for real
+        return models.build_model(name, **full), full
+
+
+def _model_options(args: argparse.Namespace) -> dict[str, Any]:
+    import models
+
+    try:
+        return models.parse_model_args(args.model_arg)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _for_model(args: argparse.Namespace, src: Source) -> tuple[dict[str, TensorSource], str, list[str], dict[str, Any]]:
+    """The file's tensors under the keys of model ``--model``, matched exactly as ``checkpoint.load`` matches
+    them; anything that does not fit (missing, left over, another shape) is refused, listed."""
+    from ._load import _DEFAULTABLE, LoadReport, _strict_error
+
+    name = args.model
+    model, options = _build_meta_model(name, _model_options(args))
+    target = model.state_dict()
+    km = match_keys(src.tensors, target, prefix=args.prefix)
+    report = LoadReport(str(args.src), src.format, True, "meta", prefix_stripped=km.strip, prefix_added=km.add,
+                        missing=[k for k in km.missing if not k.endswith(_DEFAULTABLE)], unexpected=km.unexpected,
+                        shape_mismatches=sorted((t, list(src.tensors[s].shape), list(target[t].shape))
+                                                for t, s in km.mapping.items()
+                                                if tuple(src.tensors[s].shape) != tuple(target[t].shape)),
+                        source_model=(src.manifest or {}).get("model"))
+    if not report.ok:
+        raise _strict_error(report, name, instead="convert without --model to keep the file's keys")
+    change = [f"stripped {km.strip!r}"] * bool(km.strip) + [f"added {km.add!r}"] * bool(km.add)
+    reasons = [f"matched to {name}: {', '.join(change) or 'keys already fit'}"]
+    return {t: src.tensors[s] for t, s in km.mapping.items()}, km.strip, reasons, {"model": name, "model_options": options}
+
+
+def cmd_convert(args: argparse.Namespace) -> tuple[int, dict[str, Any], str]:
+    if args.keep_prefix and (args.prefix or args.model):
+        raise CheckpointError("--keep-prefix keeps the file's keys as they are; drop --prefix/--model, or drop --keep-prefix")
+    src = read_source(args.src, ema=args.ema, allow_pickle=args.allow_pickle)
+    checks = check_integrity(src, hashes=True)
     m = src.manifest or {}
     meta = {key: m[key] for key in ("model", "model_options", "step", "epoch") if m.get(key) is not None}
+    if args.model:
+        tensors, stripped, reasons, model_meta = _for_model(args, src)
+        meta.update(model_meta)
+    else:
+        tensors, stripped, reasons = _without_model(args, src)
+    if args.layout == "dp":
+        tensors = {"module." + k: v for k, v in tensors.items()}
+    stored, aliases = group_tied(tensors)  # tied entries are written once and recorded as aliases
     meta["topology"] = m.get("topology") or {"strategy": "unknown", "world_size": None, "device_type": "unknown"}
-    meta["converted_from"] = {"path": str(args.src), "format": src.format, "prefix_stripped": stripped}
+    meta["converted_from"] = {"path": str(args.src), "format": src.format, "prefix_stripped": stripped,
+                              "prefix_reasons": reasons}
     meta["layout"] = args.layout
-    manifest = build_manifest(dict(entries), aliases, {}, meta)
+    manifest = build_manifest(stored, aliases, {}, meta)
     fmt = args.format
     dst = Path(args.dst)
     if fmt is None and dst.suffix == "":
         fmt = "safetensors"
-    write_checkpoint(dst, entries, manifest, max_shard_size=parse_size(args.max_shard_size), fmt=fmt)
-    out = {"src": str(args.src), "dst": str(dst), "source_format": src.format, "tensors": len(entries) + len(aliases),
-           "bytes": manifest["total_bytes"], "prefix_stripped": stripped, "layout": args.layout, "checks": checks}
-    return OK, out, (f"wrote {dst} ({out['tensors']} tensors, {out['bytes']:,} bytes) from {src.format}"
-                     + (f", stripped {stripped!r}" if stripped else "") + (", layout dp" if args.layout == "dp" else ""))
+    write_checkpoint(dst, list(stored.items()), manifest, max_shard_size=parse_size(args.max_shard_size), fmt=fmt)
+    out = {"src": str(args.src), "dst": str(dst), "source_format": src.format, "tensors": len(stored) + len(aliases),
+           "bytes": manifest["total_bytes"], "prefix_stripped": stripped, "prefix_reasons": reasons,
+           "model": args.model, "layout": args.layout, "checks": checks}
+    lines = [f"wrote {dst} ({out['tensors']} tensors, {out['bytes']:,} bytes) from {src.format}"
+             + (", layout dp" if args.layout == "dp" else "")]
+    if args.model:
+        lines.append(f"  keys: {reasons[0]}")
+    else:
+        lines += _stripped_line(stripped, reasons)
+    return OK, out, "\n".join(lines)
 
 
 def cmd_diff(args: argparse.Namespace) -> tuple[int, dict[str, Any], str]:
@@ -124,20 +188,17 @@ def cmd_diff(args: argparse.Namespace) -> tuple[int, dict[str, Any], str]:
             + (f" ({max_key})" if max_key else "")]
     for name in ("only_in_a", "only_in_b", "shape_mismatches", "dtype_mismatches", "differing"):
         if out[name]:
-            text.append(f"  {name.replace('_', ' ')}: {len(out[name])} {out[name][:6]}")
+            text.append(f"  {name.replace('_', ' ')}: {len(out[name])}: {and_more(out[name], 6)}")
     return (OK if same else DIFFERENT), out, "\n".join(text)
 
 
 def cmd_verify(args: argparse.Namespace) -> tuple[int, dict[str, Any], str]:
-    import models  # only this command needs the registry
+    import models  # only the commands given a model need the registry
     import torch
 
     from ._load import load
 
-    try:
-        options = models.parse_model_args(args.model_arg)
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
+    options = _model_options(args)
     name = args.model
     if name is None:
         m = read_source(args.path, ema=args.ema, allow_pickle=args.allow_pickle).manifest or {}
@@ -145,7 +206,9 @@ def cmd_verify(args: argparse.Namespace) -> tuple[int, dict[str, Any], str]:
             raise CheckpointError(f"{args.path} has no manifest naming its model; pass --model NAME "
                                   f"(one of {', '.join(models.list_models())})")
         name = m["model"]
-        options = {**(m.get("model_options") or {}), **options}
+        saved = dict(m.get("model_options") or {})
+        saved.pop("weights", None)  # manifests written before checkpoint.load_pretrained listed the init file here
+        options = {**saved, **options}
     try:
         model = models.build_model(name, **options)
         inputs = models.example_inputs(name, **options)
@@ -172,6 +235,11 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
+    def model_options(sp: argparse.ArgumentParser, help_model: str) -> None:
+        sp.add_argument("--model", default=None, metavar="NAME", help=help_model)
+        sp.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="model option, value parsed as a Python literal (repeatable)")
+
     def common(sp: argparse.ArgumentParser, ema: bool = True) -> None:
         sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
         sp.add_argument("--allow-pickle", action="store_true",
@@ -180,8 +248,14 @@ def get_parser() -> argparse.ArgumentParser:
             sp.add_argument("--ema", action="store_true", help="use the EMA weights where the file has them")
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
+    def keep_prefix(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--keep-prefix", action="store_true",
+                        help="keep the keys exactly as the file has them (by default the prefix that wrappers put on "
+                             "every key is stripped: module., _orig_mod., a Lightning module's only child, DCP's model.)")
+
     sp = sub.add_parser("inspect", help="describe a checkpoint")
     sp.add_argument("path")
+    keep_prefix(sp)
     sp.add_argument("--limit", type=int, default=20, help="tensors listed in text output")
     common(sp)
     sp.set_defaults(func=cmd_inspect)
@@ -193,7 +267,10 @@ def get_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-shard-size", default=None, help="e.g. 2GB, 500MB (directory output)")
     sp.add_argument("--layout", choices=["bare", "dp"], default="bare",
                     help="dp re-adds 'module.' for legacy code that loads into DataParallel")
-    sp.add_argument("--prefix", default=None, help="strip this key prefix (e.g. 'model.' for Lightning)")
+    sp.add_argument("--prefix", default=None, help="strip this key prefix (e.g. 'student.'); with --model, use "
+                                                       "it instead of searching, as checkpoint.load(prefix=) does")
+    keep_prefix(sp)
+    model_options(sp, "write the keys of this registry model, matched as checkpoint.load matches them")
     common(sp)
     sp.set_defaults(func=cmd_convert)
 
@@ -207,9 +284,7 @@ def get_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("verify", help="build the model, load strictly, run a forward pass")
     sp.add_argument("path")
-    sp.add_argument("--model", default=None, help="registry name (default: from the manifest)")
-    sp.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                    help="model option, value parsed as a Python literal (repeatable)")
+    model_options(sp, "registry name (default: from the manifest)")
     common(sp)
     sp.set_defaults(func=cmd_verify)
     return p
@@ -222,14 +297,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if args.debug:
             raise
-        first = str(e).splitlines()[0] if str(e) else ""
-        # our own errors (bad input) are one line already; anything else is unforeseen: say so
-        msg = first if isinstance(e, (CheckpointError, TypeError)) else \
-            f"unexpected {type(e).__name__}: {first} (rerun with --debug for details)"
+        if isinstance(e, CheckpointError):  # bad input: the message names the problem and the fix
+            code, msg = BAD_INPUT, first_line(e)
+        elif isinstance(e, OSError):  # the file system refused (permissions, space, a path that vanished)
+            code, msg = BAD_INPUT, f"{first_line(e)}; check the path, its permissions and the free space"
+        else:  # anything else is a bug here, not a problem with the input: never dressed up as one
+            code, msg = INTERNAL_ERROR, (f"internal error: {type(e).__name__}: {first_line(e)} "
+                                         "(a bug in anytopo-ckpt; rerun with --debug for the traceback and report it)")
         print(f"error: {msg}", file=sys.stderr)
         if getattr(args, "json", False):
-            print(json.dumps({"ok": False, "error": msg}))
-        return BAD_INPUT
+            print(json.dumps({"ok": False, "error": msg, "exit_code": code}))
+        return code
     if args.json:
         print(json.dumps(payload, default=str))
     else:

@@ -6,8 +6,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .formats import check_integrity, read_source
-from .keys import WRAPPER_PREFIXES
+from .formats import check_integrity, group_tied, read_source
+from .keys import WRAPPER_PREFIXES, wrapper_prefix
 
 
 def _prefixes(keys: list[str]) -> dict[str, int]:
@@ -29,9 +29,15 @@ def _prefixes(keys: list[str]) -> dict[str, int]:
     return dict(counts)
 
 
-def inspect(path: str | Path, *, ema: bool = False, allow_pickle: bool = False, verify: bool = True) -> dict[str, Any]:
+def inspect(path: str | Path, *, ema: bool = False, allow_pickle: bool = False, verify: bool = True,
+            keep_prefix: bool = False) -> dict[str, Any]:
     """Describe a checkpoint: format, tensors, element count, bytes, dtypes, key prefixes, non-tensor
     entries, manifest, integrity. Plain JSON-able dict.
+
+    Tensors are listed under the keys ``convert`` writes: without the prefix that wrappers put on every
+    key (``module.``, ``_orig_mod.``, the format's own wrapper attribute such as a LightningModule's only
+    child), which ``prefix_stripped`` names and ``prefix_reasons`` explains. ``keep_prefix=True`` lists the
+    keys exactly as the file holds them.
 
     Example:
         >>> checkpoint.inspect("run/checkpoints/step-100")["num_tensors"]
@@ -39,27 +45,24 @@ def inspect(path: str | Path, *, ema: bool = False, allow_pickle: bool = False, 
     """
     src = read_source(path, ema=ema, allow_pickle=allow_pickle)
     integrity = check_integrity(src, hashes=verify)
+    prefix, reasons = ("", []) if keep_prefix else wrapper_prefix(src.tensors, src.format)
     tensors = []
     dtypes: Counter[str] = Counter()
-    numel = nbytes = 0
-    seen: set[int] = set()
     for k, t in src.tensors.items():
         dt = t.dtype_name
-        tensors.append({"name": k, "dtype": dt, "shape": list(t.shape)})
+        tensors.append({"name": k[len(prefix):], "dtype": dt, "shape": list(t.shape)})
         dtypes[dt] += 1
-        if id(t) not in seen:  # tied entries count once
-            seen.add(id(t))
-            numel += math.prod(t.shape)
-            nbytes += t.nbytes
-    keys = list(src.tensors)
+    stored, _ = group_tied(src.tensors)  # tied entries count once
     return {
         "path": str(path),
         "format": src.format,
         "num_tensors": len(tensors),
-        "num_elements": numel,
-        "bytes": nbytes,
+        "num_elements": sum(math.prod(t.shape) for t in stored.values()),
+        "bytes": sum(t.nbytes for t in stored.values()),
         "dtypes": dict(dtypes),
-        "prefixes": _prefixes(keys),
+        "prefix_stripped": prefix,
+        "prefix_reasons": reasons,
+        "prefixes": _prefixes([t["name"] for t in tensors]),
         "other_entries": src.other,
         "files": [str(f) for f in src.files],
         "integrity": integrity,

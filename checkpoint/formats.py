@@ -24,10 +24,10 @@ import warnings
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ._safetensors_io import InMemory, TensorSource, read_header
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -56,14 +56,32 @@ class Source:
     notes: list[str] = field(default_factory=list)  # what the reader chose or dropped
 
     def materialize(self) -> dict[str, torch.Tensor]:
-        """All tensors in memory (CPU). Tied entries stay the same tensor object."""
-        out: dict[str, torch.Tensor] = {}
-        seen: dict[int, torch.Tensor] = {}
-        for k, src in self.tensors.items():
-            if id(src) not in seen:
-                seen[id(src)] = src.read()
-            out[k] = seen[id(src)]
-        return out
+        """All tensors in memory (CPU). Tied entries are read once and stay the same tensor object."""
+        stored, aliases = group_tied(self.tensors)
+        out = {k: s.read() for k, s in stored.items()}
+        out.update({alias: out[key] for alias, key in aliases.items()})
+        return {k: out[k] for k in self.tensors}
+
+
+def group_tied(sources: Mapping[str, TensorSource]) -> tuple[dict[str, TensorSource], dict[str, str]]:
+    """Split entries into those to store and tied ones: ``(stored, aliases)``, ``aliases`` mapping each tied
+    key to the stored key it shares its bytes with (the first in sorted order). Both are sorted by key.
+
+    Entries are tied when their ``identity()`` is equal: the same storage, offset, shape, stride and dtype
+    for tensors in memory, the same file bytes for slices (empty tensors are never tied). This is the one
+    definition of "tied" that ``save``, ``convert`` and ``inspect`` share; readers re-create the aliases.
+    """
+    first: dict[object, str] = {}
+    stored: dict[str, TensorSource] = {}
+    aliases: dict[str, str] = {}
+    for k in sorted(sources):
+        ident = sources[k].identity()
+        if ident in first:
+            aliases[k] = first[ident]
+        else:
+            first[ident] = k
+            stored[k] = sources[k]
+    return stored, aliases
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -188,7 +206,7 @@ def _torch_load(path: Path, *, allow_pickle: bool, mmap: bool) -> Any:
         culprit = m.group(1) if m else (None if _sniff(path) == "zip" else _first_global(path))
         if not allow_pickle:
             if culprit is None and _sniff(path) != "zip":
-                raise CheckpointError(f"{path}: not a readable torch checkpoint ({msg.splitlines()[0]}); "
+                raise CheckpointError(f"{path}: not a readable torch checkpoint ({first_line(e)}); "
                                       "the file is damaged, re-copy it or use an earlier checkpoint") from None
             what = f" (it references {culprit})" if culprit else ""
             raise CheckpointError(
@@ -196,17 +214,15 @@ def _torch_load(path: Path, *, allow_pickle: bool, mmap: bool) -> Any:
                 "If you trust its source, pass allow_pickle=True (CLI: --allow-pickle) and re-save it with "
                 "`anytopo-ckpt convert` to get a safe file") from None
         if m is None and "Weights only load failed" not in msg:
-            raise CheckpointError(f"{path}: not a readable torch checkpoint ({msg.splitlines()[0]})") from None
+            raise CheckpointError(f"{path}: not a readable torch checkpoint ({first_line(e)})") from None
     except (RuntimeError, EOFError, OSError, ValueError, struct.error) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({first}); "
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({first_line(e)}); "
                               "the file is damaged or truncated, re-copy it or use an earlier checkpoint") from None
     # Explicit opt-in: the caller trusts this file.
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path}: could not unpickle it even with allow_pickle ({first}); the file is damaged "
+        raise CheckpointError(f"{path}: could not unpickle it even with allow_pickle ({first_line(e)}); the file is damaged "
                               "or needs code that is not importable here") from None
 
 
@@ -280,9 +296,8 @@ def _read_torch_file(path: Path, *, ema: bool, allow_pickle: bool, kind: str) ->
 
 
 def _share(tensors: dict[str, torch.Tensor]) -> dict[str, TensorSource]:
-    """Wrap in-memory tensors; entries that are the same tensor stay one source (tied weights)."""
-    by_id: dict[int, InMemory] = {}
-    return {k: by_id.setdefault(id(t), InMemory(t)) for k, t in tensors.items()}
+    """Wrap in-memory tensors as sources (tied entries are recognised later, by ``group_tied``)."""
+    return {k: InMemory(t) for k, t in tensors.items()}
 
 
 # ---------------------------------------------------------------------------------------- safetensors
@@ -401,8 +416,7 @@ def _read_dcp(directory: Path) -> Source:
             cause = cause.__cause__
         if isinstance(cause, CheckpointError):
             raise cause from None
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{directory}: could not read the DCP checkpoint ({first}); "
+        raise CheckpointError(f"{directory}: could not read the DCP checkpoint ({first_line(e)}); "
                               "a data file is missing or damaged") from None
     notes = []
     if isinstance(state.get("model"), dict):

@@ -14,7 +14,9 @@ from typing import Any, Mapping
 
 from .errors import CheckpointError
 
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# What the wrappers of a live model add to its keys, and which wrapper adds it.
+_WRAPPER_REASONS = {"module.": "DataParallel/DDP (also what accelerate's prepare adds)", "_orig_mod.": "torch.compile"}
+WRAPPER_PREFIXES = tuple(_WRAPPER_REASONS)
 _MAX_DEPTH = 3
 
 
@@ -100,14 +102,50 @@ def match_keys(source_keys, target_keys, *, prefix: str | None = None) -> KeyMat
     return top[0]
 
 
-def strip_common_wrappers(sd: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
-    """A dict (no module structure to unwrap) whose EVERY key starts with a wrapper prefix gets it removed."""
-    stripped = ""
-    out = dict(sd)
-    while out:
-        p = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in out)), None)
+# The attribute a format itself puts around the network's keys (see ``wrapper_prefix``).
+_FORMAT_ATTRIBUTES = {"lightning": "the LightningModule's only child", "dcp": "the DCP state's 'model' entry"}
+
+
+def _format_attribute(fmt: str, keys: list[str]) -> str | None:
+    """The attribute a format wraps the network in, when every key carries it (else None)."""
+    if fmt == "dcp":
+        return "model." if all(k.startswith("model.") for k in keys) else None
+    if fmt == "lightning":  # a LightningModule whose one child is the network: `self.model = net`
+        heads = {k.split(".", 1)[0] for k in keys}
+        return heads.pop() + "." if len(heads) == 1 and all("." in k for k in keys) else None
+    return None
+
+
+def wrapper_prefix(keys, fmt: str = "") -> tuple[str, list[str]]:
+    """The prefix that wrappers put on EVERY key, with the reason for each part, outermost first.
+
+    Wrapper prefixes (``module.``, ``_orig_mod.``) are recognised for any source, in any order; the
+    format's own wrapper attribute (``fmt`` ``"lightning"``: the module's single child; ``"dcp"``: a
+    ``model.`` subtree) once, wherever it sits among them. A prefix is taken only when every key carries
+    it and no key would become empty.
+
+    Example:
+        >>> wrapper_prefix(["model._orig_mod.fc.weight", "model._orig_mod.fc.bias"], "lightning")
+        ('model._orig_mod.', ["'model.': the LightningModule's only child", "'_orig_mod.': torch.compile"])
+    """
+    keys = list(keys)
+    prefix, reasons = "", []
+    attribute_left = fmt in _FORMAT_ATTRIBUTES
+    while keys:
+        p = next((p for p in _WRAPPER_REASONS if all(k.startswith(p) and k != p for k in keys)), None)
+        reason = _WRAPPER_REASONS.get(p or "")
+        if p is None and attribute_left:
+            attribute_left = False
+            p, reason = _format_attribute(fmt, keys), _FORMAT_ATTRIBUTES[fmt]
         if p is None:
             break
-        out = {k[len(p):]: v for k, v in out.items()}
-        stripped += p
-    return out, stripped
+        keys = [k[len(p):] for k in keys]
+        prefix += p
+        reasons.append(f"{p!r}: {reason}")
+    return prefix, reasons
+
+
+def strip_common_wrappers(sd: Mapping[str, Any], fmt: str = "") -> tuple[dict[str, Any], str]:
+    """``sd`` without the prefix ``wrapper_prefix`` finds on every key, and that prefix."""
+    prefix, _ = wrapper_prefix(sd, fmt)
+    return {k[len(prefix):]: v for k, v in sd.items()}, prefix

@@ -6,13 +6,12 @@ default options the state-dict keys are exactly torchvision's (``conv1.weight``,
 ``layer1.0...``, ``fc.weight``, ``fc.bias``), so torchvision checkpoints load as they are.
 
 Options (see :class:`ResNetConfig`) change the stem (``in_channels``, ``small_input``), the head
-(``num_classes``, ``head``, ``extra_inputs``) and the return value (``aux_output``), and load a local
-state-dict file (``weights=PATH``; nothing is ever downloaded).
+(``num_classes``, ``head``, ``extra_inputs``) and the return value (``aux_output``). Models never read
+files: to start from pretrained weights, build the model and call
+``checkpoint.load_pretrained(model, path, skippable_prefixes=model.replaced_prefixes)``.
 """
 from __future__ import annotations
 
-import os
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
@@ -26,8 +25,6 @@ from ._registry import check_bool, check_choice, check_int, example_generator, r
 HEADS = ("linear", "mlp")
 MLP_HEAD_HIDDEN = 128
 """Width of the ``head="mlp"`` hidden layer."""
-_MAX_KEYS_IN_ERROR = 10
-"""Prefixes DDP/DataParallel (``module.``) and ``torch.compile`` (``_orig_mod.``) add to saved keys."""
 
 
 @dataclass(kw_only=True)
@@ -48,9 +45,6 @@ class ResNetConfig:
     aux_output: bool = False
     """True: ``forward`` returns ``(logits, features)``; features are the pooled penultimate vector
     (before any extra inputs are concatenated)."""
-    weights: str | None = None
-    """Path to a local state-dict file (``.safetensors``, or anything ``torch.load`` reads with
-    ``weights_only=True``) loaded into the final model. Not torchvision's ``weights=`` enum."""
 
     def __post_init__(self) -> None:
         check_int("num_classes", self.num_classes, minimum=1)
@@ -59,10 +53,6 @@ class ResNetConfig:
         check_choice("head", self.head, HEADS)
         check_int("extra_inputs", self.extra_inputs, minimum=0)
         check_bool("aux_output", self.aux_output)
-        if isinstance(self.weights, os.PathLike):
-            self.weights = os.fspath(self.weights)  # keep the config JSON-serialisable
-        if self.weights is not None and (not isinstance(self.weights, str) or not self.weights):
-            raise ValueError(f"weights must be None or a path to a local state-dict file, got {self.weights!r}")
 
     @property
     def replaces_conv1(self) -> bool:
@@ -74,6 +64,12 @@ class ResNetConfig:
         """Whether ``fc`` differs from torchvision's default 1000-class linear head."""
         return self.head != "linear" or self.num_classes != 1000 or self.extra_inputs > 0
 
+    @property
+    def replaced_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes of the modules that differ from torchvision's network (``"conv1."``,
+        ``"fc."``): weights saved from torchvision's own network may not fit them."""
+        return (("conv1.",) if self.replaces_conv1 else ()) + (("fc.",) if self.replaces_fc else ())
+
 
 class ResNet(nn.Module):
     """A torchvision ResNet's modules under the same names, with an optional extra-input/aux-output forward.
@@ -83,10 +79,11 @@ class ResNet(nn.Module):
         fc: the head; its input size must be ``num_features + extra_inputs``.
         extra_inputs: number of extra features concatenated to the pooled features before ``fc``.
         aux_output: return ``(logits, features)`` instead of ``logits``.
+        replaced_prefixes: state-dict prefixes of modules that differ from torchvision's network.
     """
 
     def __init__(self, backbone: torchvision.models.ResNet, fc: nn.Module, *, extra_inputs: int = 0,
-                 aux_output: bool = False) -> None:
+                 aux_output: bool = False, replaced_prefixes: tuple[str, ...] = ()) -> None:
         super().__init__()
         # Same attribute names, same order as torchvision: state_dict keys (and their order) match.
         self.conv1 = backbone.conv1
@@ -103,6 +100,9 @@ class ResNet(nn.Module):
         """Size of the pooled feature vector (512 for resnet18/34, 2048 for resnet50+)."""
         self.extra_inputs = extra_inputs
         self.aux_output = aux_output
+        self.replaced_prefixes = replaced_prefixes
+        """Keys under these prefixes may not fit weights saved from torchvision's network (pass them to
+        ``checkpoint.load_pretrained(..., skippable_prefixes=)``)."""
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled penultimate features, shape ``(N, num_features)``."""
@@ -156,7 +156,7 @@ def mlp_head(in_features: int, num_classes: int) -> nn.Sequential:
 
 
 def _create_resnet(tv_builder: Callable[..., torchvision.models.ResNet], cfg: ResNetConfig) -> ResNet:
-    """Build with torchvision's builder, modify the stem/head per ``cfg``, then load ``cfg.weights``."""
+    """Build with torchvision's builder, then modify the stem/head per ``cfg``."""
     backbone = tv_builder(weights=None, num_classes=cfg.num_classes)
     if cfg.replaces_conv1:
         old = backbone.conv1
@@ -177,69 +177,8 @@ def _create_resnet(tv_builder: Callable[..., torchvision.models.ResNet], cfg: Re
     else:
         fc = backbone.fc  # torchvision's own Linear(num_features, num_classes)
 
-    model = ResNet(backbone, fc, extra_inputs=cfg.extra_inputs, aux_output=cfg.aux_output)
-    if cfg.weights is not None:
-        replaced = (("conv1.",) if cfg.replaces_conv1 else ()) + (("fc.",) if cfg.replaces_fc else ())
-        load_weights(model, cfg.weights, skippable_prefixes=replaced)
-    return model
-
-
-# ----------------------------------------------------------------------------------- weight loading
-def load_weights(model: nn.Module, path: str | os.PathLike, *, skippable_prefixes: tuple[str, ...] = ()) -> None:
-    """Load the checkpoint at ``path`` into ``model`` strictly, except for modules we replaced.
-
-    Reading goes through ``checkpoint.load`` (imported here, not at module level: ``models`` stays usable
-    without it), so ``weights=`` takes every format the checkpoint package reads (plain state dicts,
-    torchvision reference / timm / Lightning files, safetensors, shards) with ``weights_only`` safety and
-    prefix detection against this model's keys. Keys under ``skippable_prefixes`` (e.g. ``"fc."`` when the
-    head was replaced) that are missing, unexpected or of another shape are skipped with a warning naming
-    them; the rest of those modules still load when they fit. Any other mismatch raises.
-
-    Raises:
-        ValueError: listing (sorted, at most 10 each) the missing, unexpected and shape-mismatched keys.
-    """
-    import checkpoint
-
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise ValueError(f"weights file {path!r} does not exist (weights= takes a local path; nothing is downloaded)")
-    try:
-        report = checkpoint.load(path, model, strict=False)
-    except checkpoint.CheckpointError as e:
-        raise ValueError(f"weights= file unusable: {e}") from None
-
-    def skippable(key: str) -> bool:
-        return bool(skippable_prefixes) and key.startswith(skippable_prefixes)
-
-    mismatched = [k for k, _, _ in report.shape_mismatches]
-    errors = []
-    for label, keys in (("missing", report.missing), ("unexpected", report.unexpected)):
-        bad = [k for k in keys if not skippable(k)]
-        if bad:
-            errors.append(f"{len(bad)} {label} key(s): {_key_list(bad)}")
-    bad_shapes = [(k, f, m) for k, f, m in report.shape_mismatches if not skippable(k)]
-    if bad_shapes:
-        shown = bad_shapes[:_MAX_KEYS_IN_ERROR]
-        detail = ", ".join(f"{k} (file {tuple(f)} vs model {tuple(m)})" for k, f, m in shown)
-        more = f" ... and {len(bad_shapes) - len(shown)} more" if len(bad_shapes) > len(shown) else ""
-        errors.append(f"{len(bad_shapes)} shape-mismatched key(s): {detail}{more}")
-    if errors:
-        raise ValueError(
-            f"weights file {path!r} does not fit this model: " + "; ".join(errors)
-            + ". Build the model with the architecture and options the file was saved from (same resnet "
-              "depth; same num_classes/head/extra_inputs/in_channels/small_input), or pass a file saved "
-              "from this model.")
-    skipped = sorted({k for k in report.missing + report.unexpected + mismatched if skippable(k)})
-    if skipped:
-        warnings.warn(f"weights file {path!r}: skipped {len(skipped)} key(s) of replaced modules "
-                      f"that do not fit: {_key_list(skipped)}; these keep their fresh initialisation",
-                      stacklevel=2)
-
-
-def _key_list(keys: list[str]) -> str:
-    keys = sorted(keys)
-    more = f" ... and {len(keys) - _MAX_KEYS_IN_ERROR} more" if len(keys) > _MAX_KEYS_IN_ERROR else ""
-    return ", ".join(keys[:_MAX_KEYS_IN_ERROR]) + more
+    return ResNet(backbone, fc, extra_inputs=cfg.extra_inputs, aux_output=cfg.aux_output,
+                  replaced_prefixes=cfg.replaced_prefixes)
 
 
 # -------------------------------------------------------------------------------------- registration

@@ -33,6 +33,8 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from torchvision import datasets as tv_datasets
 from torchvision import transforms as T
 
+from checkpoint.errors import and_more  # the project's one "a, b and N more" (message text only)
+
 __all__ = ["DataInfo", "ShapesDataset", "SegmentationFolder", "Shape", "build_datasets",
            "extra_feature", "EXTRA_FEATURE"]
 
@@ -525,9 +527,8 @@ def _segfolder_datasets(root: Path, *, seed: int, image_size: int | None, in_cha
                          f"({', '.join(duplicated[:3])}): keep one file per stem")
     missing = [p.name for p in images if p.stem not in masks]
     if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise ValueError(f"segfolder {str(root)!r}: {len(missing)} images have no mask "
-                         f"({', '.join(missing[:3])}{more}): add masks/<stem>.png for each image "
+                         f"({and_more(missing, 3)}): add masks/<stem>.png for each image "
                          f"or remove those images")
     pairs = [(p, masks[p.stem]) for p in images]
     classes_txt = root / "classes.txt"

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,12 +23,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "scripts" / "train.py"
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(title: str, cmd: list[str]) -> float:
@@ -79,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         times["resnet"] = run(
             "ResNet-18 on digits, DDP x2 (torchrun, gloo)",
-            [BIN / "torchrun", "--standalone", "--nproc_per_node=2", f"--master_port={_free_port()}", TRAIN,
+            [BIN / "torchrun", "--standalone", "--nproc_per_node=2", TRAIN,
              "--strategy", "ddp", "--model", "resnet18", "--data", "digits", "--epochs", args.epochs,
              "--batch-size", "64", "--lr", "3e-3", "--save-every", "20", "--output-dir", resnet])
         ckpt = summary(resnet)["checkpoint"]

@@ -341,11 +341,12 @@ def resolve_model(cfg: TrainConfig, info: data.DataInfo, manifest: dict[str, Any
         name, options = cfg.model, models.parse_model_args(cfg.model_args)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    options.pop("weights", None)  # an init file, not a model option: Trainer loads it (checkpoint.load_pretrained)
     if manifest and manifest.get("model"):
         if name is None:
             name = manifest["model"]
             saved = dict(manifest.get("model_options") or {})
-            saved.pop("weights", None)  # the checkpoint's own weights replace any init file
+            saved.pop("weights", None)  # older manifests recorded the init file among the options
             options = {**saved, **options}
         elif name != manifest["model"]:
             log.warning("--model %s differs from the checkpoint's model %s", name, manifest["model"])
@@ -443,6 +444,9 @@ class Trainer:
 
         launcher.seed_everything(cfg.seed)  # identical initial weights on every rank and world size
         model = models.build_model(self.model_name, **self.model_options)
+        weights = models.parse_model_args(cfg.model_args).get("weights")  # --model-arg weights=PATH
+        if weights is not None:
+            checkpoint.load_pretrained(model, weights, skippable_prefixes=getattr(model, "replaced_prefixes", ()))
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = launcher.wrap_model(model, info, sync_bn=cfg.sync_bn)
@@ -681,7 +685,7 @@ def cli(argv: list[str] | None = None) -> int:
     except (ConfigError, launcher.LaunchError, checkpoint.CheckpointError) as e:
         if args.debug:
             raise
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"error: {checkpoint.errors.first_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
 BIN = Path(sys.executable).parent
 
-# scripts/ holds the training entry and its sibling modules (datasets, tasks); tests import them.
+# scripts/ holds the training entry and its sibling modules (data, tasks); tests import them.
 if str(SCRIPTS) not in sys.path:
     sys.path.insert(0, str(SCRIPTS))
 

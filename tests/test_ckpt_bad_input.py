@@ -8,6 +8,7 @@ loads list missing/unexpected keys sorted and capped; ``strict=False`` loads the
 from __future__ import annotations
 
 import builtins
+import json
 import os
 import pickle
 import random
@@ -268,7 +269,7 @@ def test_strict_load_lists_missing_and_unexpected_sorted_and_capped(tmp_path):
         checkpoint.load(path, Ladder())
     msg = str(exc.value)
     assert "4 missing [l03.bias, l03.weight, l07.bias, l07.weight]" in msg, msg
-    assert "9 unexpected [extra_00, extra_01, extra_02, extra_03, extra_04, extra_05] ... and 3 more" in msg, msg
+    assert "9 unexpected [extra_00, extra_01, extra_02, extra_03, extra_04, extra_05 and 3 more]" in msg, msg
     assert "extra_08" not in msg
     assert "strict=False" in msg
 
@@ -288,3 +289,27 @@ def test_non_strict_load_takes_the_matching_subset_and_reports_the_rest(tmp_path
         assert torch.equal(v, want), k
     text = str(report)
     assert "missing: 4" in text and "unexpected: 9" in text and "and 3 more" in text
+
+
+# ------------------------------------------------------------------------------------ internal errors
+
+def test_cli_bug_is_not_reported_as_bad_input(tmp_path, monkeypatch, resnet_file):
+    """An exception that is not about the input (here a TypeError raised inside inspect) is a bug: exit 3,
+    one line that says so and how to get the traceback, never exit 2 dressed as a user error."""
+    import checkpoint.cli
+
+    def broken(*args, **kwargs):
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'str'\nsecond line")
+
+    monkeypatch.setattr(checkpoint.cli, "inspect", broken)
+    proc = run_cli("inspect", resnet_file)
+    assert proc.returncode == 3, (proc.returncode, proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("error: internal error: TypeError: unsupported operand"), lines[0]
+    assert "--debug" in lines[0] and "second line" not in lines[0]
+    proc = run_cli("inspect", resnet_file, "--json")
+    assert proc.returncode == 3 and json.loads(proc.stdout) == {
+        "ok": False, "error": lines[0].removeprefix("error: "), "exit_code": 3}
+    proc = run_cli("inspect", resnet_file, "--debug")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "TypeError" in proc.stderr

@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +22,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import checkpoint
-from _ckpt_testlib import assert_bit_identical, fresh_net_differs, outputs, run_cli, small_net, trained_net
+import models
+from _ckpt_testlib import (assert_bit_identical, assert_one_line_error, fresh_net_differs, outputs, run_cli, small_net,
+                           trained_net)
 from checkpoint import CheckpointError
 
 
@@ -191,6 +194,113 @@ def test_lightning_student_teacher_is_ambiguous_until_prefix_given(tmp_path):
     _assert_loads_into_fresh(path, teacher, prefix="teacher.")
 
 
+def _lightning_file(tmp_path, source: nn.Module, name: str = "model.") -> Path:
+    path = tmp_path / "epoch=2-step=40.ckpt"
+    _lightning(path, {name + k: v for k, v in source.state_dict().items()})
+    return path
+
+
+def test_cli_convert_lightning_strips_the_modules_only_child(tmp_path):
+    """No model needed: the LightningModule's one child ('model.') is on every key, so convert strips it, says
+    so (text and --json), and the output loads strictly into the bare network with plain torch code."""
+    source = trained_net()
+    path = _lightning_file(tmp_path, source)
+    proc = run_cli("convert", path, tmp_path / "net.safetensors")
+    assert proc.returncode == 0, proc.stderr
+    assert "stripped 'model.' ('model.': the LightningModule's only child); --keep-prefix keeps it" in proc.stdout
+    bare = fresh_net_differs(source)
+    bare.load_state_dict(load_file(tmp_path / "net.safetensors"), strict=True)
+    assert torch.equal(outputs(bare), outputs(source))
+
+    result = json.loads(run_cli("convert", path, tmp_path / "net.pth", "--json").stdout)
+    assert result["prefix_stripped"] == "model." and "LightningModule" in result["prefix_reasons"][0]
+    bare = fresh_net_differs(source)
+    bare.load_state_dict(torch.load(tmp_path / "net.pth", weights_only=True), strict=True)
+    assert torch.equal(outputs(bare), outputs(source))
+
+    info = json.loads(run_cli("inspect", path, "--json").stdout)  # inspect lists the keys convert writes
+    assert info["prefix_stripped"] == "model." and [t["name"] for t in info["tensors"]] == list(source.state_dict())
+    assert "stripped 'model.'" in run_cli("inspect", path).stdout
+
+
+def test_cli_convert_keep_prefix_keeps_the_files_keys(tmp_path):
+    source = trained_net()
+    path = _lightning_file(tmp_path, nn.DataParallel(source))  # 'model.module.': both would be stripped
+    assert set(load_file(_converted(path, tmp_path / "a.safetensors"))) == set(source.state_dict())
+    proc = run_cli("convert", path, tmp_path / "kept.safetensors", "--keep-prefix", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["prefix_stripped"] == ""
+    assert set(load_file(tmp_path / "kept.safetensors")) == {"model.module." + k for k in source.state_dict()}
+    info = json.loads(run_cli("inspect", path, "--keep-prefix", "--json").stdout)
+    assert info["prefix_stripped"] == "" and all(t["name"].startswith("model.module.") for t in info["tensors"])
+
+
+def _converted(src, dst, *args) -> Path:
+    proc = run_cli("convert", src, dst, *args)
+    assert proc.returncode == 0, proc.stderr
+    return dst
+
+
+def test_cli_convert_lightning_with_two_children_keeps_keys_without_a_model(tmp_path):
+    """'model.' and 'loss.' children: no single wrapper attribute, so nothing is stripped by guesswork."""
+    source = trained_net()
+    path = tmp_path / "two.ckpt"
+    _lightning(path, {**{"model." + k: v for k, v in source.state_dict().items()}, "loss.weight": torch.ones(8)})
+    out = _converted(path, tmp_path / "two.safetensors")
+    assert set(load_file(out)) == {"model." + k for k in source.state_dict()} | {"loss.weight"}
+
+
+MLP = ["--model", "mlp", "--model-arg", "in_features=12", "--model-arg", "hidden=6", "--model-arg", "num_classes=3"]
+
+
+def _mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return models.build_model("mlp", in_features=12, hidden=6, num_classes=3)
+
+
+def test_cli_convert_to_a_model_resolves_what_default_stripping_cannot(tmp_path):
+    """A distillation .ckpt (student. and teacher.) has no wrapper on every key: without a model nothing is
+    stripped; with --model it is ambiguous, as checkpoint.load says; --model plus --prefix picks one copy,
+    and a custom attribute ('net.', not a wrapper) in a plain state dict is matched against the model."""
+    student, teacher = _mlp(0), _mlp(1)
+    path = tmp_path / "distill.ckpt"
+    _lightning(path, {**{"student." + k: v for k, v in student.state_dict().items()},
+                      **{"teacher." + k: v for k, v in teacher.state_dict().items()}})
+    assert all(k.startswith(("student.", "teacher.")) for k in load_file(_converted(path, tmp_path / "d.safetensors")))
+
+    proc = run_cli("convert", path, tmp_path / "amb.safetensors", *MLP)
+    line = assert_one_line_error(proc, "ambiguous", "student.", "teacher.", "--prefix")
+    assert not (tmp_path / "amb.safetensors").exists(), line
+
+    proc = run_cli("convert", path, tmp_path / "s.safetensors", *MLP, "--prefix", "student.", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["prefix_stripped"] == "student."
+    fresh, x = _mlp(5), torch.randn(4, 12)
+    fresh.load_state_dict(load_file(tmp_path / "s.safetensors"), strict=True)
+    assert torch.equal(fresh(x), student(x))
+    manifest = checkpoint.read_manifest(tmp_path / "s.safetensors")  # verify can rebuild the model from it
+    assert manifest["model"] == "mlp" and manifest["model_options"]["hidden"] == 6
+    assert run_cli("verify", tmp_path / "s.safetensors").returncode == 0
+
+    plain = tmp_path / "custom.pth"
+    torch.save({"net." + k: v for k, v in teacher.state_dict().items()}, plain)
+    assert all(k.startswith("net.") for k in load_file(_converted(plain, tmp_path / "c0.safetensors")))
+    proc = run_cli("convert", plain, tmp_path / "c.safetensors", *MLP)
+    assert proc.returncode == 0 and "matched to mlp: stripped 'net.'" in proc.stdout, proc.stderr
+    assert set(load_file(tmp_path / "c.safetensors")) == set(teacher.state_dict())
+
+
+def test_cli_convert_to_the_wrong_model_lists_keys_and_writes_nothing(tmp_path):
+    path = tmp_path / "w.pth"
+    torch.save(_mlp(0).state_dict(), path)
+    proc = run_cli("convert", path, tmp_path / "out.safetensors", "--model", "mlp")  # default sizes: 784/256/10
+    assert_one_line_error(proc, "does not fit mlp", "shape mismatches", "convert without --model")
+    assert not (tmp_path / "out.safetensors").exists()
+    assert_one_line_error(run_cli("convert", path, tmp_path / "o.safetensors", "--model", "mlp", "--keep-prefix"),
+                          "--keep-prefix")
+    assert_one_line_error(run_cli("convert", path, tmp_path / "o.safetensors", "--model", "nope"), "nope", "mlp")
+
+
 # --------------------------------------------------------------------------------------- accelerate
 
 def _reset_accelerate() -> None:
@@ -290,6 +400,21 @@ def test_torch_distributed_checkpoint_folder(tmp_path, nested):
     assert info["num_tensors"] == len(source.state_dict())
     _assert_loads_into_fresh(tmp_path, source)
     assert_bit_identical(checkpoint.load_state_dict(tmp_path), _canonical(source))
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_cli_convert_dcp_strips_its_model_subtree(tmp_path):
+    """A DCP folder saved flat with every key under 'model.' converts to the bare network's keys."""
+    import torch.distributed.checkpoint as dcp
+
+    source = trained_net()
+    dcp.save({"model." + k: v for k, v in source.state_dict().items()}, checkpoint_id=tmp_path / "dcp", no_dist=True)
+    proc = run_cli("convert", tmp_path / "dcp", tmp_path / "net.safetensors", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["prefix_reasons"] == ["'model.': the DCP state's 'model' entry"]
+    bare = fresh_net_differs(source)
+    bare.load_state_dict(load_file(tmp_path / "net.safetensors"), strict=True)
+    assert torch.equal(outputs(bare), outputs(source))
 
 
 # ------------------------------------------------------------------------------------ our own layouts

@@ -4,14 +4,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import warnings
 from contextlib import nullcontext
-from pathlib import Path
 
 import pytest
 import torch
 import torchvision
-from safetensors.torch import save_file
 from torch import nn
 
 import models
@@ -127,7 +124,8 @@ def test_example_inputs_shapes():
     (lambda: models.build_model("resnet18", in_channels=0), r"in_channels must be an int >= 1"),
     (lambda: models.build_model("resnet18", small_input="yes"), r"True or False"),
     (lambda: models.build_model("unet", base_width=2.5), r"base_width must be an int >= 1"),
-    (lambda: models.build_model("resnet18", weights=""), r"weights must be None or a path"),
+    # models never read files: pretrained weights go through checkpoint.load_pretrained (test_ckpt_pretrained.py)
+    (lambda: models.build_model("resnet18", weights="w.pth"), r"valid options: .*small_input"),
 ])
 def test_bad_options_raise_naming_valid_values(call, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -276,102 +274,6 @@ def test_resnet_all_options_combined(name):
     assert logits.shape == (2, 7) and features.shape[0] == 2
     logits.pow(2).sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
-
-
-# ------------------------------------------------------------------------------ resnet weights=PATH
-def _save(state, path: Path, fmt: str) -> Path:
-    if fmt == "safetensors":
-        path = path.with_suffix(".safetensors")
-        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    elif fmt == "nested":
-        torch.save({"state_dict": state, "epoch": 3}, path)
-    elif fmt == "model":
-        torch.save({"model": state}, path)
-    elif fmt == "ddp":
-        torch.save({f"module.{k}": v for k, v in state.items()}, path)
-    else:
-        torch.save(state, path)
-    return path
-
-
-@pytest.mark.parametrize("fmt", ["torch", "safetensors", "nested", "model", "ddp"])
-def test_resnet_weights_round_trip(tmp_path, fmt):
-    opts = dict(head="mlp", extra_inputs=1, **SMALL_RESNET)
-    src = models.build_model("resnet18", **opts).train()
-    src(*models.example_inputs("resnet18", batch_size=4, image_size=16, **opts))  # BN stats off their init
-    path = _save(src.state_dict(), tmp_path / "w.pt", fmt)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a matching file loads without skipping anything
-        dst = models.build_model("resnet18", weights=str(path), **opts)
-    assert models.get_config("resnet18", weights=path, **opts).weights == str(path)
-    x, extra = models.example_inputs("resnet18", image_size=16, **opts)
-    src.eval(), dst.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(dst(x, extra), src(x, extra), rtol=0, atol=0)
-
-
-def test_resnet_weights_skip_replaced_head(tmp_path):
-    path = _save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "tv.pth", "torch")
-    file = torch.load(path, weights_only=True)
-    with pytest.warns(UserWarning, match=r"fc\.bias, fc\.weight"):
-        model = models.build_model("resnet18", num_classes=10, weights=str(path))
-    assert model.fc.out_features == 10
-    for key, value in model.state_dict().items():
-        if not key.startswith("fc."):
-            assert torch.equal(value, file[key]), key  # the whole backbone came from the file
-
-
-def test_resnet_weights_skip_replaced_stem(tmp_path):
-    path = _save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "tv.pth", "torch")
-    file = torch.load(path, weights_only=True)
-    with pytest.warns(UserWarning, match=r"conv1\.weight") as record:
-        model = models.build_model("resnet18", in_channels=1, weights=str(path))
-    assert "fc." not in str(record[0].message)  # fc fits: default head, loaded
-    assert torch.equal(model.fc.weight, file["fc.weight"])
-    assert torch.equal(model.layer1[0].conv1.weight, file["layer1.0.conv1.weight"])
-    assert model.conv1.weight.shape == (64, 1, 7, 7)
-
-
-def test_resnet_weights_wrong_architecture_raises(tmp_path):
-    path = _save(models.build_model("resnet18").state_dict(), tmp_path / "r18.pt", "torch")
-    with pytest.raises(ValueError) as info:
-        models.build_model("resnet50", weights=str(path))
-    message = str(info.value)
-    assert "missing key(s): layer1.0.bn3.bias" in message  # sorted
-    assert "shape-mismatched key(s): fc.weight (file (1000, 512) vs model (1000, 2048))" in message
-    assert "... and" in message  # capped at 10 per kind
-    assert "Build the model with the architecture" in message  # names the fix
-
-    path = _save(models.build_model("resnet34").state_dict(), tmp_path / "r34.pt", "torch")
-    with pytest.raises(ValueError, match=r"unexpected key\(s\): layer1\.2\.bn1\.bias"):
-        models.build_model("resnet18", weights=str(path))
-
-
-def test_resnet_weights_without_num_batches_tracked_load(tmp_path):
-    """Old torchvision files lack ``*.num_batches_tracked``; they still load, strictly otherwise."""
-    state = {k: v for k, v in torchvision.models.resnet18(weights=None).state_dict().items()
-             if not k.endswith("num_batches_tracked")}
-    path = _save(state, tmp_path / "old.pth", "torch")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        model = models.build_model("resnet18", weights=str(path))
-    assert torch.equal(model.bn1.running_var, state["bn1.running_var"])
-
-
-def test_resnet_weights_head_mismatch_on_default_model_raises(tmp_path):
-    src = models.build_model("resnet18", num_classes=10)
-    path = _save(src.state_dict(), tmp_path / "ten.pt", "torch")
-    with pytest.raises(ValueError, match=r"fc\.weight \(file \(10, 512\) vs model \(1000, 512\)\)"):
-        models.build_model("resnet18", weights=str(path))
-
-
-def test_resnet_weights_bad_files_raise(tmp_path):
-    with pytest.raises(ValueError, match="does not exist"):
-        models.build_model("resnet18", weights=str(tmp_path / "nope.pt"))
-    torch.save([1, 2, 3], tmp_path / "list.pt")
-    with pytest.raises(ValueError, match="not a dict of tensors"):
-        models.build_model("resnet18", weights=str(tmp_path / "list.pt"))
 
 
 # ------------------------------------------------------------------------------------------ unet
