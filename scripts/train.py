@@ -572,9 +572,7 @@ class Trainer:
                 loss = self._loss(Batch(x, y))
                 self.scaler.scale(loss / accum).backward()
             total += loss.detach() / accum
-        self.scaler.unscale_(self.optimizer)  # no-op without fp16; the norm below is of the true gradient
-        # the global norm (DDP grads are already averaged); with max_norm inf nothing is scaled
-        self.grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad or math.inf)
+        self.grad_norm = self._grad_norm()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -584,6 +582,17 @@ class Trainer:
         return total
 
     @torch.no_grad()
+    def _grad_norm(self) -> torch.Tensor | None:
+        """The global gradient norm (DDP gradients are already averaged): clip_grad_norm_'s return value with
+        --clip-grad, else the same norm (get_total_norm) on the steps that log it, and None on the others."""
+        logs = (self.step + 1) % self.cfg.log_every == 0 or self.step + 1 == self.total_steps
+        if not (self.cfg.clip_grad or logs):
+            return None
+        self.scaler.unscale_(self.optimizer)  # no-op without fp16: the norm is of the true gradient
+        if self.cfg.clip_grad:
+            return nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
+        return nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+
     def evaluate(self) -> dict[str, float]:
         """The model's metrics, and with --ema the EMA's as ``ema_<metric>``."""
         metrics = self._evaluate(self.bare)
@@ -703,6 +712,9 @@ def build_ema(bare: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedMo
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     ema = AveragedModel(bare, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    # a module compiled in place (--compile) is deep-copied with its compiled call, which is bound to the ORIGINAL
+    # module: calling the copy would run the live model. The EMA copy runs eagerly (only evaluated).
+    ema.module._compiled_call_impl = None
     for p in ema.parameters():
         p.requires_grad_(False)
     return ema
