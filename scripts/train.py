@@ -637,12 +637,13 @@ class Trainer:
         value = metrics.get(self.best_metric)
         if value is None:
             return False
-        record = self.manager.best_record()
-        if record is None or record.get("metric") != self.best_metric:
-            return True
         from checkpoint.manager import is_better
 
-        return is_better(value, record["value"], "max")
+        record = self.manager.best_record()
+        better = record is None or record.get("metric") != self.best_metric or is_better(value, record["value"], "max")
+        # rank 0's reading decides (saving is collective; other nodes may not share its disk)
+        flag = torch.tensor([float(better and self.info.is_main)], device=self.info.device)
+        return bool(launcher.all_reduce_sum(flag, self.info).item())
 
     def fit(self) -> tuple[float | None, dict[str, float], Path | None]:
         cfg, info = self.cfg, self.info

@@ -19,6 +19,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+import checkpoint
 
 from conftest import BIN, REPO, child_env, free_port
 
@@ -66,15 +69,19 @@ def test_resnet_trajectory_is_the_same_at_every_world_size_and_across_a_resume(t
                           cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     runs[1] = losses(tmp_path / "w1")
-    torchrun(2, TRAIN, ["--strategy", "ddp", *RUN, "--sync-bn", "--save-every", "4", "--keep-last", "0",
+    # --ema rides along (it does not change the training losses): EMA under DDP, restored on another world size
+    torchrun(2, TRAIN, ["--strategy", "ddp", *RUN, "--sync-bn", "--save-every", "4", "--keep-last", "0", "--ema", "0.9",
                         "--output-dir", str(tmp_path / "w2")])
     runs[2] = losses(tmp_path / "w2")
     torchrun(4, TRAIN, ["--strategy", "ddp", *RUN, "--sync-bn", "--output-dir", str(tmp_path / "w4")])
     runs[4] = losses(tmp_path / "w4")
     # mid-epoch (an epoch is 59 steps) resume of world 2's step 4 on world 3
     torchrun(3, TRAIN, ["--strategy", "ddp", *RUN, "--sync-bn", "--resume", str(tmp_path / "w2/checkpoints/step-4"),
-                        "--output-dir", str(tmp_path / "w3")])
+                        "--ema", "0.9", "--output-dir", str(tmp_path / "w3")])
     resumed = losses(tmp_path / "w3")
+    ema2, ema3 = (checkpoint.load_state_dict(tmp_path / w / "ema.pth", ema=True) for w in ("w2", "w3"))
+    for k, v in ema2.items():  # the EMA continued on world 3 as on world 2 (up to the same rounding)
+        torch.testing.assert_close(ema3[k].float(), v.float(), rtol=1e-3, atol=1e-4, msg=k)
     torchrun(2, TRAIN, ["--strategy", "ddp", *RUN, "--max-steps", "1", "--output-dir", str(tmp_path / "plain2")])
     plain = losses(tmp_path / "plain2")
     for w in (2, 4):
