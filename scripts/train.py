@@ -6,8 +6,10 @@
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N --num_machines 1 scripts/train.py --strategy ddp ...
 
 ``--batch-size`` is the GLOBAL batch: each of W processes reads batch/W samples per step (split further
-into ``--grad-accum`` micro-batches), so the optimisation does not change with the topology, and a
-checkpoint saved by any topology resumes on any other at the same step and sample cursor.
+into ``--grad-accum`` micro-batches), so every topology takes the same steps over the same samples, and a
+checkpoint saved by any topology resumes on any other at the same step and sample cursor. The arithmetic is
+the same up to float rounding only without BatchNorm (or with ``--sync-bn``) and without dropout; README,
+"Global batch", says what holds where.
 
 Options come from the flags below, or from ``--config FILE`` (YAML, TOML or JSON; keys are the option names
 with ``_``) with flags given on the command line overriding the file. ``--print-config`` prints the resolved
