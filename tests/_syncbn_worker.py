@@ -1,7 +1,7 @@
 """Run under torchrun (gloo): launcher.syncbn.SyncBatchNorm over uneven per-rank batches must equal one
 nn.BatchNorm2d over the concatenated batch, in forward, backward and running statistics.
 
-Prints one JSON line per rank with the largest differences; the test asserts on them.
+Rank 0 prints one JSON list (a report per rank) with the largest differences; the test asserts on them.
 """
 from __future__ import annotations
 
@@ -59,7 +59,10 @@ def main() -> None:
     mine.eval()
     ref.eval()
     report["eval"] = (mine(x_mine) - ref(x_mine)).abs().max().item()
-    print(json.dumps(report), flush=True)
+    reports = [None] * world
+    dist.all_gather_object(reports, report)  # one line from rank 0: ranks' prints would interleave
+    if rank == 0:
+        print(json.dumps(reports), flush=True)
     dist.barrier()
     dist.destroy_process_group()
 
