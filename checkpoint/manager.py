@@ -221,6 +221,7 @@ class CheckpointManager:
                     raise CheckpointError(f"update_best: no entry {entry_name(step)} in {self.directory}; save it first")
                 record = {"entry": entry_name(step), "step": step, "metric": metric, "value": value, "mode": mode}
                 atomic_write_text(self.directory / BEST_POINTER, json.dumps(record) + "\n")
+                self._prune(protect=step)  # the former best, if kept only for being best, goes now
         finally:
             barrier()
         return better

@@ -77,7 +77,8 @@ def test_single_process_classification_writes_every_output(tmp_path):
     assert [r["step"] for r in rows if r["accuracy"]] == ["10", "20"]  # one evaluation per epoch
     assert all(float(r["throughput"]) > 0 for r in rows if r["loss"])
     mgr = checkpoint.CheckpointManager(out / "checkpoints")
-    assert [st for st, _ in mgr.entries()] == [15, 20]  # save-every 5, keep-last 2
+    best = mgr.best_record()["step"]  # the entry with the best accuracy is kept while best
+    assert [st for st, _ in mgr.entries()] == sorted({15, 20, best})  # save-every 5, keep-last 2, plus best
     assert mgr.latest() == out / "checkpoints" / "step-20"
     m = checkpoint.read_manifest(mgr.latest())
     assert m["model"] == "mlp" and m["model_options"]["in_features"] == 64 and m["topology"]["strategy"] == "single"
