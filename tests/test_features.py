@@ -156,7 +156,8 @@ def test_augmented_run_resumes_with_the_same_draws(tmp_path):
 
 def test_compile_keeps_checkpoints_canonical(tmp_path):
     out = tmp_path / "compiled"
-    run([*MLP, "--max-steps", "3", "--compile", "--no-tensorboard", "--output-dir", str(out)], timeout=400)
+    run([*MLP, "--max-steps", "3", "--compile", "--ema", "0.5", "--no-tensorboard", "--output-dir", str(out)], timeout=400)
+    assert set(json.loads((out / "summary.json").read_text())["eval"]) == {"accuracy", "ema_accuracy"}
     keys = set(checkpoint.load_state_dict(out / "checkpoints"))
     assert keys and not any("_orig_mod" in k or k.startswith("module.") for k in keys)
     import models
