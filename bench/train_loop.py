@@ -26,7 +26,10 @@ printed and stored (``--profile`` forces it).
     .venv/bin/python bench/train_loop.py --data mnist5k   # 28x28: heavier steps, overhead share smaller
     .venv/bin/python bench/train_loop.py --device cuda --model resnet50 --image-size 224   # GPU (images/s)
 
-Writes bench/results/train_loop.json (``--result-name`` to change; ``--results-dir`` to write elsewhere).
+    .venv/bin/python bench/train_loop.py --features [--quick]   # feature costs, see features()
+
+Writes bench/results/train_loop.json (``--result-name`` to change; ``--results-dir`` to write elsewhere;
+``--features`` writes train_loop_features.json).
 """
 from __future__ import annotations
 
@@ -71,6 +74,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-steps", type=int, default=None, help="steps per timed block (default 2; quick 2)")
     p.add_argument("--blocks", type=int, default=None, help="timed blocks per loop (default 30; quick 3)")
     p.add_argument("--profile", action="store_true", help="cProfile both loops even when the target is met")
+    p.add_argument("--features", action="store_true",
+                   help="instead: cost of --ema, --compile (after warm-up) and --sync-bn at world 2 on the step time")
+    p.add_argument("--syncbn-worker", action="store_true", help=argparse.SUPPRESS)  # run by --features under torchrun
     p.add_argument("--result-name", default="train_loop")
     p.add_argument("--results-dir", default=None, help=f"where the JSON goes (default {RESULTS})")
     return p
@@ -175,8 +181,144 @@ def profile(step: Callable[[], None], steps: int, top: int = 18) -> tuple[str, l
     return buf.getvalue(), rows
 
 
+# ------------------------------------------------------------------------------------ feature costs
+
+def _trainer(args: argparse.Namespace, out_dir: Path, extra: list[str], info):
+    import launcher
+    import train
+
+    argv = ["--model", args.model, "--data", args.data, "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+            "--output-dir", str(out_dir), "--no-tensorboard", "--no-progress", "--epochs", "1000", "--seed", "0", *extra]
+    if args.image_size:
+        argv += ["--image-size", str(args.image_size)]
+    cfg = train.TrainConfig.from_args(train.get_args_parser().parse_args(argv))
+    trainer = train.Trainer(cfg, info, launcher.get_logger(info))
+    trainer.model.train()
+    batches = cycle(trainer.loader, trainer.sampler.set_epoch)
+
+    def step() -> None:
+        x, y = next(batches)
+        trainer.train_step(trainer._to_device(x, y))
+    return trainer, step
+
+
+def _blocks(steps: dict[str, Callable[[], None]], blocks: int, nsteps: int) -> dict[str, list[float]]:
+    """Seconds per step, in blocks of ``nsteps``, the candidates alternating block by block."""
+    times: dict[str, list[float]] = {n: [] for n in steps}
+    for _ in range(blocks):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            for _ in range(nsteps):
+                step()
+            times[name].append((time.perf_counter() - t0) / nsteps)
+    return times
+
+
+def syncbn_worker(args: argparse.Namespace) -> int:
+    """Under torchrun (2 processes, gloo): DDP steps of the same model with plain BatchNorm and with --sync-bn's
+    BatchNorm (launcher.wrap_model(sync_bn=True)), blocks alternating; rank 0 prints one JSON line."""
+    import json
+
+    import launcher
+    import models
+
+    torch.set_num_threads(args.threads)
+    with launcher.distributed("ddp") as info:
+        per_rank = args.batch_size // info.world_size
+        nets = {}
+        for name, sync in (("plain BN", False), ("sync-bn", True)):
+            launcher.seed_everything(0)
+            net = models.build_model(args.model, num_classes=10, in_channels=1, small_input=True)
+            nets[name] = launcher.wrap_model(net, info, sync_bn=sync)
+        opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-3) for n, m in nets.items()}
+        g = torch.Generator().manual_seed(info.rank)
+        x, y = torch.rand(per_rank, 1, 8, 8, generator=g), torch.randint(0, 10, (per_rank,), generator=g)
+
+        def stepper(name):
+            def step():
+                opts[name].zero_grad()
+                F.cross_entropy(nets[name](x), y).backward()
+                opts[name].step()
+            return step
+        steps = {n: stepper(n) for n in nets}
+        for step in steps.values():
+            for _ in range(3):
+                step()
+        times = _blocks(steps, args.blocks or (3 if args.quick else 20), args.block_steps or 2)
+        if info.is_main:
+            print("SYNCBN " + json.dumps(times), flush=True)
+    return 0
+
+
+def features(args: argparse.Namespace) -> int:
+    """Step-time cost of each feature, measured side by side in one run (blocks alternate):
+    --ema (AveragedModel update after each step) and --compile (after warm-up) vs the plain Trainer step in
+    one process; --sync-bn vs plain BatchNorm in a 2-process DDP step (torchrun, gloo)."""
+    import json
+    import subprocess
+
+    import launcher
+
+    torch.set_num_threads(args.threads)
+    q = args.quick
+    blocks, nsteps = args.blocks or (3 if q else 20), args.block_steps or 2
+    result: dict[str, Any] = {"bench": "train_loop_features", "quick": q, "machine": machine(), "argv": sys.argv,
+                              "uptime": [uptime("before")]}
+    rows = []
+    dirs = [Path(tempfile.mkdtemp(prefix="train_loop-")) for _ in range(3)]
+    try:
+        info = launcher.setup("single")
+        variants = {"plain": [], "--ema 0.999": ["--ema", "0.999"], "--compile": ["--compile"]}
+        steps = {}
+        for (name, extra), d in zip(variants.items(), dirs):
+            trainer, steps[name] = _trainer(args, d, extra, info)
+            t0 = time.perf_counter()
+            for _ in range(args.warmup_steps or (3 if q else 10)):  # includes compiling
+                steps[name]()
+            print(f"{name}: warm-up {time.perf_counter() - t0:.1f} s", flush=True)
+        times = _blocks(steps, blocks, nsteps)
+        base = summarize(times["plain"])["median"]
+        for name, xs in times.items():
+            s = summarize(xs)
+            rows.append({"row": f"{name} (1 process)", "median_ms": s["median"] * 1e3, "spread": s["spread"],
+                         "ratio": s["median"] / base, "paired_median": ratio(xs, times["plain"])["paired_median"]})
+    finally:
+        launcher.teardown()
+        for d in dirs:
+            remove(d)
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", __file__,
+           "--syncbn-worker", "--model", args.model, "--batch-size", str(args.batch_size), "--threads", str(args.threads),
+           *(["--quick"] if q else []), *(["--blocks", str(args.blocks)] if args.blocks else [])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("SYNCBN ")), None)
+    if line is None:
+        raise SystemExit(f"error: the sync-bn worker failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+    st = json.loads(line[len("SYNCBN "):])
+    base = summarize(st["plain BN"])["median"]
+    for name, xs in st.items():
+        s = summarize(xs)
+        rows.append({"row": f"{name} (ddp, 2 processes, gloo)", "median_ms": s["median"] * 1e3, "spread": s["spread"],
+                     "ratio": s["median"] / base, "paired_median": ratio(xs, st["plain BN"])["paired_median"]})
+    result["uptime"].append(uptime("after"))
+    result.update(rows=rows, config=vars(args), noisy=noisy(result["uptime"]))
+    print(table(rows, [("row", "variant", ""), ("median_ms", "median ms/step", ".2f"), ("spread", "spread", ".0%"),
+                       ("ratio", "ratio to its plain row", ".3f"), ("paired_median", "paired med", ".3f")]))
+    if result["noisy"]:
+        print("note: load average was > 1 during the run (shared machine): expect extra spread")
+    from _common import write_result
+
+    write_result(args.result_name + "_features", result)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the launcher would pick a GPU if one were visible
+    if args.syncbn_worker:
+        return syncbn_worker(args)
+    if args.features:
+        return features(args)
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the launcher would pick a GPU if one were visible
     q = args.quick

@@ -1,4 +1,4 @@
-"""Checkpoint policy for training runs: ``step-{N}`` entries, a verified ``latest`` pointer, pruning.
+"""Checkpoint policy for training runs: ``step-{N}`` entries, verified ``latest`` and ``best`` pointers, pruning.
 
 The manager knows nothing of training. It is handed components and treats each as stateful: a model
 (``nn.Module``, saved as canonical weights), anything with ``state_dict()``/``load_state_dict()``
@@ -9,6 +9,7 @@ and ``select_prune``; the class only does I/O around them.
 from __future__ import annotations
 
 import io
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from ._save import atomic_write_text, barrier, build_manifest, canonical_state, 
 from ._unwrap import unwrap
 
 STATE_FILE = "state.pth"
+BEST_POINTER = "best"  # JSON record next to ``latest``: the entry with the best metric
 MODEL_COMPONENT = "model"
 
 
@@ -33,6 +35,11 @@ MODEL_COMPONENT = "model"
 def should_save(step: int, every: int | None, *, last: bool = False) -> bool:
     """Save at every ``every``-th step (step > 0) and always at the last step."""
     return last or bool(every and every > 0 and step > 0 and step % every == 0)
+
+
+def is_better(value: float, best: float, mode: str) -> bool:
+    """``value`` strictly improves on ``best`` for ``mode`` "max" (accuracy, Dice) or "min" (a loss)."""
+    return value > best if mode == "max" else value < best
 
 
 def select_prune(steps: Sequence[int], keep_last: int | None, protect: Iterable[int] = ()) -> list[int]:
@@ -176,8 +183,58 @@ class CheckpointManager:
 
     def _prune(self, protect: int) -> None:
         entries = dict(self.entries())
-        for step in select_prune(list(entries), self.keep_last, protect=[protect]):
+        best = self.best_record()
+        protected = [protect] + ([best["step"]] if best else [])  # the best entry is never pruned while best
+        for step in select_prune(list(entries), self.keep_last, protect=protected):
             shutil.rmtree(entries[step], ignore_errors=True)
+
+    # -- best entry (by a metric the caller names; the manager knows nothing of training)
+
+    def best_record(self) -> dict[str, Any] | None:
+        """The ``best`` pointer's record ``{"entry", "step", "metric", "value", "mode"}``, or None."""
+        path = self.directory / BEST_POINTER
+        if not path.is_file():
+            return None
+        try:
+            record = read_json(path)
+        except CheckpointError:
+            return None
+        ok = isinstance(record, dict) and isinstance(record.get("step"), int) and isinstance(record.get("value"), (int, float))
+        return record if ok else None
+
+    def update_best(self, step: int, metric: str, value: float, *, mode: str = "max") -> bool:
+        """Point ``best`` at entry ``step-{step}`` (which must exist) when ``value`` beats the recorded best
+        (``mode`` "max" or "min"), or when the recorded best entry is gone. Returns whether it moved.
+
+        Every rank must call this; rank 0 writes, all wait at a barrier. Entries ``best`` points to are
+        never pruned.
+        """
+        if mode not in ("max", "min"):
+            raise CheckpointError(f"mode {mode!r}: use 'max' or 'min'")
+        current = self.best_record()
+        better = (current is None or current.get("metric") != metric
+                  or not (self.directory / str(current.get("entry"))).is_dir()
+                  or is_better(value, current["value"], mode))
+        try:
+            if better and is_writer():
+                if not (self.directory / entry_name(step) / MANIFEST).is_file():
+                    raise CheckpointError(f"update_best: no entry {entry_name(step)} in {self.directory}; save it first")
+                record = {"entry": entry_name(step), "step": step, "metric": metric, "value": value, "mode": mode}
+                atomic_write_text(self.directory / BEST_POINTER, json.dumps(record) + "\n")
+                self._prune(protect=step)  # the former best, if kept only for being best, goes now
+        finally:
+            barrier()
+        return better
+
+    def best(self) -> Path | None:
+        """The entry ``best`` points to, if it verifies (sha256 of every file); else None."""
+        record = self.best_record()
+        if record is None:
+            return None
+        target = self.directory / str(record.get("entry"))
+        if target.parent == self.directory and self._verifies(target):
+            return target
+        return None
 
     # -- reading
 

@@ -9,6 +9,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .dist import DistInfo
 from .errors import LaunchError
+from .syncbn import convert_sync_batchnorm
 
 _log = logging.getLogger("anytopo.launcher")
 
@@ -26,16 +27,16 @@ def wrap_model(model: nn.Module, info: DistInfo, *, sync_bn: bool = False,
     Args:
         model: the bare module.
         info: from :func:`launcher.setup`.
-        sync_bn: convert BatchNorm layers to ``nn.SyncBatchNorm`` (ddp, several processes, CUDA only). With
-            one process it changes nothing (logged): there is nothing to synchronise, and SyncBatchNorm's
-            forward raises on CPU inputs whenever a process group exists.
+        sync_bn: BatchNorm layers normalise over the global batch (ddp, several processes): torch's
+            ``nn.SyncBatchNorm`` on CUDA, :class:`launcher.syncbn.SyncBatchNorm` on any other device (gloo).
+            With one process it changes nothing (logged): each BatchNorm already sees the whole batch.
         find_unused_parameters, static_graph: passed to ``DistributedDataParallel``.
 
     Returns:
         The module to train (the bare model for ``single``).
 
     Raises:
-        LaunchError: ``sync_bn`` with several CPU processes, or ``ddp`` without a live process group.
+        LaunchError: ``ddp`` without a live process group.
 
     Example:
         >>> net = wrap_model(build_model(cfg), info, sync_bn=args.sync_bn)
@@ -61,16 +62,15 @@ def wrap_model(model: nn.Module, info: DistInfo, *, sync_bn: bool = False,
 
 
 def _sync_batchnorm(model: nn.Module, info: DistInfo) -> nn.Module:
+    """BatchNorm over the global batch: torch's ``nn.SyncBatchNorm`` on CUDA (fused kernels), else
+    :class:`launcher.syncbn.SyncBatchNorm` (any backend: gloo on CPU). One process: unchanged."""
     if info.strategy != "ddp" or info.world_size == 1:
-        _log.info("sync_bn ignored: %d process(es) with strategy %s, nothing to synchronise; BatchNorm kept",
+        _log.info("sync_bn ignored: %d process(es) with strategy %s, each BatchNorm sees the whole batch; kept",
                   info.world_size, info.strategy)
         return model
-    if info.device.type != "cuda":
-        raise LaunchError(
-            f"SyncBatchNorm needs CUDA but the {info.world_size} processes run on {info.device.type}: "
-            "drop --sync-bn on CPU"
-        )
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if info.device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return convert_sync_batchnorm(model)
 
 
 def sync_buffers(model: nn.Module, info: DistInfo) -> None:

@@ -35,7 +35,7 @@ from torchvision import transforms as T
 
 from checkpoint.errors import and_more  # the project's one "a, b and N more" (message text only)
 
-__all__ = ["DataInfo", "ShapesDataset", "SegmentationFolder", "Shape", "build_datasets",
+__all__ = ["AUGMENTS", "Augmented", "DataInfo", "ShapesDataset", "SegmentationFolder", "Shape", "build_datasets",
            "extra_feature", "EXTRA_FEATURE"]
 
 SPECS_HELP = "digits, mnist5k, shapes[:N], imagefolder:PATH, segfolder:PATH"
@@ -87,7 +87,7 @@ def extra_feature(images: Tensor) -> Tensor:
 
 def build_datasets(spec: str, *, seed: int = 0, image_size: int | None = None,
                    in_channels: int | None = None, test_fraction: float = 0.2,
-                   num_samples: int | None = None) -> tuple[Dataset, Dataset, DataInfo]:
+                   num_samples: int | None = None, augment: str = "none") -> tuple[Dataset, Dataset, DataInfo]:
     """Build the train and test datasets named by ``spec``.
 
     Args:
@@ -102,6 +102,8 @@ def build_datasets(spec: str, *, seed: int = 0, image_size: int | None = None,
             already hold ``train/`` and ``val/`` (or ``test/``).
         num_samples: use this many samples in all (train + test), a subset fixed by ``seed``
             (stratified for classification); for ``shapes`` the number generated (default 1200).
+        augment: ``none``, ``basic`` or ``strong`` (see :class:`Augmented`): the TRAIN split of
+            ``imagefolder`` and ``segfolder`` data is wrapped in :class:`Augmented`; other specs refuse it.
 
     Returns:
         ``(train, test, info)``.
@@ -123,6 +125,15 @@ def build_datasets(spec: str, *, seed: int = 0, image_size: int | None = None,
     if num_samples is not None and num_samples < 2:
         raise ValueError(f"num_samples {num_samples} is too small to split: use at least 2")
     kind, _, arg = spec.partition(":")
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment {augment!r} is unknown: use one of {', '.join(AUGMENTS)}")
+    if augment != "none":
+        if kind not in ("imagefolder", "segfolder"):
+            raise ValueError(f"--augment {augment} needs image files (imagefolder:PATH or segfolder:PATH), "
+                             f"not {spec!r}: use --augment none with this dataset")
+        train, test, info = build_datasets(spec, seed=seed, image_size=image_size, in_channels=in_channels,
+                                           test_fraction=test_fraction, num_samples=num_samples)
+        return Augmented(train, info, policy=augment, seed=seed), test, info
     kwargs = dict(seed=seed, image_size=image_size, in_channels=in_channels,
                   test_fraction=test_fraction, num_samples=num_samples)
     if kind in ("digits", "mnist5k") and not arg:
@@ -135,6 +146,64 @@ def build_datasets(spec: str, *, seed: int = 0, image_size: int | None = None,
     if kind == "segfolder" and arg:
         return _segfolder_datasets(Path(arg), **kwargs)
     raise ValueError(f"unknown dataset {spec!r}: use one of {SPECS_HELP}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Augmentation (torchvision transforms.v2), a pure function of (seed, epoch, sample index)
+
+AUGMENTS = ("none", "basic", "strong")
+
+
+class Augmented(Dataset):
+    """The train split with random augmentation that is the same wherever and whenever it is drawn.
+
+    Sample ``i`` in epoch ``e`` is transformed under its own RNG seed, derived from ``(seed, e, i)``, inside
+    ``torch.random.fork_rng``: the result does not depend on the world size, the rank that reads it, the
+    DataLoader workers or a resume, so a resumed run draws the augmentations the uninterrupted one drew.
+    Call :meth:`set_epoch` before each epoch (the training script does, next to its sampler's).
+
+    Policies (transforms.v2; segmentation masks are ``tv_tensors.Mask`` so they follow the geometry, with
+    nearest-neighbour resampling, and photometric changes touch only the image):
+
+    - ``basic``: RandomResizedCrop(size, scale 0.6-1) + RandomHorizontalFlip.
+    - ``strong``: basic + RandomRotation(15 degrees) + ColorJitter(brightness, contrast 0.4; saturation 0.4
+      on RGB).
+    """
+
+    def __init__(self, base: Dataset, info: DataInfo, *, policy: str, seed: int) -> None:
+        from torchvision.transforms import v2
+
+        if policy not in AUGMENTS[1:]:
+            raise ValueError(f"policy {policy!r}: use basic or strong")
+        self.base, self.info, self.policy, self.seed, self.epoch = base, info, policy, seed, 0
+        size = info.image_size
+        steps = [v2.RandomResizedCrop((size, size), scale=(0.6, 1.0), antialias=True), v2.RandomHorizontalFlip()]
+        if policy == "strong":
+            steps += [v2.RandomRotation(15),
+                      v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4 if info.in_channels == 3 else 0)]
+        self.transform = v2.Compose(steps)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def sample_seed(self, index: int) -> int:
+        return (self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(index)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        from torchvision import tv_tensors
+
+        image, target = self.base[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.sample_seed(index))
+            if self.info.task == "segmentation":
+                image, target = self.transform(tv_tensors.Image(image), tv_tensors.Mask(target))
+                target = target.as_subclass(Tensor)
+            else:
+                image = self.transform(tv_tensors.Image(image))
+        return image.as_subclass(Tensor).clamp_(0.0, 1.0), target
 
 
 # ---------------------------------------------------------------------------------------------------

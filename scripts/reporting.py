@@ -10,7 +10,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-FIELDS = ["step", "epoch", "loss", "lr", "throughput", "accuracy", "dice", "miou"]
+FIELDS = ["step", "epoch", "loss", "lr", "throughput", "grad_norm", "accuracy", "dice", "miou",
+          "ema_accuracy", "ema_dice", "ema_miou"]
+EVAL_FIELDS = ("accuracy", "dice", "miou", "ema_accuracy", "ema_dice", "ema_miou")
 SUMMARY_KEYS = ("model", "strategy", "world_size", "steps", "final_loss", "eval", "checkpoint")
 
 
@@ -50,7 +52,7 @@ class RunLog:
         if self._tb is not None:
             for k, v in row.items():
                 if k not in ("step", "epoch") and isinstance(v, (int, float)):
-                    self._tb.add_scalar(("eval/" if k in ("accuracy", "dice", "miou") else "train/") + k, v, step)
+                    self._tb.add_scalar(("eval/" if k in EVAL_FIELDS else "train/") + k, v, step)
 
     def curves(self, metric: str) -> Path | None:
         """curves.png: training loss and the eval metric against the step."""
@@ -68,13 +70,25 @@ class RunLog:
             a.plot(*zip(*loss), label="train loss")
         a.set(xlabel="step", ylabel="loss", title="training loss")
         if ev:
-            b.plot(*zip(*ev), marker="o", color="tab:green")
+            b.plot(*zip(*ev), marker="o", color="tab:green", label="model")
+        ema = [(r["step"], r["ema_" + metric]) for r in self.rows if r.get("ema_" + metric) not in (None, "")]
+        if ema:
+            b.plot(*zip(*ema), marker="s", color="tab:purple", label="EMA")
+            b.legend()
         b.set(xlabel="step", ylabel=metric, title=f"test {metric}")
         fig.tight_layout()
         path = self.dir / "curves.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
         return path
+
+    def hparams(self, config: dict[str, Any], metrics: dict[str, Any]) -> None:
+        """TensorBoard's HPARAMS tab: the run's options against its final metrics (``hparam/<name>``)."""
+        if not self.enabled or self._tb is None:
+            return
+        hp = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
+        values = {f"hparam/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        self._tb.add_hparams(hp, values, run_name=".")
 
     def summary(self, **values: Any) -> Path | None:
         """summary.json with exactly the keys in SUMMARY_KEYS, written atomically."""

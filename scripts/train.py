@@ -6,8 +6,10 @@
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N --num_machines 1 scripts/train.py --strategy ddp ...
 
 ``--batch-size`` is the GLOBAL batch: each of W processes reads batch/W samples per step (split further
-into ``--grad-accum`` micro-batches), so the optimisation does not change with the topology, and a
-checkpoint saved by any topology resumes on any other at the same step and sample cursor.
+into ``--grad-accum`` micro-batches), so every topology takes the same steps over the same samples, and a
+checkpoint saved by any topology resumes on any other at the same step and sample cursor. The arithmetic is
+the same up to float rounding only without BatchNorm (or with ``--sync-bn``) and without dropout; README,
+"Global batch", says what holds where.
 
 Options come from the flags below, or from ``--config FILE`` (YAML, TOML or JSON; keys are the option names
 with ``_``) with flags given on the command line overriding the file. ``--print-config`` prints the resolved
@@ -47,6 +49,7 @@ import tasks  # noqa: E402
 from reporting import RunLog  # noqa: E402
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+AUGMENTS = data.AUGMENTS  # (TrainConfig's field `data` shadows the module inside the class body)
 
 
 class ConfigError(ValueError):
@@ -106,15 +109,23 @@ class TrainConfig:
     amp: str | None = option(None, "autocast dtype (fp16 uses a GradScaler); default: accelerate's setting, else none",
                              choices=["bf16", "fp16", "none"])
     channels_last: bool = option(False, "NHWC memory format for model and inputs")
-    sync_bn: bool = option(False, "SyncBatchNorm under ddp (CUDA)")
+    sync_bn: bool = option(False, "BatchNorm over the global batch under ddp (torch's SyncBatchNorm on CUDA, "
+                                  "launcher.syncbn over gloo elsewhere)")
+    # -- features (issue 12): see the "features" section below
+    ema: float | None = option(None, "keep an exponential moving average of the weights with this decay in (0, 1); "
+                                     "saved in each entry and as ema.pth, evaluated beside the model")
+    augment: str = option("none", "train-split augmentation (imagefolder/segfolder), seeded per sample and epoch",
+                          choices=list(AUGMENTS))
+    compile: bool = option(False, "torch.compile the bare model before wrapping (checkpoints stay canonical)")
     clip_grad: float | None = option(None, "clip the global gradient norm to this value")
     aux_weight: float = option(0.01, "weight of the auxiliary loss on the features of models built with aux_output=True")
     strategy: str = option("single", "how the processes share the work", choices=launcher.STRATEGIES)
     output_dir: Path = option(Path("runs/train"), "checkpoints, metrics, curves and summary go here")
     save_every: int | None = option(None, "save a checkpoint every N steps (and at the end)")
     keep_last: int = option(3, "checkpoints kept (0 keeps all)")
-    resume: str | None = option(None, "a checkpoint entry, a run's checkpoints/ directory, any weights file, or 'auto'",
-                                metavar="PATH|auto")
+    resume: str | None = option(None, "a checkpoint entry, a run's checkpoints/ directory, any weights file, "
+                                      "'auto' (latest) or 'best' (best by the task's metric)",
+                                metavar="PATH|auto|best")
     seed: int = option(0, "seed of the weights, the sampling order and per-rank randomness")
     eval_only: bool = option(False, "evaluate the --resume checkpoint and exit")
     log_every: int = option(10, "metrics.csv row every N steps")
@@ -144,6 +155,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {v}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if self.ema is not None and not 0.0 < self.ema < 1.0:
+            raise ConfigError(f"--ema {self.ema} is outside (0, 1): use a decay such as 0.999")
         if self.eval_only and not self.resume:
             raise ConfigError("--eval-only needs the checkpoint to evaluate: add --resume PATH")
 
@@ -405,6 +418,8 @@ def resolve_resume(cfg: TrainConfig, manager: checkpoint.CheckpointManager, log)
         if found is None:
             log.info("--resume auto: no checkpoint in %s yet, starting fresh", manager.directory)
         return found
+    if cfg.resume == "best":
+        return resolve_best(manager)
     path = Path(cfg.resume)
     if not path.exists():
         raise ConfigError(f"--resume {path}: no such file or directory; pass a checkpoint path or 'auto'")
@@ -434,7 +449,7 @@ class Trainer:
                               "pass --resume auto to continue it, or choose another --output-dir")
         try:
             self.train_ds, self.test_ds, self.data = data.build_datasets(
-                cfg.data, seed=cfg.seed, image_size=cfg.image_size, num_samples=cfg.num_samples)
+                cfg.data, seed=cfg.seed, image_size=cfg.image_size, num_samples=cfg.num_samples, augment=cfg.augment)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.model_name, self.model_options = resolve_model(cfg, self.data, manifest, log)
@@ -449,8 +464,11 @@ class Trainer:
             checkpoint.load_pretrained(model, weights, skippable_prefixes=getattr(model, "replaced_prefixes", ()))
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if cfg.compile:
+            model.compile()  # in place: same class and keys, so checkpoints stay canonical (see compile_model)
         self.model = launcher.wrap_model(model, info, sync_bn=cfg.sync_bn)
         self.bare = checkpoint.unwrap(self.model)
+        self.ema = build_ema(self.bare, cfg.ema) if cfg.ema else None
         launcher.seed_everything(cfg.seed, rank=info.rank)  # per-rank streams for dropout etc.
 
         self.per_rank = launcher.per_rank_batch(cfg.batch_size, info)
@@ -476,6 +494,10 @@ class Trainer:
                            "scheduler": self.scheduler, "trainer": self.trainer_state}
         if self.scaler.is_enabled():
             self.components["scaler"] = self.scaler
+        if self.ema is not None:
+            self.components["ema"] = self.ema
+        self.grad_norm: float | None = None
+        self.best_metric = self.task.primary
 
         self.sampler = launcher.TrainSampler(len(self.train_ds), info, seed=cfg.seed)
         self.loader = self._loader(self.train_ds, self.sampler, self.per_rank, drop_last=True)
@@ -489,16 +511,21 @@ class Trainer:
         # checkpoint's sample cursor (TrainSampler.set_start in fit()), whatever the world size.
         return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                           num_workers=self.cfg.workers, pin_memory=self.info.device.type == "cuda",
-                          persistent_workers=self.cfg.workers > 0)
+                          # workers must see each epoch's Augmented.set_epoch: not persistent then
+                          persistent_workers=self.cfg.workers > 0 and self.cfg.augment == "none")
 
     # -- resume
 
     def restore(self) -> None:
         if self.resume_path is None:
             return
-        comps = {"model": self.model} if self.cfg.eval_only else self.components
+        comps = self.components
+        if self.cfg.eval_only:
+            comps = {"model": self.model, **({"ema": self.ema} if self.ema is not None else {})}
         restored = self.manager.restore(self.resume_path, comps)
         self.log.info("resumed from %s\n%s", self.resume_path, restored.report)
+        if "ema" in restored.absent:  # --ema added on resume: average from the resumed weights on
+            reset_ema(self.ema, self.bare)
         if self.cfg.eval_only:
             return
         if "optimizer" in restored.absent:
@@ -551,28 +578,49 @@ class Trainer:
                 loss = self._loss(Batch(x, y))
                 self.scaler.scale(loss / accum).backward()
             total += loss.detach() / accum
-        if self.cfg.clip_grad:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
+        self.grad_norm = self._grad_norm()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.bare)
         return total
 
     @torch.no_grad()
+    def _grad_norm(self) -> torch.Tensor | None:
+        """The global gradient norm (DDP gradients are already averaged): clip_grad_norm_'s return value with
+        --clip-grad, else the same norm (get_total_norm) on the steps that log it, and None on the others."""
+        logs = (self.step + 1) % self.cfg.log_every == 0 or self.step + 1 == self.total_steps
+        if not (self.cfg.clip_grad or logs):
+            return None
+        self.scaler.unscale_(self.optimizer)  # no-op without fp16: the norm is of the true gradient
+        if self.cfg.clip_grad:
+            return nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
+        return nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+
     def evaluate(self) -> dict[str, float]:
+        """The model's metrics, and with --ema the EMA's as ``ema_<metric>``."""
+        metrics = self._evaluate(self.bare)
+        if self.ema is not None:
+            launcher.sync_buffers(self.ema, self.info)  # rank 0's EMA: the one checkpoints hold
+            metrics.update({f"ema_{k}": v for k, v in self._evaluate(self.ema.module).items()})
+        return metrics
+
+    @torch.no_grad()
+    def _evaluate(self, model: nn.Module) -> dict[str, float]:
         """Metric sums over this rank's unpadded shard, all-reduced: exact, whatever the world size."""
-        launcher.sync_buffers(self.bare, self.info)  # evaluate rank 0's replica: the one checkpoints hold
-        self.bare.eval()
+        launcher.sync_buffers(model, self.info)  # evaluate rank 0's replica: the one checkpoints hold
+        was_training = model.training
+        model.eval()
         metric = self.task.make_metric()
         for images, targets in self.test_loader:
             b = self._to_device(images, targets)
             with self._autocast():
-                logits, _ = self._forward(self.bare, b.images)
+                logits, _ = self._forward(model, b.images)
             metric.update(logits.float(), b.targets)
         sums = metric.sums().to(self.info.device)
-        self.bare.train()
+        model.train(was_training)
         return metric.compute(launcher.all_reduce_sum(sums, self.info).cpu())
 
     def _global_mean(self, value: torch.Tensor) -> float:
@@ -585,7 +633,23 @@ class Trainer:
                     "topology": {"strategy": self.info.strategy, "world_size": self.info.world_size,
                                  "device_type": self.info.device.type, "launcher": self.info.launcher},
                     "data": self.cfg.data, "config": self.cfg.to_dict()}
-        return self.manager.save(self.step, self.components, metadata=metadata)
+        path = self.manager.save(self.step, self.components, metadata=metadata)
+        if self.ema is not None and self.info.is_main:
+            write_ema_file(self.out / EMA_FILE, self.bare, self.ema, step=self.step, epoch=epoch)
+        return path
+
+    def _is_new_best(self, metrics: dict[str, float]) -> bool:
+        """Whether ``metrics`` beat the run's best entry on the task's primary metric (higher is better)."""
+        value = metrics.get(self.best_metric)
+        if value is None:
+            return False
+        from checkpoint.manager import is_better
+
+        record = self.manager.best_record()
+        better = record is None or record.get("metric") != self.best_metric or is_better(value, record["value"], "max")
+        # rank 0's reading decides (saving is collective; other nodes may not share its disk)
+        flag = torch.tensor([float(better and self.info.is_main)], device=self.info.device)
+        return bool(launcher.all_reduce_sum(flag, self.info).item())
 
     def fit(self) -> tuple[float | None, dict[str, float], Path | None]:
         cfg, info = self.cfg, self.info
@@ -599,6 +663,8 @@ class Trainer:
         epoch = start // self.steps_per_epoch
         while self.step < self.total_steps:
             self.sampler.set_epoch(epoch)
+            if hasattr(self.train_ds, "set_epoch"):  # data.Augmented: its draws are a function of the epoch
+                self.train_ds.set_epoch(epoch)
             self.sampler.set_start(self.step - epoch * self.steps_per_epoch, self.per_rank)
             for images, targets in self.loader:
                 loss = self.train_step(self._to_device(images, targets))
@@ -610,7 +676,8 @@ class Trainer:
                     elapsed = time.perf_counter() - window_t
                     throughput = window_steps * cfg.batch_size / max(elapsed, 1e-9)
                     self.runlog.log(self.step, epoch=epoch, loss=final_loss, lr=self.scheduler.get_last_lr()[0],
-                                    throughput=round(throughput, 2))
+                                    throughput=round(throughput, 2),
+                                    grad_norm=None if self.grad_norm is None else float(self.grad_norm))
                     if bar is not None:
                         bar.set_postfix(loss=f"{final_loss:.4f}", img_s=f"{throughput:.0f}")
                     window_t, window_steps = time.perf_counter(), 0
@@ -622,6 +689,10 @@ class Trainer:
                     break
             metrics = self.evaluate()
             self.runlog.log(self.step, epoch=epoch, **metrics)
+            if self._is_new_best(metrics):  # the entry must hold exactly the weights just measured
+                if saved_at != self.step:
+                    last_path, saved_at = self.save(epoch), self.step
+                self.manager.update_best(self.step, self.best_metric, metrics[self.best_metric], mode="max")
             self.log.info("epoch %d step %d: %s", epoch,
                           self.step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             epoch += 1
@@ -634,6 +705,55 @@ class Trainer:
         if not metrics:  # resumed at the end: still report the model's quality
             metrics = self.evaluate()
         return final_loss, metrics, last_path
+
+
+# --------------------------------------------------------------------------------------------- features
+# EMA, best entry, compile: kept here, apart from the loop, which calls them at one line each.
+
+EMA_FILE = "ema.pth"  # torchvision-reference layout: checkpoint.load(..., ema=True), anytopo-ckpt convert --ema
+
+
+def build_ema(bare: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """An EMA of ``bare``'s parameters AND buffers (BatchNorm running statistics are averaged too, so the EMA
+    model is usable without recomputing them). Built on torch.optim.swa_utils.AveragedModel."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    ema = AveragedModel(bare, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    # a module compiled in place (--compile) is deep-copied with its compiled call, which is bound to the ORIGINAL
+    # module: calling the copy would run the live model. The EMA copy runs eagerly (only evaluated).
+    ema.module._compiled_call_impl = None
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    return ema
+
+
+@torch.no_grad()
+def reset_ema(ema: torch.optim.swa_utils.AveragedModel, bare: nn.Module) -> None:
+    """Restart the average from ``bare``'s current weights (a resume that adds --ema)."""
+    for dst, src in zip(ema.module.state_dict().values(), bare.state_dict().values()):
+        dst.copy_(src)
+    ema.n_averaged.zero_()
+
+
+def write_ema_file(path: Path, bare: nn.Module, ema: torch.optim.swa_utils.AveragedModel, *, step: int,
+                   epoch: int) -> Path:
+    """``{"model": weights, "model_ema": EMA weights + n_averaged, "step", "epoch"}`` (the layout of
+    torchvision's reference scripts), written to a temp name and renamed."""
+    model_sd = {k: v.detach().cpu().clone() for k, v in checkpoint.unwrap(bare).state_dict().items()}
+    ema_sd = {k: v.detach().cpu().clone() for k, v in ema.module.state_dict().items()}
+    ema_sd["n_averaged"] = ema.n_averaged.detach().cpu().clone()
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"model": model_sd, "model_ema": ema_sd, "step": step, "epoch": epoch}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def resolve_best(manager: checkpoint.CheckpointManager) -> Path:
+    found = manager.best()
+    if found is None:
+        why = "has no best entry yet" if manager.best_record() is None else "has a best pointer whose entry does not verify"
+        raise ConfigError(f"--resume best: {manager.directory} {why}; use --resume auto or a checkpoint path")
+    return found
 
 
 def _progress(total: int, initial: int, *, enabled: bool):
@@ -663,6 +783,7 @@ def main(args: argparse.Namespace) -> int:
                 final_loss, metrics, ckpt = trainer.fit()
                 steps = trainer.step
                 trainer.runlog.curves(trainer.task.primary)
+                trainer.runlog.hparams(cfg.to_dict(), {**metrics, "final_loss": final_loss})
             summary = trainer.runlog.summary(model=trainer.model_name, strategy=info.strategy,
                                              world_size=info.world_size, steps=steps, final_loss=final_loss,
                                              eval=metrics, checkpoint=str(ckpt) if ckpt else None)

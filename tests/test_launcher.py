@@ -303,9 +303,15 @@ def test_wrap_ddp_world_of_one_and_sync_bn_is_a_noop():
     assert any(m.startswith("sync_bn ignored") for m in seen.messages)
 
 
-def test_wrap_sync_bn_on_cpu_world_of_two_is_refused():
-    with pytest.raises(LaunchError, match="SyncBatchNorm needs CUDA.*drop --sync-bn on CPU"):
-        wrap_model(bn_net(), info_of("ddp", world=2, backend="gloo"), sync_bn=True)
+def test_wrap_sync_bn_on_cpu_world_of_two_uses_the_gloo_batchnorm():
+    from launcher.syncbn import SyncBatchNorm
+    from launcher.wrap import _sync_batchnorm
+
+    net = bn_net()
+    keys = list(net.state_dict())
+    converted = _sync_batchnorm(net, info_of("ddp", world=2, backend="gloo"))
+    assert type(converted[1]) is SyncBatchNorm  # not torch's CUDA-only nn.SyncBatchNorm
+    assert list(converted.state_dict()) == keys  # checkpoints stay canonical
 
 
 def test_wrap_ddp_without_group_is_refused():

@@ -72,11 +72,13 @@ def test_single_process_classification_writes_every_output(tmp_path):
     assert Path(s["checkpoint"]).name == "step-20" and (out / "curves.png").stat().st_size > 1000
     assert any((out / "tensorboard").iterdir())
     rows = metrics(out)
-    assert list(rows[0]) == ["step", "epoch", "loss", "lr", "throughput", "accuracy", "dice", "miou"]
+    assert list(rows[0]) == ["step", "epoch", "loss", "lr", "throughput", "grad_norm", "accuracy", "dice", "miou",
+                            "ema_accuracy", "ema_dice", "ema_miou"]
     assert [r["step"] for r in rows if r["accuracy"]] == ["10", "20"]  # one evaluation per epoch
     assert all(float(r["throughput"]) > 0 for r in rows if r["loss"])
     mgr = checkpoint.CheckpointManager(out / "checkpoints")
-    assert [st for st, _ in mgr.entries()] == [15, 20]  # save-every 5, keep-last 2
+    best = mgr.best_record()["step"]  # the entry with the best accuracy is kept while best
+    assert [st for st, _ in mgr.entries()] == sorted({15, 20, best})  # save-every 5, keep-last 2, plus best
     assert mgr.latest() == out / "checkpoints" / "step-20"
     m = checkpoint.read_manifest(mgr.latest())
     assert m["model"] == "mlp" and m["model_options"]["in_features"] == 64 and m["topology"]["strategy"] == "single"
