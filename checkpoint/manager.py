@@ -148,7 +148,8 @@ class CheckpointManager:
             if isinstance(comp, torch.optim.Optimizer):
                 raise CheckpointError(f"component {name!r} is a bare optimizer (index-keyed state); "
                                       "wrap it as OptimizerState(model, optimizer)")
-        states = {name: _to_cpu(comp.state_dict() if hasattr(comp, "state_dict") and not isinstance(comp, dict) else comp)
+        # every rank calls state_dict() (it may be collective); only the writer copies the result to CPU
+        states = {name: comp.state_dict() if hasattr(comp, "state_dict") and not isinstance(comp, dict) else comp
                   for name, comp in components.items() if name != MODEL_COMPONENT}
         path = self.directory / entry_name(step)
         try:
@@ -161,7 +162,7 @@ class CheckpointManager:
                 manifest["kind"] = "entry"
                 manifest["components"] = sorted(components)
                 buf = io.BytesIO()
-                torch.save(states, buf)
+                torch.save(_to_cpu(states), buf)
                 write_directory(path, list(entries.items()), manifest,
                                 extra_files={STATE_FILE: buf.getvalue()})
                 atomic_write_text(self.directory / POINTER, entry_name(step) + "\n")
