@@ -311,14 +311,17 @@ def _attempt_store(env: LaunchEnv, timeout: timedelta) -> dist.Store:
     (``default_pg/0//cpu/rank_K``) in every attempt, so a restarted rank can read the address the dead
     attempt's rank K published and gloo fails with ``connectFullMesh ... Connection refused``, or waits on a
     port that nobody serves any more. Keys prefixed per attempt are only ever written by live processes.
-    N is counted by each node's agent; the agents of one single-node run always agree (see
-    docs/reliability.md for several nodes).
+    N is counted by each node's agent; the agents of one single-node run always agree. Agents of several
+    nodes may count differently (a node whose workers were healthy restarts for the new round without
+    counting it), so with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (``TORCHELASTIC_USE_AGENT_STORE`` is
+    then not ``True``) every attempt gets a fresh store hosted by its rank 0, and no prefix is needed.
     """
     # env:// reads MASTER_ADDR/MASTER_PORT from os.environ, the same mapping read_env() parsed; under torchrun
     # it connects to the agent's store as a client instead of starting a second server on that port.
     store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
     store.set_timeout(timeout)
-    return dist.PrefixStore(f"anytopo/attempt-{restart_attempt()}/", store)
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    return dist.PrefixStore(f"anytopo/attempt-{restart_attempt() if shared else 0}/", store)
 
 
 def _gather_rows(env: LaunchEnv, strategy: str, device: torch.device) -> list[list[int]]:

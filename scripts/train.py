@@ -410,11 +410,15 @@ def resolve_resume(cfg: TrainConfig, manager: checkpoint.CheckpointManager, log)
     """
     attempt = launcher.restart_attempt()
     try:
-        if cfg.resume is None and attempt > 0 and not cfg.eval_only:
+        if attempt > 0 and not cfg.eval_only:
+            # this run's own newest entry; before its first save, what the first launch started from
             found = manager.resolve_agreed(None, missing_ok=True)
-            log.info("restart %d: %s", attempt, f"resuming from {found.name}" if found is not None
-                        else f"no checkpoint in {manager.directory} yet, starting fresh")
-            return found
+            if found is not None or cfg.resume in (None, "auto"):
+                log.info("restart %d: %s", attempt, f"resuming from {found.name}" if found is not None
+                         else f"no checkpoint in {manager.directory} yet, starting fresh")
+                return found
+            log.info("restart %d: no checkpoint in %s yet, resuming --resume %s again", attempt, manager.directory,
+                     cfg.resume)
         if cfg.resume is None:
             return None
         if cfg.resume == "auto":
