@@ -10,6 +10,8 @@ import torch.distributed as dist
 import launcher
 
 attempt = launcher.restart_attempt()
+if attempt == 1 and os.environ["RANK"] == "0":
+    time.sleep(1.0)  # rank 1 reaches the store first: without per-attempt keys it reads rank 0's dead address
 launcher.setup("ddp", timeout_s=60)
 x = torch.ones(1)
 dist.all_reduce(x)
