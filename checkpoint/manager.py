@@ -20,9 +20,10 @@ from torch import nn
 
 from ._safetensors_io import InMemory
 from .errors import CheckpointError
-from .formats import FORMAT_TAG, MANIFEST, POINTER, SAFE_GLOBALS, read_json, verify_files
+from .formats import FORMAT_TAG, MANIFEST, POINTER, SAFE_GLOBALS, read_json, sha256_file, verify_files
 from ._load import LoadReport, load
-from ._save import atomic_write_text, barrier, build_manifest, canonical_state, dedupe, is_writer, write_directory
+from ._save import (_process_group, atomic_write_text, barrier, build_manifest, canonical_state, dedupe, is_writer,
+                    write_directory)
 from ._unwrap import unwrap
 
 STATE_FILE = "state.pth"
@@ -154,7 +155,8 @@ class CheckpointManager:
             if isinstance(comp, torch.optim.Optimizer):
                 raise CheckpointError(f"component {name!r} is a bare optimizer (index-keyed state); "
                                       "wrap it as OptimizerState(model, optimizer)")
-        states = {name: _to_cpu(comp.state_dict() if hasattr(comp, "state_dict") and not isinstance(comp, dict) else comp)
+        # every rank calls state_dict() (it may be collective); only the writer copies the result to CPU
+        states = {name: comp.state_dict() if hasattr(comp, "state_dict") and not isinstance(comp, dict) else comp
                   for name, comp in components.items() if name != MODEL_COMPONENT}
         path = self.directory / entry_name(step)
         try:
@@ -167,7 +169,7 @@ class CheckpointManager:
                 manifest["kind"] = "entry"
                 manifest["components"] = sorted(components)
                 buf = io.BytesIO()
-                torch.save(states, buf)
+                torch.save(_to_cpu(states), buf)
                 write_directory(path, list(entries.items()), manifest,
                                 extra_files={STATE_FILE: buf.getvalue()})
                 atomic_write_text(self.directory / POINTER, entry_name(step) + "\n")
@@ -295,6 +297,87 @@ class CheckpointManager:
             return found
         return path
 
+    def resolve_agreed(self, path: str | Path | None = None, *, missing_ok: bool = False) -> Path | None:
+        """``resolve(path)`` decided by rank 0 and checked by every rank: the one way to pick the checkpoint
+        to resume under a process group (without one it is ``latest()``/``resolve(path)`` plus the check
+        that an explicit entry verifies).
+
+        Rank 0 alone resolves the entry (for ``path`` None: this manager's verified latest; None when
+        there is none and ``missing_ok``), checks the sha256 of every file, and broadcasts the entry's
+        path, step and manifest sha256 (or its error). Every other rank then checks that it sees that
+        same entry, in ITS manager directory when rank 0's entry lies in rank 0's, without re-hashing the
+        files: the manifest, which holds every file's sha256, must hash the same. Any rank that does not
+        makes every rank raise the same one-line CheckpointError, so no rank trains from another step.
+        """
+        dist = _process_group()
+        claim = self._claim(path, missing_ok) if dist is None or dist.get_rank() == 0 else None
+        if dist is not None and dist.get_world_size() > 1:
+            box = [claim]
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+            dist.broadcast_object_list(box, src=0, device=device)
+            claim = box[0]
+        if claim["error"]:
+            raise CheckpointError(claim["error"])
+        rank = dist.get_rank() if dist is not None else 0
+        mine, problem = self._check_claim(claim, rank, auto=path is None)
+        if dist is not None and dist.get_world_size() > 1:
+            problems = [None] * dist.get_world_size()
+            dist.all_gather_object(problems, problem)
+            problem = next((p for p in problems if p), None)
+        if problem:
+            raise CheckpointError(problem)
+        if mine is not None and claim["manifest_sha256"]:
+            _VERIFIED.add(_verification_key(mine))  # rank 0 hashed every file; the manifests match
+        return mine
+
+    def _claim(self, path: str | Path | None, missing_ok: bool) -> dict[str, Any]:
+        """Rank 0's resolution of ``path``, as plain values to broadcast."""
+        claim: dict[str, Any] = {"error": None, "path": None, "in_directory": False, "directory": str(self.directory),
+                                 "step": None, "manifest_sha256": None, "size": None}
+        try:
+            if path is not None and not Path(path).exists():
+                raise CheckpointError(f"{path}: no such file or directory; point at a checkpoint entry, a run's "
+                                      "checkpoints/ directory or a weights file")
+            found = self.latest() if path is None else self.resolve(path)
+            if found is None and not missing_ok:
+                raise CheckpointError(f"no checkpoint in {self.directory}; start without --resume or point at one")
+        except CheckpointError as e:
+            return {**claim, "error": str(e)}
+        if found is None:
+            return claim
+        claim.update(path=str(found), in_directory=found.parent == self.directory)
+        manifest = found / MANIFEST if found.is_dir() else None
+        if manifest is not None and manifest.is_file():
+            if _verification_key(found) not in _VERIFIED and not self._verifies(found):
+                return {**claim, "error": f"{found}: a file is missing or fails its sha256 in the manifest (damaged "
+                                          "or incomplete entry); resume another entry or the run's checkpoints/ directory"}
+            claim.update(step=read_json(manifest).get("step"), manifest_sha256=sha256_file(manifest))
+        elif found.is_file():
+            claim["size"] = found.stat().st_size
+        return claim
+
+    def _check_claim(self, claim: dict[str, Any], rank: int, *, auto: bool) -> tuple[Path | None, str | None]:
+        """The entry this rank resumes for rank 0's ``claim``, and the problem if it does not see the same one."""
+        shared = "the checkpoint directory must be shared by all nodes (a shared filesystem, same --output-dir)"
+        if claim["path"] is None:
+            if auto and rank != 0 and self.entries():
+                return None, (f"rank {rank} finds checkpoints in {self.directory} but rank 0 finds none in "
+                              f"{claim['directory']}: {shared}")
+            return None, None
+        theirs = Path(claim["path"])
+        mine = self.directory / theirs.name if claim["in_directory"] else theirs
+        if rank == 0:
+            return mine, None
+        where = f"rank 0 resumes {theirs}" + (f" (step {claim['step']})" if claim["step"] is not None else "")
+        if claim["manifest_sha256"] is not None:
+            if not (mine / MANIFEST).is_file():
+                return mine, f"rank {rank} does not see {mine} ({where}): {shared}"
+            if sha256_file(mine / MANIFEST) != claim["manifest_sha256"]:
+                return mine, f"rank {rank} sees a different {mine} than rank 0 ({where}): {shared}"
+        elif not mine.is_file() or mine.stat().st_size != claim["size"]:
+            return mine, f"rank {rank} does not see the same file {mine} ({where}): {shared}"
+        return mine, None
+
     def restore(self, path: str | Path | None, components: Mapping[str, Any], *, strict: bool = True,
                 allow_pickle: bool = False) -> Restored:
         """Load ``path`` (see ``resolve``: an entry, a manager directory, or any weights file) into components.
@@ -309,7 +392,8 @@ class CheckpointManager:
         report = load(path, components[MODEL_COMPONENT], strict=strict, allow_pickle=allow_pickle,
                       verify=entry and not verified)
         if verified:
-            report.checks.insert(0, "sha256 verified for every file when the entry was chosen as latest")
+            report.checks.insert(0, "sha256 verified for every file when the entry was chosen (by rank 0 under a "
+                                    "process group)")
         manifest = read_json(path / MANIFEST) if path.is_dir() and (path / MANIFEST).is_file() else {}
         result = Restored(path, manifest.get("step", report.step), manifest.get("epoch", report.epoch), report,
                           restored=[MODEL_COMPONENT], manifest=manifest)

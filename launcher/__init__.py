@@ -17,9 +17,11 @@ One entry point per concern; ``launcher`` knows nothing of checkpoints or models
             return e.exit_code                                 # 2
         return 0
 """
-from .dist import STRATEGIES, DistInfo, all_reduce_sum, distributed, setup, teardown
+from .dist import (STRATEGIES, DistInfo, all_gather_object, all_reduce_sum, broadcast_object, distributed,
+                   restart_attempt, setup, teardown)
 from .errors import LaunchError
 from .log import get_logger
+from .preempt import PREEMPTED_EXIT_CODE, Preemption, parse_signal
 from .sampling import EvalSampler, TrainSampler, per_rank_batch
 from .seed import derive_seed, seed_everything
 from .wrap import sync_buffers, wrap_model
@@ -28,13 +30,19 @@ __all__ = [
     "STRATEGIES",
     "DistInfo",
     "EvalSampler",
+    "PREEMPTED_EXIT_CODE",
+    "Preemption",
     "LaunchError",
     "TrainSampler",
+    "all_gather_object",
     "all_reduce_sum",
+    "broadcast_object",
     "derive_seed",
     "distributed",
     "get_logger",
+    "parse_signal",
     "per_rank_batch",
+    "restart_attempt",
     "seed_everything",
     "setup",
     "sync_buffers",

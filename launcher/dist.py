@@ -16,11 +16,13 @@ ddp         group of 1 on 127.0.0.1, free port  group of N from MASTER_ADDR/MAST
 from __future__ import annotations
 
 import logging
+import os
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -171,6 +173,28 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return work.to(t.device)
 
 
+def broadcast_object(obj: Any, info: DistInfo) -> Any:
+    """Rank 0's ``obj`` (any picklable value) on every rank; ``obj`` itself without a process group.
+
+    For decisions only rank 0 may take (a lock, which checkpoint to resume), so that every rank then acts
+    on the same verdict instead of some ranks exiting while the others wait in the next collective.
+    """
+    if not info.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=info.device if info.backend == "nccl" else None)
+    return box[0]
+
+
+def all_gather_object(obj: Any, info: DistInfo) -> list[Any]:
+    """Every rank's ``obj``, indexed by rank, on every rank; ``[obj]`` without a process group."""
+    if not info.distributed:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def plan_device(env: LaunchEnv, strategy: str, backend: str | None, *,
                 cuda_count: int) -> tuple[torch.device, str | None]:
     """Pick this process's device and process-group backend (``None``: no group). Pure; see :func:`setup`.
@@ -247,9 +271,7 @@ def _init_group(env: LaunchEnv, backend: str, device: torch.device, timeout_s: f
     where = f"{env.master_addr}:{env.master_port}"
     try:
         if env.master_addr and env.master_port:
-            # env:// reads MASTER_ADDR/MASTER_PORT from os.environ, the same mapping read_env() parsed; it
-            # also joins torchrun's agent store instead of starting a second server on that port.
-            dist.init_process_group(init_method="env://", **kw)
+            dist.init_process_group(store=_attempt_store(env, timeout), **kw)
         else:
             # One process and no rendezvous address: host a private store on a port the OS picks (port 0),
             # so there is no race for a "free" port and nothing listens beyond 127.0.0.1.
@@ -267,6 +289,39 @@ def _init_group(env: LaunchEnv, backend: str, device: torch.device, timeout_s: f
             "(torchrun --nnodes/--nproc_per_node, or srun) and make MASTER_ADDR:MASTER_PORT reachable"
         ) from e
     _Owned.group = True
+
+
+def restart_attempt(environ: Mapping[str, str] | None = None) -> int:
+    """How many times torchrun has restarted this worker group: ``TORCHELASTIC_RESTART_COUNT`` (0 when
+    unset, i.e. a first launch or another launcher)."""
+    value = (os.environ if environ is None else environ).get("TORCHELASTIC_RESTART_COUNT", "0")
+    try:
+        return max(0, int(value))
+    except ValueError:
+        raise LaunchError(f"TORCHELASTIC_RESTART_COUNT={value!r} is not an integer: launch with torchrun, "
+                          "or unset it") from None
+
+
+def _attempt_store(env: LaunchEnv, timeout: timedelta) -> dist.Store:
+    """The rendezvous store of this launch attempt: MASTER_ADDR:MASTER_PORT seen through the key prefix
+    ``anytopo/attempt-N/`` (N = :func:`restart_attempt`).
+
+    Why: torchrun's agent keeps ONE store server for the whole job (TCPStore sharing, the default since
+    torch 2.5) and restarts workers into it. ``init_process_group("env://")`` would use the same keys
+    (``default_pg/0//cpu/rank_K``) in every attempt, so a restarted rank can read the address the dead
+    attempt's rank K published and gloo fails with ``connectFullMesh ... Connection refused``, or waits on a
+    port that nobody serves any more. Keys prefixed per attempt are only ever written by live processes.
+    N is counted by each node's agent; the agents of one single-node run always agree. Agents of several
+    nodes may count differently (a node whose workers were healthy restarts for the new round without
+    counting it), so with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (``TORCHELASTIC_USE_AGENT_STORE`` is
+    then not ``True``) every attempt gets a fresh store hosted by its rank 0, and no prefix is needed.
+    """
+    # env:// reads MASTER_ADDR/MASTER_PORT from os.environ, the same mapping read_env() parsed; under torchrun
+    # it connects to the agent's store as a client instead of starting a second server on that port.
+    store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    return dist.PrefixStore(f"anytopo/attempt-{restart_attempt() if shared else 0}/", store)
 
 
 def _gather_rows(env: LaunchEnv, strategy: str, device: torch.device) -> list[list[int]]:

@@ -40,21 +40,25 @@ class MLPConfig:
     """Width of the single hidden layer."""
     num_classes: int = 10
     """Number of output logits."""
+    dropout: float = 0.0
+    """Dropout probability after the hidden layer's ReLU; 0 adds no layer (and keeps the keys above)."""
 
     def __post_init__(self) -> None:
         check_choice("style", self.style, MLP_STYLES)
         check_int("in_features", self.in_features, minimum=1)
         check_int("hidden", self.hidden, minimum=1)
         check_int("num_classes", self.num_classes, minimum=1)
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"mlp option dropout must be a number in [0, 1), got {self.dropout!r}")
 
 
 class ModuleListMLP(nn.Module):
     """MLP whose layers live in an ``nn.ModuleList`` and are applied in list order."""
 
-    def __init__(self, in_features: int, hidden: int, num_classes: int) -> None:
+    def __init__(self, in_features: int, hidden: int, num_classes: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.layers = nn.ModuleList([nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(),
-                                     nn.Linear(hidden, num_classes)])
+                                     *([nn.Dropout(dropout)] if dropout else []), nn.Linear(hidden, num_classes)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
@@ -65,10 +69,11 @@ class ModuleListMLP(nn.Module):
 class ModuleDictMLP(nn.Module):
     """MLP whose layers live in an ``nn.ModuleDict`` (named) and are applied in insertion order."""
 
-    def __init__(self, in_features: int, hidden: int, num_classes: int) -> None:
+    def __init__(self, in_features: int, hidden: int, num_classes: int, dropout: float = 0.0) -> None:
         super().__init__()
+        drop = {"drop1": nn.Dropout(dropout)} if dropout else {}
         self.layers = nn.ModuleDict(OrderedDict(flatten=nn.Flatten(), fc1=nn.Linear(in_features, hidden),
-                                                relu1=nn.ReLU(), fc2=nn.Linear(hidden, num_classes)))
+                                                relu1=nn.ReLU(), **drop, fc2=nn.Linear(hidden, num_classes)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers.values():
@@ -93,13 +98,14 @@ def _mlp_example_inputs(cfg: MLPConfig, batch_size: int, image_size: tuple[int, 
 
 @register_model("mlp", config=MLPConfig, example_inputs=_mlp_example_inputs)
 def mlp(cfg: MLPConfig) -> nn.Module:
-    """Flatten -> Linear(in_features, hidden) -> ReLU -> Linear(hidden, num_classes), in ``cfg.style``."""
-    i, h, c = cfg.in_features, cfg.hidden, cfg.num_classes
+    """Flatten -> Linear(in_features, hidden) -> ReLU [-> Dropout] -> Linear(hidden, num_classes), in ``cfg.style``."""
+    i, h, c, p = cfg.in_features, cfg.hidden, cfg.num_classes, float(cfg.dropout)
     if cfg.style == "sequential":
-        return nn.Sequential(nn.Flatten(), nn.Linear(i, h), nn.ReLU(), nn.Linear(h, c))
+        return nn.Sequential(nn.Flatten(), nn.Linear(i, h), nn.ReLU(), *([nn.Dropout(p)] if p else []), nn.Linear(h, c))
     if cfg.style == "ordereddict":
-        return nn.Sequential(OrderedDict(flatten=nn.Flatten(), fc1=nn.Linear(i, h), relu1=nn.ReLU(),
+        drop = {"drop1": nn.Dropout(p)} if p else {}
+        return nn.Sequential(OrderedDict(flatten=nn.Flatten(), fc1=nn.Linear(i, h), relu1=nn.ReLU(), **drop,
                                          fc2=nn.Linear(h, c)))
     if cfg.style == "modulelist":
-        return ModuleListMLP(i, h, c)
-    return ModuleDictMLP(i, h, c)
+        return ModuleListMLP(i, h, c, p)
+    return ModuleDictMLP(i, h, c, p)

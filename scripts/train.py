@@ -127,6 +127,9 @@ class TrainConfig:
                                       "'auto' (latest) or 'best' (best by the task's metric)",
                                 metavar="PATH|auto|best")
     seed: int = option(0, "seed of the weights, the sampling order and per-rank randomness")
+    preempt_signal: str | None = option(None, "also take this signal as a preemption notice, e.g. SIGUSR1 for SLURM's "
+                                              "--signal (SIGTERM always is): checkpoint at the next step, exit 143",
+                                        metavar="SIGNAL")
     eval_only: bool = option(False, "evaluate the --resume checkpoint and exit")
     log_every: int = option(10, "metrics.csv row every N steps")
     workers: int = option(0, "DataLoader worker processes per rank")
@@ -157,6 +160,11 @@ class TrainConfig:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
         if self.ema is not None and not 0.0 < self.ema < 1.0:
             raise ConfigError(f"--ema {self.ema} is outside (0, 1): use a decay such as 0.999")
+        if self.preempt_signal is not None:
+            try:
+                launcher.parse_signal(self.preempt_signal)
+            except launcher.LaunchError as e:
+                raise ConfigError(f"--preempt-signal: {e}") from None
         if self.eval_only and not self.resume:
             raise ConfigError("--eval-only needs the checkpoint to evaluate: add --resume PATH")
 
@@ -410,20 +418,136 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
+# ------------------------------------------------------------------------- fault tolerance
+#
+# Restarts, preemption, the output-directory lock and per-step randomness. See docs/reliability.md.
+
 def resolve_resume(cfg: TrainConfig, manager: checkpoint.CheckpointManager, log) -> Path | None:
-    if cfg.resume is None:
+    """The checkpoint to resume, the same on every rank (rank 0 resolves, the others check they see it).
+
+    A torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) resumes the output directory's latest valid entry
+    without any flag, since torchrun relaunches the same argv; a first launch resumes only with --resume.
+    """
+    attempt = launcher.restart_attempt()
+    try:
+        if attempt > 0 and not cfg.eval_only:
+            # this run's own newest entry; before its first save, what the first launch started from
+            found = manager.resolve_agreed(None, missing_ok=True)
+            if found is not None or cfg.resume in (None, "auto"):
+                log.info("restart %d: %s", attempt, f"resuming from {found.name}" if found is not None
+                         else f"no checkpoint in {manager.directory} yet, starting fresh")
+                return found
+            log.info("restart %d: no checkpoint in %s yet, resuming --resume %s again", attempt, manager.directory,
+                     cfg.resume)
+        if cfg.resume is None:
+            return None
+        if cfg.resume == "auto":
+            found = manager.resolve_agreed(None, missing_ok=True)
+            if found is None:
+                log.info("--resume auto: no checkpoint in %s yet, starting fresh", manager.directory)
+            return found
+        if cfg.resume == "best":
+            return manager.resolve_agreed(resolve_best(manager))
+        return manager.resolve_agreed(cfg.resume)
+    except checkpoint.CheckpointError as e:
+        raise ConfigError(f"--resume {cfg.resume or 'auto'}: {e}" if "shared by all nodes" not in str(e) else str(e)) from None
+
+
+class RunLock:
+    """An exclusive lock on an output directory, so two runs never write the same run at once.
+
+    ``DIR/.lock`` holds ``{"pid", "host", "started"}`` of its holder and an ``fcntl.flock`` that the kernel
+    drops when the holder dies, however it dies (SIGKILL included). A lock file whose flock is free but that
+    names a process is stale: it is taken over with a warning. Only rank 0 takes it (:func:`acquire_run_lock`).
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, directory: Path):
+        self.path = Path(directory) / self.NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> str | None:
+        """Take the lock; returns a warning when a stale lock was taken over. Raises ConfigError if held."""
+        import fcntl
+        import socket
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ConfigError(f"--output-dir {self.path.parent}: cannot create the run lock there "
+                              f"({e.strerror or e}); choose a writable --output-dir") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            who = f"pid {holder.get('pid')} on host {holder.get('host')}" if holder else "another process"
+            raise ConfigError(f"--output-dir {self.path.parent} is in use by a running training run ({who}): wait "
+                              "for it to finish, or choose another --output-dir") from None
+        previous = _read_holder(fd)
+        mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(mine) + "\n").encode(), 0)
+        self._fd = fd
+        if previous:
+            return (f"took over the stale lock of pid {previous.get('pid')} on host {previous.get('host')} "
+                    f"(started {previous.get('started')}), which no longer holds it: that run ended without "
+                    "releasing it")
         return None
-    if cfg.resume == "auto":
-        found = manager.latest()
-        if found is None:
-            log.info("--resume auto: no checkpoint in %s yet, starting fresh", manager.directory)
-        return found
-    if cfg.resume == "best":
-        return resolve_best(manager)
-    path = Path(cfg.resume)
-    if not path.exists():
-        raise ConfigError(f"--resume {path}: no such file or directory; pass a checkpoint path or 'auto'")
-    return manager.resolve(path)
+
+    def release(self) -> None:
+        """Empty the file (so the next run does not see a stale holder) and drop the flock."""
+        if self._fd is None:
+            return
+        import fcntl
+
+        try:
+            os.ftruncate(self._fd, 0)
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def acquire_run_lock(out: Path, info: launcher.DistInfo, log) -> RunLock | None:
+    """Rank 0 locks ``out``; every rank learns the verdict, so a refused run exits 2 on every rank."""
+    lock, verdict = None, None
+    if info.is_main:
+        lock = RunLock(out)
+        try:
+            warning = lock.acquire()
+            if warning:
+                log.warning("%s", warning)
+        except ConfigError as e:
+            lock, verdict = None, str(e)
+    verdict = launcher.broadcast_object(verdict, info)
+    if verdict:
+        raise ConfigError(verdict)
+    return lock
+
+
+def seed_step(cfg: TrainConfig, info: launcher.DistInfo, step: int) -> None:
+    """Re-seed this rank's random streams (dropout, augmentation) from (seed, step, rank) before each step,
+    so a run resumed at step K draws what the uninterrupted run drew at step K (same world size)."""
+    launcher.seed_everything(cfg.seed, rank=info.rank, step=step)
+
+
+class Preempted(Exception):
+    """Every rank agreed to stop for a signal; the checkpoint is written. main() exits PREEMPTED_EXIT_CODE."""
+
+    def __init__(self, step: int, path: Path, signals: list[str]):
+        super().__init__(f"preempted at step {step}: checkpoint {path}")
+        self.step, self.path, self.signals = step, path, signals
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -440,11 +564,23 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, info: launcher.DistInfo, log):
         self.cfg, self.info, self.log = cfg, info, log
         self.out = cfg.output_dir
+        self.lock = acquire_run_lock(self.out, info, log)  # before anything in the directory is read or written
+        self.preempt: launcher.Preemption | None = None  # set by main() while the loop may be preempted
+        try:
+            self._build()
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()
+            raise
+
+    def _build(self) -> None:
+        cfg, info, log = self.cfg, self.info, self.log
         self.manager = checkpoint.CheckpointManager(self.out / "checkpoints", keep_last=cfg.keep_last,
                                                     every=cfg.save_every)
         self.resume_path = resolve_resume(cfg, self.manager, log)
         manifest = checkpoint.read_manifest(self.resume_path) if self.resume_path else None
-        if self.resume_path is None and not cfg.eval_only and self.manager.entries():
+        holds_entries = launcher.broadcast_object(bool(self.manager.entries()) if info.is_main else None, info)
+        if self.resume_path is None and not cfg.eval_only and holds_entries:
             raise ConfigError(f"{self.manager.directory} already holds checkpoints of another run: "
                               "pass --resume auto to continue it, or choose another --output-dir")
         try:
@@ -569,6 +705,7 @@ class Trainer:
 
     def train_step(self, batch: Batch) -> torch.Tensor:
         accum = self.cfg.grad_accum
+        seed_step(self.cfg, self.info, self.step)
         total = torch.zeros((), device=self.info.device)
         for i, (x, y) in enumerate(zip(batch.images.chunk(accum), batch.targets.chunk(accum))):
             last = i == accum - 1
@@ -651,6 +788,15 @@ class Trainer:
         flag = torch.tensor([float(better and self.info.is_main)], device=self.info.device)
         return bool(launcher.all_reduce_sum(flag, self.info).item())
 
+    def _stop_for_preemption(self, epoch: int, saved_at: int | None, last_path: Path | None) -> None:
+        """Every rank agreed on a signal at this step boundary: checkpoint it (unless just saved), then stop."""
+        path = last_path if saved_at == self.step else self.save(epoch)
+        signals = self.preempt.received if self.preempt is not None else []
+        self.log.warning("preempted (%s) at step %d: checkpoint %s written; exiting %d so that the launcher "
+                         "restarts or requeues the run", ", ".join(signals) or "signal on another rank", self.step,
+                         path, launcher.PREEMPTED_EXIT_CODE)
+        raise Preempted(self.step, path, signals)
+
     def fit(self) -> tuple[float | None, dict[str, float], Path | None]:
         cfg, info = self.cfg, self.info
         self.model.train()
@@ -685,6 +831,8 @@ class Trainer:
                     bar.update(1)
                 if self.manager.should_save(self.step) and not last:
                     last_path, saved_at = self.save(epoch), self.step
+                if self.preempt is not None and not last and self.preempt.agreed(info):
+                    self._stop_for_preemption(epoch, saved_at, last_path)
                 if last or self.step % self.steps_per_epoch == 0:
                     break
             metrics = self.evaluate()
@@ -771,11 +919,15 @@ def main(args: argparse.Namespace) -> int:
     if args.print_config:
         sys.stdout.write(dump_config(cfg))
         return 0
-    with launcher.distributed(cfg.strategy) as info:
+    # Signals are caught from the start (a SIGTERM during set-up still ends the run at its first step
+    # boundary, with a checkpoint), and the previous handlers come back on every exit.
+    with launcher.Preemption([cfg.preempt_signal] if cfg.preempt_signal else []) as preempt, \
+            launcher.distributed(cfg.strategy) as info:
         log = launcher.get_logger(info)
         trainer = Trainer(cfg, info, log)
         try:
             trainer.restore()
+            trainer.preempt = preempt
             if cfg.eval_only:
                 metrics = trainer.evaluate()
                 final_loss, steps, ckpt = None, 0, trainer.resume_path
@@ -787,8 +939,12 @@ def main(args: argparse.Namespace) -> int:
             summary = trainer.runlog.summary(model=trainer.model_name, strategy=info.strategy,
                                              world_size=info.world_size, steps=steps, final_loss=final_loss,
                                              eval=metrics, checkpoint=str(ckpt) if ckpt else None)
+        except Preempted:
+            return launcher.PREEMPTED_EXIT_CODE
         finally:
             trainer.runlog.close()
+            if trainer.lock is not None:
+                trainer.lock.release()
         if info.is_main:
             log.info("%s: %s", "evaluated" if cfg.eval_only else "done",
                      ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))

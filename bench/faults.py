@@ -1,0 +1,259 @@
+"""Fault trials for scripts/train.py under real torchrun: restarts after a SIGKILL, preemption by SIGTERM.
+
+    python bench/faults.py            # 10 restart trials, 10 SIGTERM trials (5 to a worker, 5 to torchrun)
+    python bench/faults.py --quick    # 1 + 2 trials: what tests/test_faults.py runs
+
+(b) restart: torchrun --standalone --nproc_per_node=2 --max-restarts=1, one worker SIGKILLed at a random
+    point after the first checkpoint -> the run must finish (exit 0), log ``restart 1: resuming from step-K``,
+    and its final weights must equal an uninterrupted run's within 1e-5 relative.
+(c) SIGTERM to one worker, or to the torchrun agent (--max-restarts=0) -> every rank exits 143 with a
+    checkpoint; ``--resume auto`` then finishes the run, and the per-step losses of the two launches equal
+    the uninterrupted run's exactly.
+Restart latency: SIGKILL -> first step logged by the restarted group, against a fresh launch's start ->
+first step, measured in the same trials (ratio printed; docs/reliability.md has the figures).
+
+The model is the MLP with dropout 0.2 on the digits (400 samples), so the trials also check that per-step
+seeding reproduces the dropout masks after a resume.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN = str(REPO / "scripts" / "train.py")
+BIN = Path(sys.executable).parent
+PREEMPTED = 143
+
+# 320 training samples: 20 steps per epoch x 4 epochs, a checkpoint every 10 steps, a loss row every step
+MODEL_ARGS = ["--model", "mlp", "--model-arg", "dropout=0.2", "--model-arg", "hidden=512", "--data", "digits",
+              "--num-samples", "400", "--batch-size", "16", "--epochs", "4", "--save-every", "10",
+              "--log-every", "1", "--strategy", "ddp", "--no-progress", "--no-tensorboard", "--seed", "3"]
+TOTAL_STEPS = 80
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "GROUP_", "MASTER_", "TORCHELASTIC", "SLURM_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore::UserWarning",
+               PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+    return env
+
+
+def torchrun(out: Path, *, restarts: int, extra: list[str] = ()) -> subprocess.Popen:
+    """Start torchrun x2 on scripts/train.py (its own session, so a timeout can kill the whole tree)."""
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", f"--max-restarts={restarts}",
+           "--monitor-interval=0.1", TRAIN, *MODEL_ARGS, "--output-dir", str(out), *extra]
+    log = open(out.parent / f"{out.name}.log", "w")
+    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> int:
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return -9
+
+
+def log_text(out: Path) -> str:
+    return (out.parent / f"{out.name}.log").read_text()
+
+
+def workers(proc: subprocess.Popen) -> dict[int, int]:
+    """{rank: pid} of torchrun's live train.py workers."""
+    import psutil
+
+    found = {}
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if TRAIN in child.cmdline():
+                found[int(child.environ()["RANK"])] = child.pid
+        except (psutil.Error, KeyError, ValueError):
+            continue
+    return found
+
+
+def wait_for(pred, timeout: float, every: float = 0.005):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(every)
+    return None
+
+
+def logged_steps(out: Path) -> dict[int, float]:
+    """Step -> loss from metrics.csv; the LAST row of a step wins (a restarted group logs some steps again)."""
+    path = out / "metrics.csv"
+    if not path.is_file():
+        return {}
+    rows = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get("loss"):
+                rows[int(row["step"])] = float(row["loss"])
+    return rows
+
+
+def rows_count(out: Path) -> int:
+    try:
+        with open(out / "metrics.csv") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
+
+
+def final_weights(out: Path) -> dict:
+    import checkpoint
+
+    return checkpoint.load_state_dict(out / "checkpoints" / f"step-{TOTAL_STEPS}")
+
+
+def max_rel_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys(), (sorted(a), sorted(b))
+    return max(float((a[k].double() - b[k].double()).norm() / max(b[k].double().norm(), 1e-12)) for k in a)
+
+
+def reference(root: Path, timeout: float) -> dict:
+    """An uninterrupted run: its final weights, per-step losses and time from launch to its first step."""
+    out = root / "reference"
+    t0 = time.monotonic()
+    proc = torchrun(out, restarts=0)
+    first = wait_for(lambda: rows_count(out) > 1, timeout)
+    to_first_step = time.monotonic() - t0 if first else None
+    rc = finish(proc, timeout)
+    if rc != 0:
+        raise RuntimeError(f"reference run failed ({rc}):\n{log_text(out)[-3000:]}")
+    return {"weights": final_weights(out), "losses": logged_steps(out), "to_first_step_s": to_first_step}
+
+
+def trial_restart(root: Path, i: int, ref: dict, rng: random.Random, timeout: float) -> dict:
+    """(b): SIGKILL one worker at a random moment after the first checkpoint; the restarted group must finish."""
+    out = root / f"restart-{i}"
+    proc = torchrun(out, restarts=1)
+    result = {"trial": i, "ok": False}
+    if not wait_for(lambda: (out / "checkpoints" / "latest").is_file(), timeout):
+        finish(proc, 1)
+        return {**result, "why": "no checkpoint appeared"}
+    time.sleep(rng.uniform(0, 0.05))  # a random step after the first checkpoint
+    pids = workers(proc)
+    victim = rng.choice(sorted(pids))
+    steps_before = max(logged_steps(out) or [0])
+    os.kill(pids[victim], signal.SIGKILL)
+    killed = time.monotonic()
+    # the restarted group's first step: the first row logged after its workers announced the restart
+    # (by then every worker of the killed group is gone, so no late row of theirs is counted)
+    latency = None
+    if wait_for(lambda: "restart 1:" in log_text(out), timeout, 0.01):
+        rows = rows_count(out)
+        if wait_for(lambda: rows_count(out) > rows, timeout, 0.01):
+            latency = time.monotonic() - killed
+    rc = finish(proc, timeout)
+    text = log_text(out)
+    result.update(rank=victim, killed_after_step=steps_before, rc=rc, restart_latency_s=latency,
+                  resumed_message="restart 1: resuming from step-" in text)
+    if steps_before >= TOTAL_STEPS - 1:
+        return {**result, "why": "the run ended before the kill landed (not a trial)", "ok": None}
+    if rc != 0:
+        return {**result, "why": f"torchrun exit {rc}: " + " | ".join(text.strip().splitlines()[-3:])[-400:]}
+    result["max_rel_diff"] = max_rel_diff(final_weights(out), ref["weights"])
+    result["ok"] = bool(result["resumed_message"] and result["max_rel_diff"] <= 1e-5)
+    return result
+
+
+def trial_sigterm(root: Path, i: int, target: str, ref: dict, rng: random.Random, timeout: float) -> dict:
+    """(c): SIGTERM to one worker or to torchrun -> exit 143 with a checkpoint; --resume auto continues exactly."""
+    out = root / f"sigterm-{target}-{i}"
+    proc = torchrun(out, restarts=0)
+    result = {"trial": i, "target": target, "ok": False}
+    if not wait_for(lambda: (out / "checkpoints" / "latest").is_file(), timeout):
+        finish(proc, 1)
+        return {**result, "why": "no checkpoint appeared"}
+    time.sleep(rng.uniform(0, 0.05))
+    if target == "agent":
+        os.kill(proc.pid, signal.SIGTERM)
+    else:
+        os.kill(workers(proc)[rng.choice([0, 1])], signal.SIGTERM)
+    signalled = time.monotonic()
+    rc = finish(proc, timeout)
+    text = log_text(out)
+    import checkpoint
+
+    latest = checkpoint.CheckpointManager(out / "checkpoints").latest()
+    stopped_at = checkpoint.read_manifest(latest)["step"] if latest else None
+    result.update(rc=rc, stopped_at=stopped_at, exit_143_logged="exiting 143" in text,
+                  signal_to_exit_s=round(time.monotonic() - signalled, 3))
+    if stopped_at == TOTAL_STEPS:
+        return {**result, "why": "the run ended before the signal landed (not a trial)", "ok": None}
+    first = logged_steps(out)
+    resumed = torchrun(out, restarts=0, extra=["--resume", "auto"])
+    rc2 = finish(resumed, timeout)
+    both = {**first, **logged_steps(out)}
+    result.update(resume_rc=rc2, steps_logged=len(both))
+    result["losses_equal"] = both == ref["losses"]
+    result["ok"] = bool(rc != 0 and result["exit_143_logged"] and rc2 == 0 and result["losses_equal"]
+                        and max_rel_diff(final_weights(out), ref["weights"]) == 0.0)
+    return result
+
+
+def run(restart_trials: int, sigterm_trials: int, *, root: Path, seed: int = 0, timeout: float = 240) -> dict:
+    rng = random.Random(seed)
+    ref = reference(root, timeout)
+    restarts = [trial_restart(root, i, ref, rng, timeout) for i in range(restart_trials)]
+    sigterms = [trial_sigterm(root, i, "worker" if i % 2 == 0 else "agent", ref, rng, timeout)
+                for i in range(sigterm_trials)]
+    lat = [r["restart_latency_s"] for r in restarts if r.get("ok") and r.get("restart_latency_s")]
+    fresh = ref["to_first_step_s"]
+    return {
+        "restart": {"ok": sum(r["ok"] is True for r in restarts), "trials": sum(r["ok"] is not None for r in restarts),
+                    "runs": restarts},
+        "sigterm": {"ok": sum(r["ok"] is True for r in sigterms), "trials": sum(r["ok"] is not None for r in sigterms),
+                    "runs": sigterms},
+        "latency": {"fresh_to_first_step_s": fresh, "restart_to_first_step_s": statistics.median(lat) if lat else None,
+                    "ratio": (statistics.median(lat) / fresh) if lat and fresh else None},
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="1 restart trial and 2 SIGTERM trials (worker, agent)")
+    p.add_argument("--restarts", type=int, default=10)
+    p.add_argument("--sigterms", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="also write the results here")
+    args = p.parse_args()
+    n_restart, n_term = (1, 2) if args.quick else (args.restarts, args.sigterms)
+    sys.path.insert(0, str(REPO))
+    print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+    with tempfile.TemporaryDirectory(prefix="anytopo-faults-") as tmp:
+        res = run(n_restart, n_term, root=Path(tmp), seed=args.seed)
+    print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+    for r in res["restart"]["runs"] + res["sigterm"]["runs"]:
+        print(json.dumps(r))
+    lat = res["latency"]
+    print(f"(b) restarts: {res['restart']['ok']}/{res['restart']['trials']} finished with weights within 1e-5")
+    print(f"(c) SIGTERM: {res['sigterm']['ok']}/{res['sigterm']['trials']} checkpointed, exited 143, resumed exactly")
+    if lat["ratio"] is not None:
+        print(f"restart latency: SIGKILL -> first step {lat['restart_to_first_step_s']:.2f} s (median), fresh launch -> "
+              f"first step {lat['fresh_to_first_step_s']:.2f} s: ratio {lat['ratio']:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=1))
+    ok = res["restart"]["ok"] == res["restart"]["trials"] and res["sigterm"]["ok"] == res["sigterm"]["trials"]
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

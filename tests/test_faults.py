@@ -1,0 +1,214 @@
+"""Fault tolerance of scripts/train.py: torchrun restarts, preemption signals, ranks agreeing on the
+checkpoint, the output-directory lock, and per-step randomness (docs/reliability.md).
+
+The restart and SIGTERM trials are bench/faults.py's own (its --quick subset), run for real under torchrun.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoint
+import launcher
+from conftest import BIN, REPO, child_env, free_port
+
+sys.path.insert(0, str(REPO / "bench"))
+import faults  # noqa: E402  bench/faults.py
+
+import train  # noqa: E402  scripts/train.py (conftest puts scripts/ on the path)
+
+TRAIN = str(REPO / "scripts" / "train.py")
+MLP = ["--model", "mlp", "--data", "digits", "--num-samples", "400", "--batch-size", "32", "--no-progress",
+       "--no-tensorboard"]
+
+
+def run_train(args: list[str], *, expect: int | None = 0, timeout: int = 180) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, TRAIN, *args], cwd=REPO, env=child_env(), capture_output=True, text=True,
+                       timeout=timeout)
+    if expect is not None:
+        assert p.returncode == expect, f"exit {p.returncode}\n{p.stderr[-3000:]}"
+    return p
+
+
+# ------------------------------------------------------------------------------------------- units
+
+def test_preemption_flag_survives_repeated_signals_and_restores_handlers():
+    before = signal.getsignal(signal.SIGUSR1)
+    with launcher.Preemption(["SIGUSR1"]) as p:
+        assert not p.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGUSR1)  # a second notice, e.g. during the save: only recorded
+        assert p.received == ["SIGTERM", "SIGUSR1"]
+        single = launcher.setup("single")
+        assert p.agreed(single)
+    assert signal.getsignal(signal.SIGUSR1) is before
+    assert launcher.parse_signal("usr1") is signal.SIGUSR1 and launcher.parse_signal("15") is signal.SIGTERM
+    for bad in ("SIGNOPE", "SIGKILL"):
+        with pytest.raises(launcher.LaunchError):
+            launcher.parse_signal(bad)
+
+
+def test_restart_attempt_reads_torchelastic_count():
+    assert launcher.restart_attempt({}) == 0
+    assert launcher.restart_attempt({"TORCHELASTIC_RESTART_COUNT": "2"}) == 2
+    with pytest.raises(launcher.LaunchError):
+        launcher.restart_attempt({"TORCHELASTIC_RESTART_COUNT": "x"})
+
+
+def test_run_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path):
+    first = train.RunLock(tmp_path)
+    assert first.acquire() is None
+    holder = json.loads((tmp_path / ".lock").read_text())
+    assert holder["pid"] == os.getpid() and holder["host"]
+    with pytest.raises(train.ConfigError, match=f"in use by a running training run \\(pid {os.getpid()} on host"):
+        train.RunLock(tmp_path).acquire()  # another open file description: flock conflicts even in one process
+    first.release()
+    again = train.RunLock(tmp_path)
+    assert again.acquire() is None  # released cleanly: no stale holder left behind
+    again.release()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / ".lock").write_text(json.dumps({"pid": dead.pid, "host": "h", "started": "t"}))  # killed holder
+    stale = train.RunLock(tmp_path)
+    assert f"took over the stale lock of pid {dead.pid}" in stale.acquire()
+    stale.release()
+
+
+def test_each_restart_attempt_sees_only_its_own_store_keys(monkeypatch):
+    """The restarted group must not read the dead attempt's keys in torchrun's shared store."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from launcher.dist import _attempt_store
+
+    server = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(server.port))
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    env = launcher.env.read_env({"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                                 "MASTER_PORT": str(server.port)})
+    views = []
+    for attempt in ("0", "1"):
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", attempt)
+        views.append(_attempt_store(env, timedelta(seconds=5)))
+    views[0].set("rank_0", "address of a process that is gone")
+    assert not views[1].check(["rank_0"]) and views[0].check(["rank_0"])
+
+
+# ------------------------------------------------------------------------------------ real launches
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(200)
+def test_torchrun_restart_forms_the_process_group_again():
+    """Plain torch fails this (gloo reads the dead attempt's address: Connection refused, or a hang)."""
+    worker = REPO / "tests" / "_restart_worker.py"
+    for _ in range(2):
+        p = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+                            "--monitor-interval=0.1", str(worker)], cwd=REPO,
+                           env=child_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=90)
+        assert p.returncode == 0, p.stdout[-1500:] + p.stderr[-2500:]
+        assert all(f"attempt 1 rank {r} formed the group: 2" in p.stdout for r in (0, 1)), p.stdout
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_resume_with_dropout_continues_the_uninterrupted_run_exactly(tmp_path):
+    """Per-step seeding: resuming step-4 of an 8-step run with dropout reproduces its steps 5..8 bit for bit."""
+    common = MLP + ["--model-arg", "dropout=0.3", "--max-steps", "8", "--save-every", "4", "--log-every", "1"]
+    run_train(common + ["--output-dir", str(tmp_path / "a")])
+    run_train(common + ["--output-dir", str(tmp_path / "b"), "--resume", str(tmp_path / "a/checkpoints/step-4")])
+    a = checkpoint.load_state_dict(tmp_path / "a/checkpoints/step-8")
+    b = checkpoint.load_state_dict(tmp_path / "b/checkpoints/step-8")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert faults.logged_steps(tmp_path / "a") == {**faults.logged_steps(tmp_path / "a"),
+                                                    **faults.logged_steps(tmp_path / "b")}
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(600)
+def test_torchrun_restart_and_sigterm_trials(tmp_path):
+    """bench/faults.py --quick: a SIGKILLed worker is restarted by torchrun and the run ends with the
+    uninterrupted run's weights; SIGTERM to a worker and to torchrun checkpoints, exits 143, and
+    --resume auto continues with the very same per-step losses."""
+    res = faults.run(1, 2, root=tmp_path, seed=0, timeout=240)
+    runs = res["restart"]["runs"] + res["sigterm"]["runs"]
+    assert res["restart"]["ok"] == res["restart"]["trials"] == 1, runs
+    assert res["sigterm"]["ok"] == res["sigterm"]["trials"] == 2, runs
+    assert all(r["max_rel_diff"] <= 1e-5 for r in res["restart"]["runs"])
+    assert {r["target"] for r in res["sigterm"]["runs"]} == {"worker", "agent"}
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_single_process_sigterm_checkpoints_and_exits_143(tmp_path):
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, TRAIN, *MLP, "--epochs", "50", "--log-every", "1",
+                             "--preempt-signal", "SIGUSR1", "--output-dir", str(out)], cwd=REPO, env=child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert faults.wait_for(lambda: faults.rows_count(out) > 3, 120)
+    proc.send_signal(signal.SIGUSR1)
+    proc.send_signal(signal.SIGUSR1)  # a second notice while the first is being handled
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == launcher.PREEMPTED_EXIT_CODE, err[-2000:]
+    latest = checkpoint.CheckpointManager(out / "checkpoints").latest()
+    assert latest is not None and "preempted (SIGUSR1" in err and "Traceback" not in err
+    assert not (out / "summary.json").exists()  # stopped, not finished
+    assert json.loads((out / ".lock").read_text() or "{}") == {}  # lock released
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_ranks_refuse_checkpoint_dirs_that_are_not_shared(tmp_path):
+    """Two torchrun 'nodes', each with its own --output-dir; only node 0's holds a checkpoint."""
+    run_train(MLP + ["--max-steps", "4", "--save-every", "2", "--output-dir", str(tmp_path / "node0")])
+    port, procs = free_port(), []
+    for node in (0, 1):
+        cmd = [str(BIN / "torchrun"), "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
+               "--master_addr=127.0.0.1", f"--master_port={port}", TRAIN, *MLP, "--max-steps", "8",
+               "--strategy", "ddp", "--resume", "auto", "--output-dir", str(tmp_path / f"node{node}")]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    errs = [p.communicate(timeout=240)[1] for p in procs]
+    assert [p.returncode for p in procs] == [1, 1], errs  # torchrun's code for a worker that exited 2
+    for err in errs:
+        line = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert line and "the checkpoint directory must be shared by all nodes" in line[0], err[-2000:]
+        assert f'File "{TRAIN}"' not in err  # torchrun prints its own traceback for the exit 2; ours has none
+    assert "rank 1 does not see" in errs[0] + errs[1] and str(tmp_path / "node1/checkpoints/step-4") in errs[0]
+    assert checkpoint.CheckpointManager(tmp_path / "node0/checkpoints").latest().name == "step-4"  # untouched
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_two_runs_on_one_output_dir_one_is_refused_the_other_intact(tmp_path):
+    out = tmp_path / "shared"
+    args = [sys.executable, TRAIN, *MLP, "--epochs", "3", "--save-every", "10", "--output-dir", str(out)]
+    first = subprocess.Popen(args, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    second = subprocess.Popen(args, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results = {p.wait(timeout=240): p.stderr.read() for p in (first, second)}
+    assert sorted(results) == [0, 2], results
+    refused = [ln for ln in results[2].splitlines() if ln.strip()]
+    assert refused[-1].startswith("error: --output-dir") and "in use by a running training run (pid" in refused[-1]
+    assert "Traceback" not in results[2]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["steps"] == 30 and Path(s["checkpoint"]).name == "step-30"
+    assert sorted(faults.logged_steps(out)) == [10, 20, 30]  # one run's rows, not interleaved
+    assert checkpoint.CheckpointManager(out / "checkpoints").latest().name == "step-30"
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(120)
+def test_fresh_launch_into_a_run_with_checkpoints_is_still_refused(tmp_path):
+    run_train(MLP + ["--max-steps", "2", "--save-every", "1", "--output-dir", str(tmp_path)])
+    p = run_train(MLP + ["--max-steps", "4", "--output-dir", str(tmp_path)], expect=2)
+    assert "already holds checkpoints of another run: pass --resume auto" in p.stderr
