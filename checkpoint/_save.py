@@ -444,7 +444,8 @@ def write_directory(path: Path, entries: list[tuple[str, TensorSource]], manifes
 
 
 def write_checkpoint(path: Path, entries: list[tuple[str, TensorSource]], manifest: dict[str, Any], *,
-                     max_shard_size: int | str | None = None, fmt: str | None = None) -> Path:
+                     max_shard_size: int | str | None = None, fmt: str | None = None,
+                     extra_files: Mapping[str, bytes | Callable[[BinaryIO], Any]] | None = None) -> Path:
     """Write tensors (lazily read) in the layout ``path`` asks for. No distributed logic here."""
     max_bytes = parse_size(max_shard_size)
     suffix = path.suffix.lower()
@@ -466,7 +467,8 @@ def write_checkpoint(path: Path, entries: list[tuple[str, TensorSource]], manife
         return path
     if fmt not in (None, "safetensors", "pth"):
         raise CheckpointError(f"unknown format {fmt!r}: use safetensors or pth")
-    return write_directory(path, entries, manifest, max_shard_size=max_bytes, fmt=fmt or "safetensors")
+    return write_directory(path, entries, manifest, max_shard_size=max_bytes, fmt=fmt or "safetensors",
+                           extra_files=extra_files)
 
 
 def _undedupe(sd: dict[str, torch.Tensor], aliases: Mapping[str, str]) -> dict[str, torch.Tensor]:
