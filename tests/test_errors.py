@@ -263,3 +263,15 @@ def _mlp() -> nn.Module:
     import models
 
     return models.build_model("mlp", in_features=64, num_classes=10)
+
+
+# --------------------------------------------------------------------------------- bench subset
+
+@pytest.mark.timeout(300)
+def test_faults_save_quick_kills_and_disk_full():
+    """bench/faults_save.py --quick: 10 SIGKILLs at random points of a ResNet-18 save, 2+2 disk-full trials."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "faults_save.py"), "--quick"], cwd=REPO,
+                          env=child_env(), capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "0 unloadable latest, 0 completed checkpoints lost" in proc.stdout
+    assert "targets: met" in proc.stdout
