@@ -117,9 +117,9 @@ def check_destination(src_arg: Path, src_path: Path, dst: Path, *, overwrite: bo
             break
     dst_r = dst.resolve()
     for s in {src_arg.resolve(), src_path.resolve()}:
-        if dst_r == s or dst_r in s.parents:
-            raise CheckpointError(f"{dst} is the source {src_arg} (or holds it): converting onto it would "
-                                  "replace what is being read; write to another path, then move it")
+        if dst_r == s or dst_r in s.parents or (s.is_dir() and s in dst_r.parents):
+            raise CheckpointError(f"{dst} is the source {src_arg}, holds it or lies inside it: converting there "
+                                  "would change what is being read; write to another path, then move it")
     if not dst.exists() and not dst.is_symlink():
         return
     if dst.is_dir():

@@ -206,6 +206,7 @@ def test_convert_onto_its_own_source_is_refused(run4):
     for dst in (entry, run4 / "checkpoints", run4):
         assert_one_line_error(run_cli("convert", entry, dst), "source")
     assert_one_line_error(run_cli("convert", run4 / "checkpoints", run4 / "checkpoints" / "step-4"), "source")
+    assert_one_line_error(run_cli("convert", entry, entry / "inside"), "source")
     assert snapshot(run4) == before
 
 
