@@ -150,6 +150,10 @@ class TrainConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
         """The config of a namespace from get_args_parser() (whose dests are the field names)."""
+        if getattr(args, "config", None) and not getattr(args, "_config_applied", False):
+            # e.g. get_args_parser(add_help=False) used as a parent of a plain ArgumentParser
+            raise ConfigError(f"--config {args.config} was not read: parse with get_args_parser() (or "
+                              "build_parser()), whose parser applies the file before the flags")
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
     def to_dict(self) -> dict[str, Any]:
@@ -292,7 +296,9 @@ class ConfigArgumentParser(argparse.ArgumentParser):
                 if getattr(first, "debug", False):
                     raise
                 self.exit(2, f"error: {e}\n")
-        return super().parse_known_args(args, namespace)
+        namespace, extras = super().parse_known_args(args, namespace)
+        namespace._config_applied = bool(getattr(first, "config", None))
+        return namespace, extras
 
 
 def build_parser(cls: type, add_help: bool = True) -> argparse.ArgumentParser:

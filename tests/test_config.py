@@ -128,6 +128,15 @@ def test_file_values_apply_and_only_flags_given_on_the_command_line_override(tmp
         parse("--lr", "0.25", "--model-arg", "a=1", "--clip-grad", "1")
 
 
+def test_a_parent_parser_that_cannot_apply_config_is_refused(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("lr: 0.5\n")
+    child = argparse.ArgumentParser(parents=[train.get_args_parser(add_help=False)])
+    with pytest.raises(ConfigError, match="was not read"):
+        TrainConfig.from_args(child.parse_args(["--config", str(f)]))
+    assert TrainConfig.from_args(child.parse_args(["--lr", "0.5"])).lr == 0.5
+
+
 def test_print_config_round_trips_through_config(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     argv = ["--model", "unet", "--model-arg", "base_width=4", "--model-arg", "bilinear=True", "--data", "1e5",
