@@ -289,6 +289,108 @@ def profile_load(model: torch.nn.Module, path: Path, calls: int = 5) -> dict[str
     return {"total_ms_per_load": total / calls * 1e3, "top": rows}
 
 
+# ----------------------------------------------------------------------------------- whole training entry
+
+OURS_ENTRY_SAVE, RAW_ENTRY_SAVE = "anytopo CheckpointManager.save (entry)", "raw write, same total bytes (torch buffer)"
+OURS_ENTRY_LOAD, RAW_ENTRY_LOAD = "anytopo restore (chosen by latest())", "raw readinto, same files (bytearray)"
+
+
+def training_state(model: torch.nn.Module) -> dict[str, Any]:
+    """The components a training run saves: model, AdamW state after one step, scheduler, trainer counters."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(1)
+    for p in model.parameters():
+        p.grad = torch.empty_like(p).normal_(generator=g)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return {"model": model, "optimizer": checkpoint.OptimizerState(model, opt), "scheduler": sched,
+            "trainer": {"step": 1, "epoch": 0, "samples_seen": 64, "world_size": 1}}
+
+
+def _previous_scheme(model: torch.nn.Module, comps: dict[str, Any], path: Path) -> None:
+    """What CheckpointManager.save did before: the model through the writer, the other states
+    ``torch.save`` -> ``BytesIO`` -> ``getvalue()`` -> one write, then sha256 of every file read back."""
+    import io
+
+    from checkpoint.formats import sha256_file
+
+    states = {k: (c.state_dict() if hasattr(c, "state_dict") else c) for k, c in comps.items() if k != "model"}
+    path.mkdir(exist_ok=True)
+    checkpoint.save(model, path / "model.safetensors")
+    buf = io.BytesIO()
+    torch.save(states, buf)
+    durable_write(path / "state.pth", lambda f: f.write(buf.getvalue()))
+    for name in ("model.safetensors", "state.pth"):
+        sha256_file(path / name)
+
+
+def bench_entry(model: torch.nn.Module, work: Path, save_rounds: int, load_rounds: int) -> dict[str, Any]:
+    comps = training_state(model)
+    mgr = checkpoint.CheckpointManager(work / "entries", keep_last=1)
+    step = iter(range(1, 1 << 30))
+    entry = mgr.save(next(step), comps)
+    files = {p.name: p.stat().st_size for p in sorted(entry.iterdir())}
+    nbytes = sum(files.values()) + len("step-1\n")
+    raw = memoryview(torch_buffer(nbytes).numpy())
+    candidates = {
+        OURS_ENTRY_SAVE: lambda: mgr.save(next(step), comps),
+        RAW_ENTRY_SAVE: lambda: durable_write(work / "raw-entry.bin", lambda f: f.write(raw)),
+        "raw write + early writeback (torch buffer)":
+            lambda: durable_write(work / "raw-entry-wb.bin", lambda f: write_with_early_writeback(f, raw)),
+        "ref previous scheme (states via torch.save/BytesIO, hashes read back)":
+            lambda: _previous_scheme(model, comps, work / "previous"),
+    }
+    for fn in candidates.values():
+        fn()
+    print(f"entry save: {nbytes:,} bytes ({', '.join(f'{k} {v:,}' for k, v in files.items())} + pointer), "
+          f"{save_rounds} interleaved rounds, os.sync() untimed before each call")
+    times = interleave(candidates, save_rounds, timer=time.perf_counter, between=_settle_disk)
+    save_rows = _rows(times, RAW_ENTRY_SAVE, nbytes)
+
+    # load: a restore into the live model and optimizer, as a resumed run does after latest() chose the entry
+    # (sha256 of every file checked then, see CheckpointManager.latest); the raw row reads the same files
+    entry = mgr.latest()
+    paths = sorted(entry.iterdir())
+    load_bytes = sum(p.stat().st_size for p in paths)
+    buf = bytearray(load_bytes)
+    tbuf = memoryview(torch_buffer(load_bytes).numpy())
+
+    def read_files(into) -> None:
+        view, done = memoryview(into), 0
+        for p in paths:
+            n = p.stat().st_size
+            read_raw(p, view[done:done + n])
+            done += n
+
+    from checkpoint import manager as manager_module
+
+    def restore_verifying() -> None:
+        manager_module._VERIFIED.clear()
+        mgr.restore(mgr.latest(), comps)
+
+    candidates = {
+        OURS_ENTRY_LOAD: lambda: mgr.restore(entry, comps),
+        RAW_ENTRY_LOAD: lambda: read_files(buf),
+        "raw readinto, same files (torch buffer)": lambda: read_files(tbuf),
+        "anytopo latest() + restore, sha256 of every file": restore_verifying,
+        "ref torch.load(state.pth) + load_state_dict (previous states file)":
+            lambda: comps["optimizer"].load_state_dict(
+                torch.load(work / "previous" / "state.pth", weights_only=True)["optimizer"]),
+    }
+    warm_page_cache(*paths, work / "previous" / "state.pth")
+    for fn in candidates.values():
+        fn()
+    print(f"entry load: {load_bytes:,} bytes in {len(paths)} files, page cache warm, {load_rounds} interleaved rounds")
+    times = interleave(candidates, load_rounds, timer=time.perf_counter, between=gc.collect)
+    load_rows = _rows(times, RAW_ENTRY_LOAD, load_bytes)
+    rs, rl = save_rows[0]["ratio"], load_rows[0]["ratio"]
+    verifying = next(r for r in load_rows if r["candidate"].startswith("anytopo latest()"))["ratio"]
+    return {"files": files, "bytes": nbytes, "save_rows": save_rows, "load_rows": load_rows,
+            "save_ratio": rs, "save_verdict": verdict(rs, SAVE_TARGET), "load_ratio": rl,
+            "load_verdict": verdict(rl, LOAD_TARGET), "load_with_sha256_ratio": verifying}
+
+
 # -------------------------------------------------------------------------------------------- convert
 
 # fp32 tensors of one synthetic "layer": 32 MiB, 8 MiB, 2 MiB, 16 KiB, 4 KiB (a matrix-heavy model's mix)
@@ -414,7 +516,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--convert-reps", type=int, default=None, help="runs per convert size (default 3; quick 1)")
     p.add_argument("--pth-reps", type=int, default=None, help="runs of the .pth convert row (default 2; quick 1)")
     p.add_argument("--max-shard-size", default="500MB")
-    p.add_argument("--only", choices=["save", "load", "convert"], action="append", default=None,
+    p.add_argument("--only", choices=["save", "load", "entry", "convert"], action="append", default=None,
                    help="run only these parts (repeatable)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--tmp-dir", default=None, help="parent of the scratch directory (default bench/results/)")
@@ -430,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [parse_size(s) for s in (args.convert_sizes or ("256MB" if q else "1GB,4GB")).split(",")]
     reps = args.convert_reps or (1 if q else 3)
     pth_reps = args.pth_reps or (1 if q else 2)
-    parts = args.only or ["save", "load", "convert"]
+    parts = args.only or ["save", "load", "entry", "convert"]
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -445,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
             if free < need:
                 raise SystemExit(f"error: {fmt_bytes(free)} free under {work}, need {fmt_bytes(need)}: "
                                  "pass --convert-sizes smaller or --tmp-dir elsewhere")
-        if "save" in parts or "load" in parts:
+        if "save" in parts or "load" in parts or "entry" in parts:
             model = build_model(model_name)
             nparams = sum(p.numel() for p in model.parameters())
             print(f"model {model_name}: {nparams:,} parameters, torch threads {torch.get_num_threads()}")
@@ -461,6 +563,12 @@ def main(argv: list[str] | None = None) -> int:
                 result["uptime"].append(uptime("after load"))
                 print(table(result["load"]["rows"], TIME_COLUMNS))
                 result["load"]["profile"] = profile_load(model, work / "ours.safetensors")
+            if "entry" in parts:
+                result["uptime"].append(uptime("before entry"))
+                result["entry"] = bench_entry(model, work, save_rounds, load_rounds)
+                result["uptime"].append(uptime("after entry"))
+                print(table(result["entry"]["save_rows"], TIME_COLUMNS))
+                print(table(result["entry"]["load_rows"], TIME_COLUMNS))
             del model
             for p in work.iterdir():
                 p.unlink() if p.is_file() else remove(p)
@@ -504,6 +612,12 @@ def main(argv: list[str] | None = None) -> int:
         s = result["load"]
         print(f"  load  ratio {s['ratio']:.3f} vs readinto a bytearray (target <= {LOAD_TARGET}) {s['verdict']}; "
               f"vs readinto a torch buffer {s['ratio_vs_torch_buffer']:.3f} {s['verdict_vs_torch_buffer']}")
+    if "entry" in result:
+        s = result["entry"]
+        print(f"  entry save ratio {s['save_ratio']:.3f} vs a raw durable write of the same total bytes "
+              f"(target <= {SAVE_TARGET}) {s['save_verdict']}; entry load (restore after latest()) ratio "
+              f"{s['load_ratio']:.3f} vs readinto a bytearray (target <= {LOAD_TARGET}) {s['load_verdict']}; "
+              f"with sha256 of every file {s['load_with_sha256_ratio']:.3f}")
     for c in result.get("convert", []):
         print(f"  convert {c['size_bytes'] / 1e9:.2f} GB: peak/size {c['peak_over_size']:.3f} {c['verdict_absolute']}, "
               f"(peak - baseline)/size {c['minus_baseline_over_size']:.3f} {c['verdict_minus_baseline']} "

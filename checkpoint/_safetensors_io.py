@@ -126,7 +126,9 @@ def _byte_view(t: "torch.Tensor") -> memoryview:
     n = t.numel() * t.element_size()
     if n == 0:
         return memoryview(bytearray(0))
-    return memoryview((ctypes.c_ubyte * n).from_address(t.data_ptr()))
+    arr = (ctypes.c_ubyte * n).from_address(t.data_ptr())
+    arr.owner = t  # the view keeps the tensor alive: a HashingFile may hash it after the write returns
+    return memoryview(arr)
 
 
 def read_slices(path: Path, items: "list[tuple[TensorSlice, torch.Tensor]]") -> None:

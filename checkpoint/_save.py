@@ -29,7 +29,7 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator, Mapping
 
 from ._safetensors_io import InMemory, TensorSource, fsync_dir, write_file
 from .errors import CheckpointError
@@ -51,19 +51,88 @@ INDEX_NAME = "model.safetensors.index.json"
 
 # ---------------------------------------------------------------------------------- atomic primitives
 
+def _umask() -> int:
+    """The process umask, read without changing it where /proc tells it (os.umask can only set)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+class HashingFile:
+    """A file object that also computes the sha256 of what is written through it, in a helper thread.
+
+    ``hashlib`` releases the GIL on large buffers, so hashing one chunk runs while the next is copied into
+    the page cache and while the final fsync waits on the disk: a manifest's hashes cost (almost) nothing
+    on top of the write, instead of a second pass over the finished file. Only bytes passed to ``write``
+    are hashed; the caller must keep every buffer alive until ``hexdigest`` (``_byte_view`` ties each
+    view to its tensor).
+    """
+
+    def __init__(self, f: BinaryIO):
+        import hashlib
+        import queue
+        import threading
+
+        self.f = f
+        self._sha = hashlib.sha256()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+        self._thread.start()
+        self._digest: str | None = None
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            self._sha.update(chunk)
+
+    def write(self, data: Any) -> int:
+        n = self.f.write(data)
+        self._queue.put(data)
+        return n
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def fileno(self) -> int:
+        return self.f.fileno()
+
+    def hexdigest(self) -> str:
+        if self._digest is None:
+            self._queue.put(None)
+            self._thread.join()
+            self._digest = self._sha.hexdigest()
+        return self._digest
+
+
 @contextmanager
-def atomic_file(path: Path) -> Iterator[Any]:
-    """Open a temp file beside ``path``; on success flush+fsync+rename over ``path``, else delete it."""
+def atomic_file(path: Path, *, sha256: bool = False) -> Iterator[Any]:
+    """Open a temp file beside ``path``; on success flush+fsync+rename over ``path``, else delete it.
+
+    The file gets the mode a plain ``open`` would (0666 less the umask), not mkstemp's 0600. With
+    ``sha256`` the yielded file is a ``HashingFile``; its ``hexdigest()`` is valid after the block.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    hashing = None
     try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as raw:
+            f = hashing = HashingFile(raw) if sha256 else None
+            yield f or raw
+            raw.flush()
+            os.fsync(raw.fileno())
+        if hashing is not None:
+            hashing.hexdigest()  # joined after the fsync, which it overlapped
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException:
+        if hashing is not None:
+            hashing.hexdigest()  # stop the helper thread
         try:
             os.unlink(tmp)
         except FileNotFoundError:
@@ -81,11 +150,13 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     """Build a directory under a temp name beside ``path``, then rename it into place.
 
     An existing ``path`` is moved aside first and removed only once the new one is in place, so at every
-    instant either the old or the new complete directory exists (plus, at worst, a leftover temp).
+    instant either the old or the new complete directory exists (plus, at worst, a leftover temp). The
+    directory gets the mode a plain ``mkdir`` would (0777 less the umask), not mkdtemp's 0700.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
         fsync_dir(tmp)
         old = None
@@ -301,9 +372,17 @@ def _plan_shards(entries: list[tuple[str, TensorSource]], max_bytes: int | None)
     return shards
 
 
-def write_safetensors(path: Path, entries: list[tuple[str, TensorSource]], manifest: Mapping[str, Any]) -> int:
-    with atomic_file(path) as f:
-        return write_file(f, entries, _st_metadata(manifest))
+def write_safetensors(path: Path, entries: list[tuple[str, TensorSource]], manifest: Mapping[str, Any],
+                      digests: dict[str, str] | None = None) -> int:
+    """Write one safetensors file atomically. With ``digests``, record its sha256 there, computed while
+    writing when every entry is a plain in-memory tensor (file-to-file copies bypass ``write``, and a
+    ``MappedInMemory`` gives its pages back right after writing: those files are hashed after)."""
+    inline = digests is not None and all(type(e) is InMemory for _, e in entries)
+    with atomic_file(path, sha256=inline) as f:
+        n = write_file(f, entries, _st_metadata(manifest))
+    if inline:
+        digests[path.name] = f.hexdigest()
+    return n
 
 
 def write_torch(path: Path, sd: Mapping[str, torch.Tensor]) -> None:
@@ -315,8 +394,13 @@ def write_torch(path: Path, sd: Mapping[str, torch.Tensor]) -> None:
 
 def write_directory(path: Path, entries: list[tuple[str, TensorSource]], manifest: dict[str, Any], *,
                     max_shard_size: int | None = None, fmt: str = "safetensors",
-                    extra_files: Mapping[str, bytes] | None = None) -> Path:
-    """Write a checkpoint directory atomically: data files, extra files, then manifest.json with hashes."""
+                    extra_files: Mapping[str, bytes | Callable[[BinaryIO], Any]] | None = None) -> Path:
+    """Write a checkpoint directory atomically: data files, extra files, then manifest.json with hashes.
+
+    ``extra_files`` maps a name to its bytes or to a function that writes them into an open file (through
+    ``write`` only, so they are hashed while written).
+    """
+    digests: dict[str, str] = {}
     with atomic_dir(path) as tmp:
         files: list[str] = []
         if fmt == "pth":
@@ -326,7 +410,7 @@ def write_directory(path: Path, entries: list[tuple[str, TensorSource]], manifes
         else:
             shards = _plan_shards(entries, max_shard_size)
             if len(shards) == 1:
-                write_safetensors(tmp / SINGLE_NAME, shards[0], manifest)
+                write_safetensors(tmp / SINGLE_NAME, shards[0], manifest, digests)
                 files.append(SINGLE_NAME)
                 manifest["weights"] = SINGLE_NAME
             else:
@@ -334,7 +418,7 @@ def write_directory(path: Path, entries: list[tuple[str, TensorSource]], manifes
                 weight_map = {}
                 for i, shard in enumerate(shards, 1):
                     name = f"model-{i:05d}-of-{n:05d}.safetensors"
-                    write_safetensors(tmp / name, shard, manifest)
+                    write_safetensors(tmp / name, shard, manifest, digests)
                     files.append(name)
                     weight_map.update({k: name for k, _ in shard})
                 index = {"metadata": {"total_size": manifest["total_bytes"], **_st_metadata(manifest)},
@@ -343,16 +427,19 @@ def write_directory(path: Path, entries: list[tuple[str, TensorSource]], manifes
                 files.append(INDEX_NAME)
                 manifest["weights"] = INDEX_NAME
         for name, data in (extra_files or {}).items():
-            with atomic_file(tmp / name) as f:
-                f.write(data)
+            with atomic_file(tmp / name, sha256=True) as f:
+                data(f) if callable(data) else f.write(data)
+            digests[name] = f.hexdigest()
             files.append(name)
-        manifest["files"] = {n: {"bytes": (tmp / n).stat().st_size, "sha256": sha256_file(tmp / n)} for n in files}
+        manifest["files"] = {n: {"bytes": (tmp / n).stat().st_size,
+                                 "sha256": digests[n] if n in digests else sha256_file(tmp / n)} for n in files}
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
     return path
 
 
 def write_checkpoint(path: Path, entries: list[tuple[str, TensorSource]], manifest: dict[str, Any], *,
-                     max_shard_size: int | str | None = None, fmt: str | None = None) -> Path:
+                     max_shard_size: int | str | None = None, fmt: str | None = None,
+                     extra_files: Mapping[str, bytes | Callable[[BinaryIO], Any]] | None = None) -> Path:
     """Write tensors (lazily read) in the layout ``path`` asks for. No distributed logic here."""
     max_bytes = parse_size(max_shard_size)
     suffix = path.suffix.lower()
@@ -374,7 +461,8 @@ def write_checkpoint(path: Path, entries: list[tuple[str, TensorSource]], manife
         return path
     if fmt not in (None, "safetensors", "pth"):
         raise CheckpointError(f"unknown format {fmt!r}: use safetensors or pth")
-    return write_directory(path, entries, manifest, max_shard_size=max_bytes, fmt=fmt or "safetensors")
+    return write_directory(path, entries, manifest, max_shard_size=max_bytes, fmt=fmt or "safetensors",
+                           extra_files=extra_files)
 
 
 def _undedupe(sd: dict[str, torch.Tensor], aliases: Mapping[str, str]) -> dict[str, torch.Tensor]:

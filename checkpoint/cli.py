@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from .describe import inspect
 from .errors import CheckpointError, and_more, first_line
-from .formats import Source, TensorSource, check_integrity, group_tied, read_source
+from .formats import (FORMAT_TAG, MANIFEST, POINTER, Source, TensorSource, _sniff as sniff, check_integrity, group_tied,
+                      read_json, read_source)
 from .keys import match_keys, wrapper_prefix
-from ._save import build_manifest, parse_size, write_checkpoint
+from ._save import TORCH_SUFFIXES, build_manifest, parse_size, write_checkpoint
 
 # torch is imported by the commands that hold tensors (diff, verify, and reading .pth/DCP sources);
 # `inspect` and `convert` of safetensors checkpoints run without it, in a small resident set.
@@ -123,6 +125,9 @@ def cmd_convert(args: argparse.Namespace) -> tuple[int, dict[str, Any], str]:
     if args.keep_prefix and (args.prefix or args.model):
         raise CheckpointError("--keep-prefix keeps the file's keys as they are; drop --prefix/--model, or drop --keep-prefix")
     src = read_source(args.src, ema=args.ema, allow_pickle=args.allow_pickle)
+    dst = Path(args.dst)
+    check_destination(Path(args.src), src.path, dst, overwrite=args.overwrite)  # before the (long) hashing
+    states, dropped = entry_states(src.path, src.manifest or {}, dst, args.format)
     checks = check_integrity(src, hashes=True)
     m = src.manifest or {}
     meta = {key: m[key] for key in ("model", "model_options", "step", "epoch") if m.get(key) is not None}
@@ -139,21 +144,101 @@ def cmd_convert(args: argparse.Namespace) -> tuple[int, dict[str, Any], str]:
                               "prefix_reasons": reasons}
     meta["layout"] = args.layout
     manifest = build_manifest(stored, aliases, {}, meta)
+    if states:  # a training entry stays one: its optimizer/scheduler/trainer state goes along
+        manifest["kind"], manifest["components"] = "entry", m.get("components")
     fmt = args.format
-    dst = Path(args.dst)
     if fmt is None and dst.suffix == "":
         fmt = "safetensors"
-    write_checkpoint(dst, list(stored.items()), manifest, max_shard_size=parse_size(args.max_shard_size), fmt=fmt)
+    write_checkpoint(dst, list(stored.items()), manifest, max_shard_size=parse_size(args.max_shard_size), fmt=fmt,
+                     extra_files=states)
     out = {"src": str(args.src), "dst": str(dst), "source_format": src.format, "tensors": len(stored) + len(aliases),
            "bytes": manifest["total_bytes"], "prefix_stripped": stripped, "prefix_reasons": reasons,
-           "model": args.model, "layout": args.layout, "checks": checks}
+           "model": args.model, "layout": args.layout, "checks": checks,
+           "states_kept": sorted(states), "states_dropped": dropped}
     lines = [f"wrote {dst} ({out['tensors']} tensors, {out['bytes']:,} bytes) from {src.format}"
-             + (", layout dp" if args.layout == "dp" else "")]
+             + (", layout dp" if args.layout == "dp" else "")
+             + (f", kept the entry's {', '.join(m.get('components') or [])} state" if states else "")
+             + (f"; dropped {', '.join(dropped)} state: a single file holds weights only, "
+                "convert to a directory to keep it" if dropped else "")]
     if args.model:
         lines.append(f"  keys: {reasons[0]}")
     else:
         lines += _stripped_line(stripped, reasons)
     return OK, out, "\n".join(lines)
+
+
+def check_destination(src_arg: Path, src_path: Path, dst: Path, *, overwrite: bool) -> None:
+    """Refuse a ``convert`` destination whose replacement would lose something convert did not write.
+
+    Allowed: a new path, an empty directory, or an existing checkpoint of the same kind (a weights file,
+    or a checkpoint directory holding nothing but its manifest's files). Refused: the source itself (or a
+    directory holding it), a path under a regular file, and, unless ``overwrite``, anything else that exists.
+    """
+    for parent in dst.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CheckpointError(f"cannot write {dst}: {parent} is a regular file, not a directory; "
+                                      "choose a destination under a directory")
+            break
+    dst_r = dst.resolve()
+    for s in {src_arg.resolve(), src_path.resolve()}:
+        if dst_r == s or dst_r in s.parents or (s.is_dir() and s in dst_r.parents):
+            raise CheckpointError(f"{dst} is the source {src_arg}, holds it or lies inside it: converting there "
+                                  "would change what is being read; write to another path, then move it")
+    if not dst.exists() and not dst.is_symlink():
+        return
+    if dst.is_dir():
+        wants_file = dst.suffix.lower() == ".safetensors" or dst.suffix.lower() in TORCH_SUFFIXES
+        if wants_file:
+            raise CheckpointError(f"{dst} is a directory but its suffix asks for a single file; "
+                                  "choose another destination")
+        contents = {p.name for p in dst.iterdir()}
+        if not contents or overwrite:
+            return
+        try:
+            m = read_json(dst / MANIFEST) if MANIFEST in contents else None
+        except CheckpointError:
+            m = None
+        if isinstance(m, dict) and m.get("format") == FORMAT_TAG and contents <= {MANIFEST, *(m.get("files") or {})}:
+            return  # a checkpoint directory and nothing else: replaced whole, as the user asked
+        kind = "a directory of checkpoints (a run's `latest` and entries)" if POINTER in contents else \
+            f"a directory that is not a checkpoint ({len(contents)} entries)"
+        raise CheckpointError(f"{dst} exists and is {kind}; converting would delete it: pass --overwrite "
+                              "to replace it, or choose a new destination")
+    if dst.is_file():
+        if overwrite or sniff(dst) in ("safetensors", "zip"):
+            return  # a weights file is replaced atomically, like any save
+        raise CheckpointError(f"{dst} exists and is not a checkpoint; converting would replace it: pass "
+                              "--overwrite, or choose a new destination")
+    if not overwrite:
+        raise CheckpointError(f"{dst} exists and is not a file or directory; choose a new destination")
+
+
+def entry_states(src_path: Path, manifest: dict[str, Any], dst: Path, fmt: str | None) -> tuple[dict, list[str]]:
+    """The non-model state files of a training-entry source, to copy into a directory destination.
+
+    Returns (name -> writer function, components dropped). A single-file destination cannot hold them:
+    they are dropped, and the caller says so.
+    """
+    from ._states import STATE_JSON, STATE_PICKLE, STATE_TENSORS
+
+    if manifest.get("kind") != "entry" or not src_path.is_dir():
+        return {}, []
+    names = [n for n in (STATE_JSON, STATE_TENSORS, STATE_PICKLE) if n in (manifest.get("files") or {})]
+    if not names:
+        return {}, []
+    components = [c for c in manifest.get("components") or [] if c != "model"]
+    if dst.suffix.lower() == ".safetensors" or dst.suffix.lower() in TORCH_SUFFIXES:
+        return {}, components
+
+    def copier(path: Path):
+        def write(f) -> None:
+            with open(path, "rb") as src:
+                while chunk := src.read(8 << 20):
+                    f.write(chunk)
+        return write
+
+    return {n: copier(src_path / n) for n in names}, []
 
 
 def cmd_diff(args: argparse.Namespace) -> tuple[int, dict[str, Any], str]:
@@ -271,6 +356,8 @@ def get_parser() -> argparse.ArgumentParser:
                                                        "it instead of searching, as checkpoint.load(prefix=) does")
     keep_prefix(sp)
     model_options(sp, "write the keys of this registry model, matched as checkpoint.load matches them")
+    sp.add_argument("--overwrite", action="store_true",
+                    help="replace an existing destination that is not a checkpoint (its contents are deleted)")
     common(sp)
     sp.set_defaults(func=cmd_convert)
 
@@ -308,10 +395,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "json", False):
             print(json.dumps({"ok": False, "error": msg, "exit_code": code}))
         return code
-    if args.json:
-        print(json.dumps(payload, default=str))
-    else:
-        print(text)
+    try:
+        print(json.dumps(payload, default=str) if args.json else text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader left (`... | head -2`): what it read stands, the exit code still says how it went;
+        # point stdout at /dev/null so the interpreter's final flush does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return code
 
 

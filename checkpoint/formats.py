@@ -103,6 +103,22 @@ def read_json(path: Path) -> Any:
         raise CheckpointError(f"{path}: unreadable JSON ({e}); the file is damaged or not part of a checkpoint") from None
 
 
+def read_pointer(path: Path) -> str | None:
+    """The entry name a ``latest`` pointer file holds, or None when it is missing, empty, torn, binary or
+    not a plain name (callers then fall back to scanning for the newest entry that verifies)."""
+    try:
+        raw = path.read_bytes()[:4096]
+    except OSError:
+        return None
+    try:
+        name = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None
+    if not name or "/" in name or "\\" in name or name in (".", "..") or not name.isprintable():
+        return None
+    return name
+
+
 def verify_files(directory: Path, manifest: dict[str, Any], *, hashes: bool) -> list[str]:
     """Check every file the manifest lists: present, right size, and (``hashes``) right sha256.
 
@@ -448,8 +464,8 @@ def _read_directory(path: Path, *, ema: bool, allow_pickle: bool) -> Source:
             return src
     pointer = path / POINTER
     if pointer.is_file():
-        target = pointer.read_text().strip()
-        if not target or "/" in target or not (path / target).is_dir():
+        target = read_pointer(pointer)
+        if not target or not (path / target).is_dir():
             raise CheckpointError(f"{pointer}: points to {target!r}, which is not an entry here; use "
                                   "CheckpointManager(dir).latest() to find the newest good entry")
         return read_source(path / target, ema=ema, allow_pickle=allow_pickle)
@@ -527,9 +543,8 @@ def read_manifest(path: str | Path) -> dict[str, Any] | None:
         if (path / MANIFEST).is_file():
             m = read_json(path / MANIFEST)
             return m if isinstance(m, dict) and m.get("format") == FORMAT_TAG else None
-        if (path / POINTER).is_file():
-            return read_manifest(path / (path / POINTER).read_text().strip())
-        return None
+        target = read_pointer(path / POINTER)
+        return read_manifest(path / target) if target else None
     sidecar = path.with_name(path.name + ".manifest.json")
     if sidecar.is_file():
         return read_json(sidecar)

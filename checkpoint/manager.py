@@ -8,7 +8,7 @@ and ``select_prune``; the class only does I/O around them.
 """
 from __future__ import annotations
 
-import io
+import errno
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -20,13 +20,14 @@ from torch import nn
 
 from ._safetensors_io import InMemory
 from .errors import CheckpointError
-from .formats import FORMAT_TAG, MANIFEST, POINTER, SAFE_GLOBALS, read_json, sha256_file, verify_files
+from .formats import FORMAT_TAG, MANIFEST, POINTER, read_json, read_pointer, sha256_file, verify_files
 from ._load import LoadReport, load
 from ._save import (_process_group, atomic_write_text, barrier, build_manifest, canonical_state, dedupe, is_writer,
                     write_directory)
+from ._states import STATE_PICKLE, read_states, state_files
 from ._unwrap import unwrap
 
-STATE_FILE = "state.pth"
+STATE_FILE = STATE_PICKLE  # entries written before state.json/state.safetensors
 BEST_POINTER = "best"  # JSON record next to ``latest``: the entry with the best metric
 MODEL_COMPONENT = "model"
 
@@ -65,6 +66,23 @@ def _verification_key(path: Path) -> tuple[str, int]:
         return str(path.resolve()), (path / MANIFEST).stat().st_mtime_ns
     except OSError:
         return str(path), -1
+
+
+def _agree_on_failure(failure: BaseException | None, path: Path) -> str | None:
+    """Tell every rank whether the writer's save failed (a collective; replaces the barrier after a save).
+
+    Returns, on the other ranks, the line to raise when the writer failed, so that every rank stops with
+    one line instead of the others training on into a collective with a dead writer. None on the writer
+    and when all went well.
+    """
+    dist = _process_group()
+    if dist is None or dist.get_world_size() <= 1:
+        return None
+    box = [None if failure is None else (str(failure).splitlines() or [type(failure).__name__])[0]]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is None or is_writer():
+        return None
+    return f"rank 0 could not save {path.name}: {box[0]}"
 
 
 def entry_name(step: int) -> str:
@@ -155,33 +173,57 @@ class CheckpointManager:
             if isinstance(comp, torch.optim.Optimizer):
                 raise CheckpointError(f"component {name!r} is a bare optimizer (index-keyed state); "
                                       "wrap it as OptimizerState(model, optimizer)")
-        # every rank calls state_dict() (it may be collective); only the writer copies the result to CPU
+        # Every rank asks (state_dict() may be collective); only the writer copies tensors to CPU, as it writes.
         states = {name: comp.state_dict() if hasattr(comp, "state_dict") and not isinstance(comp, dict) else comp
                   for name, comp in components.items() if name != MODEL_COMPONENT}
         path = self.directory / entry_name(step)
+        failure: BaseException | None = None
         try:
             if is_writer():
-                self._clean_temps()
-                sd, info = canonical_state(components[MODEL_COMPONENT])
-                unique, aliases = dedupe(sd)
-                entries = {k: InMemory(t) for k, t in unique.items()}
-                manifest = build_manifest(entries, aliases, info, {**(metadata or {}), "step": step})
-                manifest["kind"] = "entry"
-                manifest["components"] = sorted(components)
-                buf = io.BytesIO()
-                torch.save(_to_cpu(states), buf)
-                write_directory(path, list(entries.items()), manifest,
-                                extra_files={STATE_FILE: buf.getvalue()})
-                atomic_write_text(self.directory / POINTER, entry_name(step) + "\n")
-                self._prune(protect=step)
-        finally:
-            barrier()
+                self._write_entry(path, step, components, states, metadata)
+        except OSError as e:
+            failure = CheckpointError(self._write_failure(path, e))
+        except BaseException as e:  # noqa: BLE001 -- re-raised below, after the other ranks have been told
+            failure = e
+        message = _agree_on_failure(failure, path)
+        if failure is not None:
+            raise failure from None
+        if message is not None:
+            raise CheckpointError(message)
         return path
 
+    def _write_entry(self, path: Path, step: int, components: Mapping[str, Any], states: dict[str, Any],
+                     metadata: Mapping[str, Any] | None) -> None:
+        """The writer's part of ``save``: the entry directory (model, then states), the pointer, pruning."""
+        self._clean_temps()
+        sd, info = canonical_state(components[MODEL_COMPONENT])
+        unique, aliases = dedupe(sd)
+        entries = {k: InMemory(t) for k, t in unique.items()}
+        manifest = build_manifest(entries, aliases, info, {**(metadata or {}), "step": step})
+        manifest["kind"] = "entry"
+        manifest["components"] = sorted(components)
+        write_directory(path, list(entries.items()), manifest, extra_files=state_files(states))
+        atomic_write_text(self.directory / POINTER, entry_name(step) + "\n")
+        self._prune(protect=step)
+
+    def _write_failure(self, path: Path, e: OSError) -> str:
+        """One line for a save the filesystem refused: what happened, that nothing was lost, the fix."""
+        fix = {errno.ENOSPC: "free disk space or save to a larger disk",
+               errno.EDQUOT: "free space within your disk quota or save elsewhere",
+               errno.EFBIG: "raise the file-size limit (ulimit -f) or save elsewhere",
+               errno.EROFS: "save to a writable directory",
+               errno.EACCES: "make the directory writable or save elsewhere"}.get(e.errno, "check the directory, "
+                                                                                      "then save again")
+        previous = read_pointer(self.directory / POINTER)
+        kept = f"`latest` still points to {previous}, intact" if previous else "nothing earlier was changed"
+        return f"could not write checkpoint {path}: {e.strerror or e}; {kept}; {fix}"
+
     def _clean_temps(self) -> None:
+        """Remove what an interrupted save left: entry temp dirs and pointer temp files."""
         if self.directory.is_dir():
-            for p in self.directory.glob(".step-*"):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            for pattern in (".step-*", f".{POINTER}.*.tmp"):
+                for p in self.directory.glob(pattern):
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
     def _prune(self, protect: int) -> None:
         entries = dict(self.entries())
@@ -272,9 +314,10 @@ class CheckpointManager:
         """The entry ``latest`` points to if it verifies (sha256 of every file), else the newest entry
         that does; None when there is none."""
         pointer = self.directory / POINTER
-        if pointer.is_file():
-            target = self.directory / pointer.read_text().strip()
-            if target.name and target.parent == self.directory and self._verifies(target):
+        name = read_pointer(pointer)  # None for a missing, torn or binary pointer: fall back to the scan
+        if name:
+            target = self.directory / name
+            if target.parent == self.directory and self._verifies(target):
                 return target
         for _, path in reversed(self.entries()):
             if self._verifies(path):
@@ -397,11 +440,7 @@ class CheckpointManager:
         manifest = read_json(path / MANIFEST) if path.is_dir() and (path / MANIFEST).is_file() else {}
         result = Restored(path, manifest.get("step", report.step), manifest.get("epoch", report.epoch), report,
                           restored=[MODEL_COMPONENT], manifest=manifest)
-        state_path = path / STATE_FILE if path.is_dir() else None
-        states: dict[str, Any] = {}
-        if state_path is not None and state_path.is_file():
-            with torch.serialization.safe_globals(SAFE_GLOBALS):
-                states = torch.load(state_path, map_location="cpu", weights_only=True)
+        states = (read_states(path) if entry else None) or {}
         for name, comp in components.items():
             if name == MODEL_COMPONENT:
                 continue

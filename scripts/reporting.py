@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,35 @@ FIELDS = ["step", "epoch", "loss", "lr", "throughput", "grad_norm", "accuracy", 
           "ema_accuracy", "ema_dice", "ema_miou"]
 EVAL_FIELDS = ("accuracy", "dice", "miou", "ema_accuracy", "ema_dice", "ema_miou")
 SUMMARY_KEYS = ("model", "strategy", "world_size", "steps", "final_loss", "eval", "checkpoint")
+
+
+class OutputDirError(ValueError):
+    """The output directory cannot be created or written: one line naming the path and the fix."""
+
+
+def check_output_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) and prove it writable by creating and removing a file in it.
+
+    Run before training starts, so a run that could never save is refused in one line instead of failing
+    at its first checkpoint or log row. Probing beats ``os.access``: root passes every mode check but still
+    cannot write to a read-only mount, and a parent that is a regular file only shows when creating.
+    """
+    path = Path(path)
+    for parent in [path, *path.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise OutputDirError(f"--output-dir {path}: {parent} is a regular file, not a directory; "
+                                 "choose another --output-dir")
+        if parent.is_dir():
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputDirError(f"--output-dir {path} is not writable ({e.strerror or e}); choose a writable "
+                             "--output-dir or fix its permissions") from None
+    return path
 
 
 class RunLog:

@@ -46,7 +46,7 @@ import data  # noqa: E402
 import launcher  # noqa: E402
 import models  # noqa: E402
 import tasks  # noqa: E402
-from reporting import RunLog  # noqa: E402
+from reporting import OutputDirError, RunLog, check_output_dir  # noqa: E402
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 AUGMENTS = data.AUGMENTS  # (TrainConfig's field `data` shadows the module inside the class body)
@@ -363,6 +363,7 @@ def resolve_model(cfg: TrainConfig, info: data.DataInfo, manifest: dict[str, Any
     except ValueError as e:
         raise ConfigError(str(e)) from None
     options.pop("weights", None)  # an init file, not a model option: Trainer loads it (checkpoint.load_pretrained)
+    explicit = set(options)
     if manifest and manifest.get("model"):
         if name is None:
             name = manifest["model"]
@@ -388,6 +389,7 @@ def resolve_model(cfg: TrainConfig, info: data.DataInfo, manifest: dict[str, Any
         options = asdict(models.get_config(name, **options))
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    _check_options_fit_data(cfg, options, explicit, derived)
     if options.get("extra_inputs", 0) not in (0, 1):
         raise ConfigError("the training script feeds one extra feature per image "
                           f"({data.EXTRA_FEATURE}): use --model-arg extra_inputs=1")
@@ -396,6 +398,21 @@ def resolve_model(cfg: TrainConfig, info: data.DataInfo, manifest: dict[str, Any
         raise ConfigError(f"model {name!r} does {task_of_model} but --data {cfg.data} is a {info.task} dataset; "
                           f"use {'unet' if info.task == 'segmentation' else 'resnet18 or mlp'}")
     return name, options
+
+
+def _check_options_fit_data(cfg: TrainConfig, options: dict[str, Any], explicit: set[str],
+                            derived: dict[str, Any]) -> None:
+    """Refuse model options (from --model-arg or the resumed checkpoint) that cannot run on the data, before
+    training: a head with fewer classes than the labels, or an input layer of the wrong width."""
+    what = {"num_classes": "classes", "in_channels": "image channels", "in_features": "features per sample"}
+    for key, want in derived.items():
+        have = options.get(key)
+        if key not in what or have is None or have == want or (key == "num_classes" and have > want):
+            continue  # a wider head than the labels trains fine
+        source = f"--model-arg {key}={have}" if key in explicit else f"the checkpoint's model option {key}={have}"
+        fix = (f"drop it (it is read from the data) or pass {key}={want}" if key in explicit
+               else "resume with the data it was trained on, or start a new run")
+        raise ConfigError(f"{source} does not fit --data {cfg.data}, which has {want} {what[key]}: {fix}")
 
 
 def warmup_cosine(total_steps: int, warmup: int):
@@ -564,6 +581,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, info: launcher.DistInfo, log):
         self.cfg, self.info, self.log = cfg, info, log
         self.out = cfg.output_dir
+        try:  # on every rank: each stops with the same one line, before anything is built or trained
+            check_output_dir(self.out)
+        except OutputDirError as e:
+            raise ConfigError(str(e)) from None
         self.lock = acquire_run_lock(self.out, info, log)  # before anything in the directory is read or written
         self.preempt: launcher.Preemption | None = None  # set by main() while the loop may be preempted
         try:

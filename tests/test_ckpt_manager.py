@@ -227,7 +227,7 @@ def test_choosing_and_restoring_the_latest_hashes_each_file_once(tmp_path, monke
     real = formats.sha256_file
     monkeypatch.setattr(formats, "sha256_file", lambda p, *a, **k: calls.append(Path(p).name) or real(p, *a, **k))
     restored = mgr.restore(None, {"model": net()})
-    assert sorted(calls) == ["model.safetensors", "state.pth"]  # verified once by latest(), not again by load
+    assert sorted(calls) == ["model.safetensors", "state.json"]  # verified once by latest(), not again by load
     assert restored.report.checks[0].startswith("sha256 verified")
     calls.clear()
     mgr.restore(tmp_path / "step-1", {"model": net()})  # already verified in this process: no re-hash

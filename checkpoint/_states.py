@@ -1,0 +1,154 @@
+"""The non-model states of a training entry (optimizer, scheduler, scaler, trainer counters) on disk.
+
+They used to be one ``torch.save`` pickle (``state.pth``) built in a ``BytesIO`` and copied out: two copies
+of two thirds of an AdamW checkpoint, and no early writeback. Now they go through the same writer as the
+model: every tensor of the nested states into ``state.safetensors`` (straight from memory, writeback
+started chunk by chunk), and the structure with its non-tensor leaves into ``state.json``, where each
+tensor is ``{"__tensor__": name}``. Reading gives back the same structure, bit for bit and type for type:
+``None``/``bool``/``int``/``float`` (NaN and infinities included)/``str`` leaves, lists, tuples, and dicts
+whose keys are any of those (an int-keyed ``optimizer.state_dict()`` stays int-keyed).
+
+States holding anything else (a pickled object, a dtype safetensors cannot store) are written as
+``state.pth`` (``torch.save`` streamed into the atomic file, no staging copy), which is also what older
+entries hold; both read back with ``weights_only=True``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable
+
+from ._safetensors_io import CODE_OF_NAME, InMemory, dtype_name, read_header, read_slices, write_file
+from .errors import CheckpointError
+from .formats import SAFE_GLOBALS, read_json
+
+if TYPE_CHECKING:
+    import torch
+
+STATE_TENSORS = "state.safetensors"
+STATE_JSON = "state.json"
+STATE_PICKLE = "state.pth"  # older entries, and states the two files above cannot hold
+STATE_FORMAT = 1
+
+_TENSOR, _TUPLE, _DICT, _FLOAT = "__tensor__", "__tuple__", "__dict__", "__float__"
+
+
+class _Unsupported(Exception):
+    """A leaf the JSON + safetensors pair cannot hold exactly: fall back to ``state.pth``."""
+
+
+def _encode_float(x: float) -> Any:
+    # json writes NaN/Infinity, which strict readers refuse; tag them so state.json stays standard JSON
+    return x if math.isfinite(x) else {_FLOAT: repr(x)}
+
+
+def flatten_states(states: Any, tensors: dict[str, "torch.Tensor"], path: str = "") -> Any:
+    """``states`` as plain JSON, each tensor replaced by ``{"__tensor__": name}`` and put in ``tensors``
+    (detached, on CPU, contiguous). Raises ``_Unsupported`` for anything that would not round-trip exactly."""
+    import torch
+
+    if states is None or isinstance(states, (bool, str)):
+        return states
+    if isinstance(states, int) and type(states) is int:
+        return states
+    if type(states) is float:
+        return _encode_float(states)
+    if isinstance(states, torch.Tensor):
+        if type(states) is not torch.Tensor or states.layout != torch.strided \
+                or dtype_name(states.dtype) not in CODE_OF_NAME:
+            raise _Unsupported(f"{path}: {type(states).__name__} {states.dtype}")
+        name = path or "."
+        while name in tensors:  # str() of different keys can meet (1 and "1"); names need only be unique
+            name += "'"
+        t = states.detach()
+        if not t.is_cpu:
+            t = t.cpu()
+        tensors[name] = t if t.is_contiguous() else t.contiguous()
+        return {_TENSOR: name}
+    if type(states) is list:
+        return [flatten_states(v, tensors, f"{path}/{i}") for i, v in enumerate(states)]
+    if type(states) is tuple:
+        return {_TUPLE: [flatten_states(v, tensors, f"{path}/{i}") for i, v in enumerate(states)]}
+    if type(states) is dict:
+        if all(type(k) is str and not k.startswith("__") for k in states):
+            return {k: flatten_states(v, tensors, f"{path}/{k}" if path else k) for k, v in states.items()}
+        items = []
+        for k, v in states.items():
+            if isinstance(k, torch.Tensor) or type(k) not in (str, int, float, bool, tuple, type(None)):
+                raise _Unsupported(f"{path}: key of type {type(k).__name__}")
+            items.append([flatten_states(k, tensors, path), flatten_states(v, tensors, f"{path}/{k}" if path else str(k))])
+        return {_DICT: items}
+    raise _Unsupported(f"{path}: {type(states).__name__}")
+
+
+def unflatten_states(tree: Any, tensors: dict[str, "torch.Tensor"]) -> Any:
+    """The inverse of ``flatten_states``."""
+    if isinstance(tree, list):
+        return [unflatten_states(v, tensors) for v in tree]
+    if not isinstance(tree, dict):
+        return tree
+    if len(tree) == 1:
+        (key, value), = tree.items()
+        if key == _TENSOR:
+            if value not in tensors:
+                raise CheckpointError(f"{STATE_JSON} names tensor {value!r}, which {STATE_TENSORS} lacks; "
+                                      "the entry is damaged, use an earlier checkpoint")
+            return tensors[value]
+        if key == _TUPLE:
+            return tuple(unflatten_states(v, tensors) for v in value)
+        if key == _FLOAT:
+            return float(value)
+        if key == _DICT:
+            return {_hashable(unflatten_states(k, tensors)): unflatten_states(v, tensors) for k, v in value}
+    return {k: unflatten_states(v, tensors) for k, v in tree.items()}
+
+
+def _hashable(key: Any) -> Any:
+    return tuple(_hashable(k) for k in key) if isinstance(key, (list, tuple)) else key
+
+
+def state_files(states: dict[str, Any]) -> dict[str, Callable[[BinaryIO], Any]]:
+    """Files (name -> function writing its bytes into an open file) that hold ``states`` in an entry."""
+    tensors: dict[str, torch.Tensor] = {}
+    try:
+        tree = flatten_states(states, tensors)
+    except _Unsupported:
+        return {STATE_PICKLE: lambda f: _torch_save(states, f)}
+    doc = json.dumps({"format_version": STATE_FORMAT, "states": tree}, allow_nan=False, separators=(",", ":"))
+    entries = [(k, InMemory(t)) for k, t in tensors.items()]
+    files: dict[str, Callable[[BinaryIO], Any]] = {}
+    if entries:
+        files[STATE_TENSORS] = lambda f: write_file(f, entries, None)
+    files[STATE_JSON] = lambda f: f.write(doc.encode())
+    return files
+
+
+def _torch_save(states: dict[str, Any], f: BinaryIO) -> None:
+    import torch
+
+    from .manager import _to_cpu  # only the writer copies to CPU, and only here
+
+    torch.save(_to_cpu(states), f)
+
+
+def read_states(entry: Path) -> dict[str, Any] | None:
+    """The states saved in ``entry`` (either layout), or None when it holds none."""
+    import torch
+
+    if (entry / STATE_JSON).is_file():
+        doc = read_json(entry / STATE_JSON)
+        if not isinstance(doc, dict) or doc.get("format_version") != STATE_FORMAT:
+            raise CheckpointError(f"{entry / STATE_JSON}: unknown layout (format_version "
+                                  f"{doc.get('format_version') if isinstance(doc, dict) else '?'}); "
+                                  "update anytopo to read it")
+        tensors: dict[str, torch.Tensor] = {}
+        if (entry / STATE_TENSORS).is_file():
+            slices, _ = read_header(entry / STATE_TENSORS)
+            tensors = {k: torch.empty(s.shape, dtype=s.dtype) for k, s in slices.items()}
+            read_slices(entry / STATE_TENSORS, [(s, tensors[k]) for k, s in slices.items()])
+        return unflatten_states(doc["states"], tensors)
+    if (entry / STATE_PICKLE).is_file():
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(entry / STATE_PICKLE, map_location="cpu", weights_only=True)
+    return None
