@@ -129,7 +129,21 @@ def _torch_save(states: dict[str, Any], f: BinaryIO) -> None:
 
     from .manager import _to_cpu  # only the writer copies to CPU, and only here
 
-    torch.save(_to_cpu(states), f)
+    torch.save(_to_cpu(states), _CopyingWriter(f))
+
+
+class _CopyingWriter:
+    """Hands ``f`` an immutable copy of each chunk. torch's zip writer passes views of a buffer it reuses
+    after ``write`` returns, while ``f`` (a ``HashingFile``) hashes what it was given later, in a thread."""
+
+    def __init__(self, f: BinaryIO):
+        self.f = f
+
+    def write(self, data: Any) -> int:
+        return self.f.write(bytes(data))
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def read_states(entry: Path) -> dict[str, Any] | None:
