@@ -16,6 +16,9 @@ ddp         group of 1 on 127.0.0.1, free port  group of N from MASTER_ADDR/MAST
 from __future__ import annotations
 
 import logging
+import os
+import re
+import time
 import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -31,6 +34,13 @@ from .errors import LaunchError
 STRATEGIES = ("single", "dp", "ddp")
 
 _log = logging.getLogger("anytopo.launcher")
+
+DEFAULT_TIMEOUT_S = 300.0
+TIMEOUT_VAR = "ANYTOPO_DIST_TIMEOUT"
+"""Process-group timeout in seconds when setup() is given none; anytopo-launch sets it to --join-timeout."""
+
+# gloo's text when a peer advertised an address nobody else can reach: "... Connection refused, remote=[127.0.0.1]:N"
+_REFUSED_LOOPBACK = re.compile(r"Connection refused, remote=\[(127\.[0-9.]+|::1)\]")
 
 
 @dataclass(frozen=True)
@@ -71,7 +81,7 @@ class _Owned:
     store: dist.TCPStore | None = None
 
 
-def setup(strategy: str = "single", *, backend: str | None = None, timeout_s: float = 300) -> DistInfo:
+def setup(strategy: str = "single", *, backend: str | None = None, timeout_s: float | None = None) -> DistInfo:
     """Set up this process for ``strategy`` from the launch environment.
 
     Call it once, at the start of ``main()``, before anything else that touches ``torch.distributed``
@@ -82,7 +92,8 @@ def setup(strategy: str = "single", *, backend: str | None = None, timeout_s: fl
             the visible GPUs) or ``"ddp"`` (one process per device, ``DistributedDataParallel``). ``ddp``
             also runs as a plain ``python train.py``: it then makes a process group of one.
         backend: override the process-group backend (default: ``nccl`` on CUDA, ``gloo`` on CPU).
-        timeout_s: how long to wait for the other ranks at start-up and in collectives.
+        timeout_s: how long to wait for the other ranks at start-up and in collectives; ``None``: the
+            ``ANYTOPO_DIST_TIMEOUT`` variable (``anytopo-launch`` sets it to its ``--join-timeout``), else 300.
 
     Returns:
         The :class:`DistInfo` of this process. With CUDA, ``torch.cuda.set_device(local_rank)`` is done.
@@ -115,7 +126,7 @@ def setup(strategy: str = "single", *, backend: str | None = None, timeout_s: fl
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if backend is not None:
-        _init_group(env, backend, device, timeout_s)
+        _init_group(env, backend, device, resolve_timeout(timeout_s))
         try:
             check_world(_gather_rows(env, strategy, device))
         except BaseException:
@@ -233,6 +244,39 @@ def check_world(rows: Sequence[Sequence[int]]) -> None:
             )
 
 
+def resolve_timeout(timeout_s: float | None, environ: dict[str, str] | None = None) -> float:
+    """``timeout_s``, else ``$ANYTOPO_DIST_TIMEOUT``, else 300 s.
+
+    Raises:
+        LaunchError: the value is not a positive number.
+    """
+    if timeout_s is None:
+        raw = (os.environ if environ is None else environ).get(TIMEOUT_VAR, "").strip()
+        try:
+            timeout_s = float(raw) if raw else DEFAULT_TIMEOUT_S
+        except ValueError:
+            raise LaunchError(f"{TIMEOUT_VAR}={raw!r} is not a number of seconds: unset it or pass e.g. 120") from None
+    if not timeout_s > 0:
+        raise LaunchError(f"process-group timeout {timeout_s:g}s must be > 0: pass --dist-timeout SECONDS")
+    return timeout_s
+
+
+def explain_init_failure(env: LaunchEnv, where: str, elapsed: float, timeout_s: float, err: BaseException) -> str:
+    """The one-line LaunchError text when ``init_process_group`` failed after ``elapsed`` seconds."""
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    head = (f"rank {env.rank} of {env.world_size} could not form the process group at {where} after "
+            f"{elapsed:.0f}s (timeout {timeout_s:g}s; {type(err).__name__}: {first})")
+    loop = _REFUSED_LOOPBACK.search(str(err))
+    master_is_loopback = (env.master_addr or "127.0.0.1").startswith(("127.", "localhost")) or env.master_addr == "::1"
+    if loop and not master_is_loopback:
+        return (f"{head}: a peer advertised the loopback address {loop.group(1)} because its host name resolves to "
+                "loopback; set GLOO_SOCKET_IFNAME (NCCL_SOCKET_IFNAME for nccl) to the interface of the network "
+                "between the nodes, on every node (anytopo-launch --ifname IFACE|auto does it)")
+    return (f"{head}: start all {env.world_size} processes (torchrun --nnodes/--nproc_per_node, or srun), make "
+            "MASTER_ADDR:MASTER_PORT reachable from every node, and if a host name resolves to loopback set "
+            "GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME (anytopo-launch --ifname)")
+
+
 def _visible_gpus(env: LaunchEnv) -> int:
     if env.use_cpu or not torch.cuda.is_available():
         return 0
@@ -245,6 +289,7 @@ def _init_group(env: LaunchEnv, backend: str, device: torch.device, timeout_s: f
     if backend == "nccl":
         kw["device_id"] = device
     where = f"{env.master_addr}:{env.master_port}"
+    start = time.monotonic()
     try:
         if env.master_addr and env.master_port:
             # env:// reads MASTER_ADDR/MASTER_PORT from os.environ, the same mapping read_env() parsed; it
@@ -260,12 +305,7 @@ def _init_group(env: LaunchEnv, backend: str, device: torch.device, timeout_s: f
     except Exception as e:
         if dist.is_initialized():
             dist.destroy_process_group()
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise LaunchError(
-            f"rank {env.rank} of {env.world_size} could not form the process group at {where} within "
-            f"{timeout_s:g}s ({type(e).__name__}: {first}): start all {env.world_size} processes "
-            "(torchrun --nnodes/--nproc_per_node, or srun) and make MASTER_ADDR:MASTER_PORT reachable"
-        ) from e
+        raise LaunchError(explain_init_failure(env, where, time.monotonic() - start, timeout_s, e)) from e
     _Owned.group = True
 
 
