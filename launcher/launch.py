@@ -27,6 +27,8 @@ RDZV = ("static", "c10d")
 DEFAULT_PORT = 29500
 DIST_TIMEOUT_VAR = "ANYTOPO_DIST_TIMEOUT"
 _TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT"
+CLIENT_SHARE = 0.4
+"""A rendezvous client's store timeout, as a share of --join-timeout (see :func:`node_command`)."""
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -157,8 +159,16 @@ class NodeCommand:
 
 
 def node_command(cfg: LaunchConfig, node_rank: int | None, *, ifname: str | None = None,
+                 hosts_store: bool | None = None, local_addr: str | None = None,
                  base_env: dict[str, str] | os._Environ = os.environ) -> NodeCommand:
-    """The command for node ``node_rank`` (``None`` under c10d: every node runs the same)."""
+    """The command for node ``node_rank`` (``None`` under c10d, where the rendezvous assigns it).
+
+    ``hosts_store`` (c10d): whether this node serves the rendezvous store; ``None`` leaves it to torch, which
+    decides by matching the endpoint against the addresses *this host's name* resolves to, and so gets it
+    wrong exactly when that name resolves to loopback. ``local_addr`` (torchrun, c10d): the address this node
+    gives the others for the store of its workers' process group, when rendezvous makes it rank 0; without it
+    torch advertises this host's name (``localhost`` in that same case).
+    """
     env: dict[str, str] = {}
     if "OMP_NUM_THREADS" not in base_env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cfg.nproc_per_node))
@@ -166,9 +176,16 @@ def node_command(cfg: LaunchConfig, node_rank: int | None, *, ifname: str | None
         for var in preflight.IFNAME_VARS:
             env[var] = ifname
     env[DIST_TIMEOUT_VAR] = str(cfg.join_s)
-    conf = f"join_timeout={cfg.join_s},timeout={cfg.join_s}"
-    if cfg.rdzv == "c10d" and cfg.join_s < 60:
-        conf += f",read_timeout={cfg.join_s}"  # a worker's first connect to the c10d store waits this long
+    # A client's first connect to the rendezvous store retries once after a back-off: measured, it gives up
+    # after ~2.3x its store timeout. Clients get 0.4x --join-timeout so that they, too, report within it;
+    # the store's server (static node 0) waits --join-timeout for the clients.
+    client_s = max(1, round(CLIENT_SHARE * cfg.join_s))
+    store_s = cfg.join_s if cfg.rdzv == "c10d" or node_rank == 0 else client_s
+    conf = f"join_timeout={cfg.join_s},timeout={store_s}"
+    if cfg.rdzv == "c10d":
+        conf += f",read_timeout={client_s}"
+    if cfg.rdzv == "c10d" and hosts_store is not None:
+        conf += f",is_host={int(hosts_store)}"
     if cfg.engine == "accelerate":
         if cfg.gpus == 0:
             env["ACCELERATE_USE_CPU"] = "1"
@@ -193,6 +210,8 @@ def node_command(cfg: LaunchConfig, node_rank: int | None, *, ifname: str | None
     else:
         argv += ["--rdzv-backend=c10d", f"--rdzv-endpoint={cfg.master}",
                  f"--rdzv-id={cfg.rdzv_id or 'anytopo-' + cfg.master.replace(':', '-')}"]
+        if local_addr:
+            argv.append(f"--local-addr={local_addr}")
     argv += [f"--rdzv-conf={conf}", f"--max-restarts={cfg.max_restarts}"]
     if cfg.forward_signals:
         signals = _TORCHRUN_SIGNALS.split(",") + [s for s in cfg.forward_signals if s not in _TORCHRUN_SIGNALS]
@@ -204,8 +223,14 @@ def plan(cfg: LaunchConfig) -> list[tuple[str, NodeCommand]]:
     """``(which nodes, command)`` for every node of the run: one per rank (static), one for all (c10d)."""
     ifname = None if cfg.ifname == "auto" else cfg.ifname
     if cfg.rdzv == "c10d" and cfg.engine == "torchrun":
-        return [(f"every node ({cfg.nnodes_min}..{cfg.nnodes_max}; ranks go in order of joining)",
-                 node_command(cfg, None, ifname=ifname))]
+        nodes = f"{cfg.nnodes_min}..{cfg.nnodes_max} nodes; ranks go in order of joining"
+        if not cfg.multinode or _loopback(cfg.master_host):
+            return [(f"every node ({nodes})", node_command(cfg, None, ifname=ifname))]
+        if ifname:
+            nodes += f"; at start anytopo-launch adds --local-addr=<the node's {ifname} address>"
+        return [(f"the node at {cfg.master_host} (serves the c10d store; {nodes})",
+                 node_command(cfg, None, ifname=ifname, hosts_store=True)),
+                ("every other node", node_command(cfg, None, ifname=ifname, hosts_store=False))]
     return [(f"node {r}" + (f" (the master, {cfg.master_host})" if r == 0 and cfg.multinode else ""),
              node_command(cfg, r, ifname=ifname)) for r in range(cfg.nnodes_max)]
 
@@ -265,8 +290,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     # the sbatch script sets the master itself, from the allocation
     cfg = LaunchConfig.from_args(args, gpus=_visible_gpus(), need_master=not args.slurm)
+    preflight.check_script(cfg.script)
     if args.dry_run or args.slurm:
-        preflight.check_script(cfg.script)
         if args.slurm:
             print(slurm_script(cfg, launcher_cmd=f"{shlex.quote(sys.executable)} -m launcher"), end="")
             return 0
@@ -286,8 +311,22 @@ def _run(args: argparse.Namespace) -> int:
     target = preflight.Target(script=cfg.script, nnodes_max=cfg.nnodes_max, nproc_per_node=cfg.nproc_per_node,
                               rdzv=cfg.rdzv, node_rank=cfg.node_rank, node_rank_given=cfg.node_rank_given,
                               master_host=cfg.master_host, master_port=cfg.master_port, ifname=ifname, gpus=cfg.gpus)
-    preflight.run_checks(target, note=lambda msg: print(f"anytopo-launch: {msg}", file=sys.stderr))
-    cmd = node_command(cfg, cfg.node_rank, ifname=ifname if cfg.ifname else None)
+    master_ip = preflight.run_checks(target, note=lambda msg: print(f"anytopo-launch: {msg}", file=sys.stderr))
+    hosts_store = None
+    if master_ip is not None and not _loopback(master_ip):
+        hosts_store = preflight.is_local_address(master_ip)
+    local_addr = None
+    if cfg.multinode and cfg.rdzv == "c10d" and ifname:
+        local_addr = dict(preflight.interfaces()).get(ifname)
+        if local_addr is None:
+            raise LaunchError(f"interface {ifname!r} has no IPv4 address on this host: pass --ifname with one of "
+                              f"{', '.join(n for n, _ in preflight.interfaces())}")
+    cmd = node_command(cfg, cfg.node_rank, ifname=ifname if cfg.ifname else None, hosts_store=hosts_store,
+                       local_addr=local_addr)
+    if cfg.multinode and cfg.rdzv == "c10d":
+        print("anytopo-launch: c10d gives rank 0 (the one that writes checkpoints) to whichever node joins first, "
+              "not necessarily the master: keep --output-dir on a filesystem every node sees, or use --rdzv static",
+              file=sys.stderr)
     where = "this node" if cfg.node_rank is None else f"node {cfg.node_rank}/{cfg.nnodes_max}"
     print(f"anytopo-launch: {where}: {cmd.shell()}", file=sys.stderr, flush=True)
     env = {**os.environ, **cmd.env}
@@ -330,6 +369,10 @@ def _signal_name(value: str) -> str:
     if not hasattr(signal, name):
         raise LaunchError(f"--forward-signal {value!r} is not a signal name: pass e.g. SIGUSR1")
     return name
+
+
+def _loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def _venv_tool(name: str) -> str:

@@ -54,18 +54,21 @@ class Target:
     gpus: int
 
 
-def run_checks(t: Target, *, note: Callable[[str], None] = lambda msg: None) -> None:
+def run_checks(t: Target, *, note: Callable[[str], None] = lambda msg: None) -> str | None:
     """Run every pre-flight check for this node; raise :class:`LaunchError` at the first failure.
 
     Args:
         t: what this node is about to start.
         note: called with a line worth telling the user that is not an error (e.g. the master is not up yet).
+
+    Returns:
+        The master's IPv4 address on a multi-node run, else ``None``.
     """
     check_script(t.script)
     check_node_rank(t)
     check_gpus(t.nproc_per_node, t.gpus)
     if t.nnodes_max == 1:
-        return
+        return None
     master_ip = resolve(t.master_host, t.master_port)
     check_loopback_hostname(t, master_ip)
     local = is_local_address(master_ip)
@@ -84,6 +87,7 @@ def run_checks(t: Target, *, note: Callable[[str], None] = lambda msg: None) -> 
             check_port_free(t.master_host, t.master_port)
     else:
         check_reachable(t.master_host, master_ip, t.master_port, note=note)
+    return master_ip
 
 
 def check_script(script: str) -> None:
