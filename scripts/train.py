@@ -110,6 +110,9 @@ class TrainConfig:
     clip_grad: float | None = option(None, "clip the global gradient norm to this value")
     aux_weight: float = option(0.01, "weight of the auxiliary loss on the features of models built with aux_output=True")
     strategy: str = option("single", "how the processes share the work", choices=launcher.STRATEGIES)
+    dist_timeout: float | None = option(None, "seconds to wait for the other processes at start-up and in each "
+                                              "collective (default: $ANYTOPO_DIST_TIMEOUT, which anytopo-launch "
+                                              "sets to its --join-timeout, else 300)", metavar="SECONDS")
     output_dir: Path = option(Path("runs/train"), "checkpoints, metrics, curves and summary go here")
     save_every: int | None = option(None, "save a checkpoint every N steps (and at the end)")
     keep_last: int = option(3, "checkpoints kept (0 keeps all)")
@@ -144,6 +147,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {v}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if self.dist_timeout is not None and self.dist_timeout <= 0:
+            raise ConfigError(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.eval_only and not self.resume:
             raise ConfigError("--eval-only needs the checkpoint to evaluate: add --resume PATH")
 
@@ -647,7 +652,7 @@ def main(args: argparse.Namespace) -> int:
     if args.print_config:
         sys.stdout.write(dump_config(cfg))
         return 0
-    with launcher.distributed(cfg.strategy) as info:
+    with launcher.distributed(cfg.strategy, timeout_s=cfg.dist_timeout) as info:
         log = launcher.get_logger(info)
         trainer = Trainer(cfg, info, log)
         try:

@@ -7,6 +7,7 @@ accelerate, which start scripts/train.py with gloo. Every wait is bounded (subpr
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -15,6 +16,9 @@ from pathlib import Path
 import pytest
 
 import launcher.launch as launch
+from launcher import LaunchError
+from launcher.dist import explain_init_failure, resolve_timeout
+from launcher.env import read_env
 from _netns import two_hosts, unavailable
 from conftest import REPO, child_env, free_port
 
@@ -221,3 +225,67 @@ def test_accelerate_engine_two_machines_on_localhost(one_process, tmp_path):
     assert "accelerate launch --multi_gpu --num_machines 2 --num_processes 4" in results[1][1]
     s = _summary(out)
     _same_metrics(s, one_process)
+
+
+# ------------------------------------------------------------------ the script side of bounded waits
+
+def test_train_dist_timeout_bounds_the_wait_for_missing_ranks(tmp_path):
+    # rank 0 of 2, whose peer never starts: without --dist-timeout this waited 300 s
+    env = child_env(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT=str(free_port()))
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, TRAIN, *MLP, "--strategy", "ddp", "--dist-timeout", "3", "--output-dir",
+                        str(tmp_path / "o")], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: rank 0 of 2 could not form the process group at 127.0.0.1:")
+    assert "(timeout 3s;" in last and "start all 2 processes" in last
+    assert re.search(r"after [3-9]s", last), last  # the real elapsed time, not the timeout's value
+    assert time.monotonic() - t0 < 40
+
+
+def test_timeout_comes_from_the_launcher_when_the_script_gives_none():
+    assert resolve_timeout(None, {}) == 300
+    assert resolve_timeout(None, {"ANYTOPO_DIST_TIMEOUT": "130"}) == 130
+    assert resolve_timeout(7, {"ANYTOPO_DIST_TIMEOUT": "130"}) == 7
+    with pytest.raises(LaunchError, match="ANYTOPO_DIST_TIMEOUT='soon' is not a number"):
+        resolve_timeout(None, {"ANYTOPO_DIST_TIMEOUT": "soon"})
+
+
+def test_refused_loopback_peer_names_the_interface_variables():
+    env = read_env({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                    "MASTER_ADDR": "10.231.0.1", "MASTER_PORT": "29500"})
+    err = RuntimeError("Gloo connectFullMesh failed with [pair.cc:152] timed out connecting: SO_ERROR: "
+                       "Connection refused, remote=[127.0.0.1]:57734$1")
+    msg = explain_init_failure(env, "10.231.0.1:29500", 5.2, 300, err)
+    assert msg.startswith("rank 1 of 4 could not form the process group at 10.231.0.1:29500 after 5s (timeout 300s;")
+    assert "a peer advertised the loopback address 127.0.0.1" in msg and "GLOO_SOCKET_IFNAME" in msg
+    assert "NCCL_SOCKET_IFNAME" in msg and "\n" not in msg
+    # every node on this host: loopback is right, so the generic fix
+    local = read_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                      "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"})
+    assert "advertised" not in explain_init_failure(local, "127.0.0.1:29500", 1, 300, err)
+
+
+@pytest.mark.parametrize("env, fix", [
+    # `python train.py` in an sbatch script: SLURM_NTASKS describes the allocation, this is the batch step
+    ({"SLURM_JOB_ID": "77", "SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+      "SLURM_TASKS_PER_NODE": "1(x2)", "MASTER_ADDR": "n0", "MASTER_PORT": "1"},
+     "sbatch batch step (no SLURM_STEP_ID), which is one process on the first node: start the tasks with `srun"),
+    # `accelerate launch --cpu --num_machines 2 --main_process_ip n0`: one plain process per machine
+    ({"ACCELERATE_USE_CPU": "True", "ACCELERATE_MIXED_PRECISION": "no", "MASTER_ADDR": "10.0.0.5",
+      "MASTER_PORT": "29500"},
+     "accelerate launch --multi_gpu --num_machines M --machine_rank R"),
+])
+def test_script_side_messages_name_the_right_fix(env, fix):
+    with pytest.raises(LaunchError) as err:
+        read_env(env)
+    assert fix in str(err.value) and "--num_machines 1" not in str(err.value) and "\n" not in str(err.value)
+    assert "anytopo-launch" in str(err.value)
+
+
+def test_srun_tasks_are_not_taken_for_the_batch_step():
+    e = read_env({"SLURM_JOB_ID": "77", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
+                  "SLURM_LOCALID": "0", "SLURM_NODEID": "1", "SLURM_TASKS_PER_NODE": "1(x2)", "MASTER_ADDR": "n0",
+                  "MASTER_PORT": "1"})
+    assert (e.launcher, e.rank, e.world_size, e.node_rank) == ("slurm", 1, 2, 1)
