@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
+import threading
 import time
 import zlib
 from collections.abc import Iterator, Sequence
@@ -290,6 +292,7 @@ def _init_group(env: LaunchEnv, backend: str, device: torch.device, timeout_s: f
         kw["device_id"] = device
     where = f"{env.master_addr}:{env.master_port}"
     start = time.monotonic()
+    watch = _PeerWatch(env) if env.world_size > 1 and env.master_addr and env.master_port else None
     try:
         if env.master_addr and env.master_port:
             # env:// reads MASTER_ADDR/MASTER_PORT from os.environ, the same mapping read_env() parsed; it
@@ -305,8 +308,84 @@ def _init_group(env: LaunchEnv, backend: str, device: torch.device, timeout_s: f
     except Exception as e:
         if dist.is_initialized():
             dist.destroy_process_group()
-        raise LaunchError(explain_init_failure(env, where, time.monotonic() - start, timeout_s, e)) from e
+        msg = explain_init_failure(env, where, time.monotonic() - start, timeout_s, e)
+        if watch is not None:
+            watch.report(msg)
+        raise LaunchError(msg) from e
+    finally:
+        if watch is not None:
+            watch.stop()
     _Owned.group = True
+
+
+class _PeerWatch:
+    """While ``init_process_group`` blocks, stop this rank as soon as a peer reports that it failed to join.
+
+    gloo's full-mesh connect does not notice a peer that died: it waits several times the timeout (measured:
+    100 s for a 20 s timeout). A rank whose init fails writes its error under one key of the rendezvous store
+    (:meth:`report`); every other rank polls that key from a thread, and so does not hang. If the store itself
+    goes away (the master's agent exited after its ranks failed), that is reported the same way.
+    """
+
+    POLL_S = 1.0
+
+    def __init__(self, env: LaunchEnv):
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        self.key = f"anytopo/init_failed/{restart}"  # per restart: a failed attempt cannot stop the next
+        self.env = env
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="anytopo-peer-watch", daemon=True)
+        self._thread.start()
+
+    def _client(self) -> dist.TCPStore | None:
+        try:
+            # 1 s: a client's connect gives up after ~2.5x this when nothing listens
+            return dist.TCPStore(self.env.master_addr, self.env.master_port, is_master=False,
+                                 timeout=timedelta(seconds=1), wait_for_workers=False)
+        except Exception:
+            return None
+
+    def _watch(self) -> None:
+        store, lost = None, 0
+        while not self._stop.wait(self.POLL_S):
+            try:
+                store = store or self._client()
+                if store is None:
+                    raise ConnectionError
+                if store.check([self.key]):
+                    why = store.get(self.key).decode(errors="replace")
+                    self._exit(f"another rank failed to join the process group, so this one stops instead of "
+                               f"waiting out the timeout; its error: {why}")
+                lost = 0
+            except ConnectionError:
+                lost += 1
+            except Exception:
+                store, lost = None, lost + 1
+            if lost >= 3 and store is None and not self._stop.is_set():
+                self._exit(f"the rendezvous store at {self.env.master_addr}:{self.env.master_port} went away while "
+                           "this rank waited for its peers (the master node's launcher exited: see its log for why)")
+
+    def _exit(self, msg: str) -> None:
+        if self._stop.is_set():
+            return
+        print(f"error: rank {self.env.rank} of {self.env.world_size}: {msg}", file=sys.stderr, flush=True)
+        os._exit(LaunchError.exit_code)  # the main thread is inside gloo's C++ connect: no other way out
+
+    def report(self, msg: str) -> None:
+        """Tell the other ranks that this one failed (best effort: the store may be what failed)."""
+        self.stop()
+        store = self._client()
+        if store is not None:
+            try:
+                store.set(self.key, msg)
+                # the store may live in this node's agent, which exits once this process has: give the peers'
+                # watchers (polling every POLL_S) the time to read the key first
+                time.sleep(2 * self.POLL_S)
+            except Exception:
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 def _gather_rows(env: LaunchEnv, strategy: str, device: torch.device) -> list[list[int]]:

@@ -289,3 +289,24 @@ def test_srun_tasks_are_not_taken_for_the_batch_step():
                   "SLURM_LOCALID": "0", "SLURM_NODEID": "1", "SLURM_TASKS_PER_NODE": "1(x2)", "MASTER_ADDR": "n0",
                   "MASTER_PORT": "1"})
     assert (e.launcher, e.rank, e.world_size, e.node_rank) == ("slurm", 1, 2, 1)
+
+
+def test_peer_of_a_rank_that_fails_in_gloo_connect_does_not_hang(hosts, tmp_path):
+    # plain torchrun, no launcher, no interface pinned: both host names resolve to 127.0.0.1, so a rank fails in
+    # gloo's connect at once; its peer used to wait ~5x the timeout inside gloo (100 s for 20 s)
+    a, b = hosts
+    port, timeout = free_port(), 60
+    nodes = [h.cmd([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                    f"--node-rank={r}", f"--master-addr={a.addr}", f"--master-port={port}", TRAIN, *MLP,
+                    "--strategy", "ddp", "--dist-timeout", str(timeout), "--output-dir", str(tmp_path / "o")])
+             for r, h in enumerate((a, b))]
+    t0 = time.monotonic()
+    results = _finish([_start(n) for n in nodes], timeout=timeout * 3)
+    elapsed = time.monotonic() - t0
+    assert all(rc != 0 for rc, _ in results)
+    errors = [[ln for ln in err.splitlines() if ln.startswith("error: rank")] for _, err in results]
+    joined = "\n".join(sum(errors, []))
+    assert "a peer advertised the loopback address 127.0.0.1" in joined and "GLOO_SOCKET_IFNAME" in joined
+    assert "another rank failed to join the process group, so this one stops" in joined
+    assert all(errors), joined
+    assert elapsed < timeout / 2, f"{elapsed:.0f}s"  # well before the timeout, let alone 5x it
