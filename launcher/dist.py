@@ -17,6 +17,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import sys
+import threading
+import time
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -33,6 +37,13 @@ from .errors import LaunchError
 STRATEGIES = ("single", "dp", "ddp")
 
 _log = logging.getLogger("anytopo.launcher")
+
+DEFAULT_TIMEOUT_S = 300.0
+TIMEOUT_VAR = "ANYTOPO_DIST_TIMEOUT"
+"""Process-group timeout in seconds when setup() is given none; anytopo-launch sets it to --join-timeout."""
+
+# gloo's text when a peer advertised an address nobody else can reach: "... Connection refused, remote=[127.0.0.1]:N"
+_REFUSED_LOOPBACK = re.compile(r"Connection refused, remote=\[(127\.[0-9.]+|::1)\]")
 
 
 @dataclass(frozen=True)
@@ -73,7 +84,7 @@ class _Owned:
     store: dist.TCPStore | None = None
 
 
-def setup(strategy: str = "single", *, backend: str | None = None, timeout_s: float = 300) -> DistInfo:
+def setup(strategy: str = "single", *, backend: str | None = None, timeout_s: float | None = None) -> DistInfo:
     """Set up this process for ``strategy`` from the launch environment.
 
     Call it once, at the start of ``main()``, before anything else that touches ``torch.distributed``
@@ -84,7 +95,8 @@ def setup(strategy: str = "single", *, backend: str | None = None, timeout_s: fl
             the visible GPUs) or ``"ddp"`` (one process per device, ``DistributedDataParallel``). ``ddp``
             also runs as a plain ``python train.py``: it then makes a process group of one.
         backend: override the process-group backend (default: ``nccl`` on CUDA, ``gloo`` on CPU).
-        timeout_s: how long to wait for the other ranks at start-up and in collectives.
+        timeout_s: how long to wait for the other ranks at start-up and in collectives; ``None``: the
+            ``ANYTOPO_DIST_TIMEOUT`` variable (``anytopo-launch`` sets it to its ``--join-timeout``), else 300.
 
     Returns:
         The :class:`DistInfo` of this process. With CUDA, ``torch.cuda.set_device(local_rank)`` is done.
@@ -117,7 +129,7 @@ def setup(strategy: str = "single", *, backend: str | None = None, timeout_s: fl
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if backend is not None:
-        _init_group(env, backend, device, timeout_s)
+        _init_group(env, backend, device, resolve_timeout(timeout_s))
         try:
             check_world(_gather_rows(env, strategy, device))
         except BaseException:
@@ -257,6 +269,39 @@ def check_world(rows: Sequence[Sequence[int]]) -> None:
             )
 
 
+def resolve_timeout(timeout_s: float | None, environ: dict[str, str] | None = None) -> float:
+    """``timeout_s``, else ``$ANYTOPO_DIST_TIMEOUT``, else 300 s.
+
+    Raises:
+        LaunchError: the value is not a positive number.
+    """
+    if timeout_s is None:
+        raw = (os.environ if environ is None else environ).get(TIMEOUT_VAR, "").strip()
+        try:
+            timeout_s = float(raw) if raw else DEFAULT_TIMEOUT_S
+        except ValueError:
+            raise LaunchError(f"{TIMEOUT_VAR}={raw!r} is not a number of seconds: unset it or pass e.g. 120") from None
+    if not timeout_s > 0:
+        raise LaunchError(f"process-group timeout {timeout_s:g}s must be > 0: pass --dist-timeout SECONDS")
+    return timeout_s
+
+
+def explain_init_failure(env: LaunchEnv, where: str, elapsed: float, timeout_s: float, err: BaseException) -> str:
+    """The one-line LaunchError text when ``init_process_group`` failed after ``elapsed`` seconds."""
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    head = (f"rank {env.rank} of {env.world_size} could not form the process group at {where} after "
+            f"{elapsed:.0f}s (timeout {timeout_s:g}s; {type(err).__name__}: {first})")
+    loop = _REFUSED_LOOPBACK.search(str(err))
+    master_is_loopback = (env.master_addr or "127.0.0.1").startswith(("127.", "localhost")) or env.master_addr == "::1"
+    if loop and not master_is_loopback:
+        return (f"{head}: a peer advertised the loopback address {loop.group(1)} because its host name resolves to "
+                "loopback; set GLOO_SOCKET_IFNAME (NCCL_SOCKET_IFNAME for nccl) to the interface of the network "
+                "between the nodes, on every node (anytopo-launch --ifname IFACE|auto does it)")
+    return (f"{head}: start all {env.world_size} processes (torchrun --nnodes/--nproc_per_node, or srun), make "
+            "MASTER_ADDR:MASTER_PORT reachable from every node, and if a host name resolves to loopback set "
+            "GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME (anytopo-launch --ifname)")
+
+
 def _visible_gpus(env: LaunchEnv) -> int:
     if env.use_cpu or not torch.cuda.is_available():
         return 0
@@ -269,6 +314,8 @@ def _init_group(env: LaunchEnv, backend: str, device: torch.device, timeout_s: f
     if backend == "nccl":
         kw["device_id"] = device
     where = f"{env.master_addr}:{env.master_port}"
+    start = time.monotonic()
+    watch = _PeerWatch(env) if env.world_size > 1 and env.master_addr and env.master_port else None
     try:
         if env.master_addr and env.master_port:
             dist.init_process_group(store=_attempt_store(env, timeout), **kw)
@@ -282,12 +329,13 @@ def _init_group(env: LaunchEnv, backend: str, device: torch.device, timeout_s: f
     except Exception as e:
         if dist.is_initialized():
             dist.destroy_process_group()
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise LaunchError(
-            f"rank {env.rank} of {env.world_size} could not form the process group at {where} within "
-            f"{timeout_s:g}s ({type(e).__name__}: {first}): start all {env.world_size} processes "
-            "(torchrun --nnodes/--nproc_per_node, or srun) and make MASTER_ADDR:MASTER_PORT reachable"
-        ) from e
+        msg = explain_init_failure(env, where, time.monotonic() - start, timeout_s, e)
+        if watch is not None:
+            watch.report(msg)
+        raise LaunchError(msg) from e
+    finally:
+        if watch is not None:
+            watch.stop()
     _Owned.group = True
 
 
@@ -322,6 +370,76 @@ def _attempt_store(env: LaunchEnv, timeout: timedelta) -> dist.Store:
     store.set_timeout(timeout)
     shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     return dist.PrefixStore(f"anytopo/attempt-{restart_attempt() if shared else 0}/", store)
+
+
+class _PeerWatch:
+    """While ``init_process_group`` blocks, stop this rank as soon as a peer reports that it failed to join.
+
+    gloo's full-mesh connect does not notice a peer that died: it waits several times the timeout (measured:
+    100 s for a 20 s timeout). A rank whose init fails writes its error under one key of the rendezvous store
+    (:meth:`report`); every other rank polls that key from a thread, and so does not hang. If the store itself
+    goes away (the master's agent exited after its ranks failed), that is reported the same way.
+    """
+
+    POLL_S = 1.0
+
+    def __init__(self, env: LaunchEnv):
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        self.key = f"anytopo/init_failed/{restart}"  # per restart: a failed attempt cannot stop the next
+        self.env = env
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="anytopo-peer-watch", daemon=True)
+        self._thread.start()
+
+    def _client(self) -> dist.TCPStore | None:
+        try:
+            # 1 s: a client's connect gives up after ~2.5x this when nothing listens
+            return dist.TCPStore(self.env.master_addr, self.env.master_port, is_master=False,
+                                 timeout=timedelta(seconds=1), wait_for_workers=False)
+        except Exception:
+            return None
+
+    def _watch(self) -> None:
+        store, lost = None, 0
+        while not self._stop.wait(self.POLL_S):
+            try:
+                store = store or self._client()
+                if store is None:
+                    raise ConnectionError
+                if store.check([self.key]):
+                    why = store.get(self.key).decode(errors="replace")
+                    self._exit(f"another rank failed to join the process group, so this one stops instead of "
+                               f"waiting out the timeout; its error: {why}")
+                lost = 0
+            except ConnectionError:
+                lost += 1
+            except Exception:
+                store, lost = None, lost + 1
+            if lost >= 3 and store is None and not self._stop.is_set():
+                self._exit(f"the rendezvous store at {self.env.master_addr}:{self.env.master_port} went away while "
+                           "this rank waited for its peers (the master node's launcher exited: see its log for why)")
+
+    def _exit(self, msg: str) -> None:
+        if self._stop.is_set():
+            return
+        print(f"error: rank {self.env.rank} of {self.env.world_size}: {msg}", file=sys.stderr, flush=True)
+        os._exit(LaunchError.exit_code)  # the main thread is inside gloo's C++ connect: no other way out
+
+    def report(self, msg: str) -> None:
+        """Tell the other ranks that this one failed (best effort: the store may be what failed)."""
+        self.stop()
+        store = self._client()
+        if store is not None:
+            try:
+                store.set(self.key, msg)
+                # the store may live in this node's agent, which exits once this process has: give the peers'
+                # watchers (polling every POLL_S) the time to read the key first
+                time.sleep(2 * self.POLL_S)
+            except Exception:
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 def _gather_rows(env: LaunchEnv, strategy: str, device: torch.device) -> list[list[int]]:

@@ -36,6 +36,12 @@ _ACCEL_CPU_FIX = (
     "--mixed_precision no --dynamo_backend no train.py ... (or unset MASTER_PORT if you meant one process)"
 )
 
+_ACCEL_MULTI_FIX = (
+    "on machine R of M run ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_machines M --machine_rank R "
+    "--num_processes <M x processes per machine> --main_process_ip HOST --main_process_port PORT train.py ..., "
+    "or anytopo-launch --engine accelerate --nnodes M --node-rank R --master HOST:PORT train.py ..."
+)
+
 
 @dataclass(frozen=True)
 class LaunchEnv:
@@ -88,8 +94,24 @@ def read_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
         )
 
     if _int(env, "SLURM_NTASKS", default=1) > 1:
+        if "SLURM_JOB_ID" in env and "SLURM_STEP_ID" not in env and "SLURM_STEPID" not in env:
+            # sbatch's batch step (or an salloc shell): ONE process on the first node; the tasks of the
+            # allocation only exist once srun starts them.
+            raise LaunchError(
+                f"SLURM_NTASKS={env['SLURM_NTASKS']} describes the allocation, but this process runs in the sbatch "
+                "batch step (no SLURM_STEP_ID), which is one process on the first node: start the tasks with "
+                "`srun python train.py --strategy ddp ...` in the batch script, or print a ready one with "
+                "`anytopo-launch --nnodes N --nproc-per-node K --slurm train.py ...`"
+            )
         return _from_slurm(env, use_cpu)
 
+    if accelerate and "MASTER_PORT" in env and not _is_loopback(env.get("MASTER_ADDR", "127.0.0.1")):
+        # `accelerate launch --cpu --num_machines M --main_process_ip HOST` also starts one plain process per
+        # machine; its MASTER_ADDR names another host.
+        raise LaunchError(
+            "accelerate launch asked for several machines but started one process with no RANK/WORLD_SIZE "
+            f"(what `accelerate launch --cpu --num_machines M` does), so it would train alone: {_ACCEL_MULTI_FIX}"
+        )
     if accelerate and "MASTER_PORT" in env:
         # `accelerate launch --cpu --num_processes 2` (or --num_processes 2 without --multi_gpu) starts ONE
         # process via its simple launcher; the only trace of the requested world is MASTER_ADDR/MASTER_PORT,
@@ -243,6 +265,10 @@ def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
         return int(raw)
     except ValueError:
         raise LaunchError(f"{name}={raw!r} is not an integer: unset it or launch with torchrun") from None
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def _truthy(value: str) -> bool:

@@ -120,6 +120,9 @@ class TrainConfig:
     clip_grad: float | None = option(None, "clip the global gradient norm to this value")
     aux_weight: float = option(0.01, "weight of the auxiliary loss on the features of models built with aux_output=True")
     strategy: str = option("single", "how the processes share the work", choices=launcher.STRATEGIES)
+    dist_timeout: float | None = option(None, "seconds to wait for the other processes at start-up and in each "
+                                              "collective (default: $ANYTOPO_DIST_TIMEOUT, which anytopo-launch "
+                                              "sets to its --join-timeout, else 300)", metavar="SECONDS")
     output_dir: Path = option(Path("runs/train"), "checkpoints, metrics, curves and summary go here")
     save_every: int | None = option(None, "save a checkpoint every N steps (and at the end)")
     keep_last: int = option(3, "checkpoints kept (0 keeps all)")
@@ -165,6 +168,8 @@ class TrainConfig:
                 launcher.parse_signal(self.preempt_signal)
             except launcher.LaunchError as e:
                 raise ConfigError(f"--preempt-signal: {e}") from None
+        if self.dist_timeout is not None and self.dist_timeout <= 0:
+            raise ConfigError(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.eval_only and not self.resume:
             raise ConfigError("--eval-only needs the checkpoint to evaluate: add --resume PATH")
 
@@ -943,7 +948,7 @@ def main(args: argparse.Namespace) -> int:
     # Signals are caught from the start (a SIGTERM during set-up still ends the run at its first step
     # boundary, with a checkpoint), and the previous handlers come back on every exit.
     with launcher.Preemption([cfg.preempt_signal] if cfg.preempt_signal else []) as preempt, \
-            launcher.distributed(cfg.strategy) as info:
+            launcher.distributed(cfg.strategy, timeout_s=cfg.dist_timeout) as info:
         log = launcher.get_logger(info)
         trainer = Trainer(cfg, info, log)
         try:

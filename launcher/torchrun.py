@@ -1,0 +1,114 @@
+"""``python -m launcher.torchrun ARGS`` is ``torchrun ARGS``, except that a rendezvous that fails ends in one line.
+
+torchrun's own agent starts, watches and restarts the processes (this module calls
+``torch.distributed.run.main``, the function behind the ``torchrun`` console script). Only the rendezvous
+failures are rewritten, because torch reports them as a traceback whose last line says
+``RendezvousTimeoutError`` (no text) or ``Timed out after 901 seconds waiting for clients. 1/2 clients
+joined.`` (no address, no fix). Here they end as ``error: ...`` with the elapsed time, how many nodes joined,
+the address they waited on and what to do, and exit status 2.
+"""
+from __future__ import annotations
+
+import re
+import sys
+import time
+
+from .errors import LaunchError
+
+_JOINED = re.compile(r"(\d+)/(\d+) clients joined")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from torch.distributed import run
+
+    argv = sys.argv[1:] if argv is None else argv
+    args = run.parse_args(argv)
+    handlers = _capture_handlers()
+    start = time.monotonic()
+    try:
+        run.main(argv)
+    except Exception as e:
+        msg = explain(e, args, time.monotonic() - start, handlers)
+        if msg is None:
+            raise
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        return LaunchError.exit_code
+    return 0
+
+
+def explain(e: BaseException, args, elapsed: float, handlers: list) -> str | None:
+    """One line for a rendezvous failure ``e`` of torchrun ``args``; ``None`` for anything else."""
+    from torch.distributed import DistError
+    from torch.distributed.elastic.rendezvous import RendezvousConnectionError, RendezvousTimeoutError
+
+    chain = _chain(e)
+    hit = next((c for c in chain if isinstance(c, (RendezvousTimeoutError, RendezvousConnectionError, DistError))),
+               None)
+    if hit is None:
+        return None
+    backend = args.rdzv_backend
+    endpoint = args.rdzv_endpoint or f"{args.master_addr}:{args.master_port}"
+    nodes = args.nnodes
+    max_nodes = int(str(nodes).split(":")[-1])
+    waited = f"waited {elapsed:.0f} s"
+    text = " ".join(str(c) for c in chain)
+    fix_missing = (f"start the missing node(s) with the same --nnodes/--master, check that each can reach {endpoint}, "
+                   "or raise --join-timeout")
+    if backend == "static":
+        m = _JOINED.search(text)
+        if m:
+            return (f"node {args.node_rank} (the master) {waited} at {endpoint} and {int(m.group(1))} of "
+                    f"{m.group(2)} node(s) joined: {fix_missing}")
+        if isinstance(hit, DistError) and args.node_rank != 0:
+            return (f"node {args.node_rank} {waited} for the master's rendezvous store at {endpoint} and it never "
+                    f"answered (0 of {max_nodes} nodes seen from here): start node rank 0 on "
+                    f"{endpoint.rsplit(':', 1)[0]} with the same --master, or raise --join-timeout")
+        return None
+    joined = _c10d_joined(handlers)
+    seen = f"{joined} of {nodes}" if joined is not None else f"fewer than {nodes.split(':')[0]} of {nodes}"
+    if isinstance(hit, RendezvousTimeoutError):
+        return f"this node {waited} at the c10d rendezvous {endpoint} and {seen} node(s) joined: {fix_missing}"
+    if isinstance(hit, RendezvousConnectionError):
+        return (f"this node {waited} for the c10d rendezvous store at {endpoint} and it never answered: start the "
+                f"node whose address is {endpoint.rsplit(':', 1)[0]} (it hosts the store), or raise --join-timeout")
+    return None
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    while e is not None and e not in out:
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
+
+
+def _capture_handlers() -> list:
+    """Keep the rendezvous handler torchrun creates, to count the c10d participants after a timeout."""
+    import torch.distributed.launcher.api as api
+
+    registry = api.rdzv_registry
+    made: list = []
+    real = registry.get_rendezvous_handler
+
+    def capture(params):
+        handler = real(params)
+        made.append(handler)
+        return handler
+
+    registry.get_rendezvous_handler = capture
+    return made
+
+
+def _c10d_joined(handlers: list) -> int | None:
+    # A private attribute of DynamicRendezvousHandler, read only to word the error: the last state this node
+    # synced, plus itself (a node that times out leaves the participants before raising).
+    try:
+        handler = handlers[-1]
+        state = handler._state_holder.state
+        return len(set(state.participants) | {handler._this_node})
+    except (IndexError, AttributeError):
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
