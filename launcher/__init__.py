@@ -22,7 +22,7 @@ from .errors import LaunchError
 from .log import get_logger
 from .sampling import EvalSampler, TrainSampler, per_rank_batch
 from .seed import derive_seed, seed_everything
-from .wrap import sync_buffers, wrap_model
+from .wrap import is_fsdp, sync_buffers, unsharded, wrap_model
 
 __all__ = [
     "STRATEGIES",
@@ -34,10 +34,12 @@ __all__ = [
     "derive_seed",
     "distributed",
     "get_logger",
+    "is_fsdp",
     "per_rank_batch",
     "seed_everything",
     "setup",
     "sync_buffers",
     "teardown",
+    "unsharded",
     "wrap_model",
 ]

@@ -267,7 +267,7 @@ class Trainer:
         model = models.build_model(self.model_name, **self.model_options)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        self.model = launcher.wrap_model(model, info, sync_bn=cfg.sync_bn)
+        self.model = launcher.wrap_model(model, info, sync_bn=cfg.sync_bn, param_dtype=AMP_DTYPES.get(cfg.amp))
         self.bare = checkpoint.unwrap(self.model)
         launcher.seed_everything(cfg.seed, rank=info.rank)  # per-rank streams for dropout etc.
 
@@ -383,11 +383,12 @@ class Trainer:
         launcher.sync_buffers(self.bare, self.info)  # evaluate rank 0's replica: the one checkpoints hold
         self.bare.eval()
         metric = self.task.make_metric()
-        for images, targets in self.test_loader:
-            b = self._to_device(images, targets)
-            with self._autocast():
-                logits, _ = self._forward(self.bare, b.images)
-            metric.update(logits.float(), b.targets)
+        with launcher.unsharded(self.model):  # fsdp: gather once, so ranks may run unequal batch counts
+            for images, targets in self.test_loader:
+                b = self._to_device(images, targets)
+                with self._autocast():
+                    logits, _ = self._forward(self.bare, b.images)
+                metric.update(logits.float(), b.targets)
         sums = metric.sums().to(self.info.device)
         self.bare.train()
         return metric.compute(launcher.all_reduce_sum(sums, self.info).cpu())
@@ -402,6 +403,7 @@ class Trainer:
                     "topology": {"strategy": self.info.strategy, "world_size": self.info.world_size,
                                  "device_type": self.info.device.type, "launcher": self.info.launcher},
                     "data": self.cfg.data}
+        launcher.sync_buffers(self.bare, self.info)  # rank 0's BN statistics: the copy the checkpoint holds
         return self.manager.save(self.step, self.components, metadata=metadata)
 
     def fit(self) -> tuple[float | None, dict[str, float], Path | None]:
