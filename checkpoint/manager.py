@@ -17,11 +17,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ._safetensors_io import InMemory
 from .errors import CheckpointError
 from .formats import FORMAT_TAG, MANIFEST, POINTER, SAFE_GLOBALS, read_json, verify_files
 from ._load import LoadReport, load
-from ._save import atomic_write_text, barrier, build_manifest, canonical_state, dedupe, is_writer, write_directory
+from ._save import atomic_write_text, build_manifest, write_collectively, write_directory
 from ._unwrap import unwrap
 
 STATE_FILE = "state.pth"
@@ -71,6 +70,11 @@ class OptimizerState:
     Names are those of the bare model (``unwrap(model).named_parameters()``), so the state survives
     wrapping changes (DDP <-> DP <-> single <-> compiled) and parameter-group regrouping. Built on
     ``torch.distributed.checkpoint.state_dict.get/set_optimizer_state_dict``.
+
+    For a sharded model (FSDP2) the state is gathered to full tensors on rank 0 (the writer; other ranks
+    get an empty dict) and loaded from full tensors into each rank's shards, so it is the same name-keyed
+    state a single process or DDP saves and loads: runs move between FSDP, DDP and one process at any
+    world size with their AdamW moments intact.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
@@ -80,12 +84,24 @@ class OptimizerState:
     def state_dict(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        return get_optimizer_state_dict(unwrap(self.model), self.optimizer)
+        model = unwrap(self.model)
+        return get_optimizer_state_dict(model, self.optimizer, options=self._options(model, saving=True))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-        set_optimizer_state_dict(unwrap(self.model), self.optimizer, state)
+        model = unwrap(self.model)
+        set_optimizer_state_dict(model, self.optimizer, state, options=self._options(model, saving=False))
+
+    @staticmethod
+    def _options(model: nn.Module, *, saving: bool):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        from ._sharded import is_sharded_state
+
+        if not is_sharded_state(dict(model.named_parameters())):
+            return None
+        return StateDictOptions(full_state_dict=True, cpu_offload=saving)
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -150,23 +166,19 @@ class CheckpointManager:
         states = {name: _to_cpu(comp.state_dict() if hasattr(comp, "state_dict") and not isinstance(comp, dict) else comp)
                   for name, comp in components.items() if name != MODEL_COMPONENT}
         path = self.directory / entry_name(step)
-        try:
-            if is_writer():
-                self._clean_temps()
-                sd, info = canonical_state(components[MODEL_COMPONENT])
-                unique, aliases = dedupe(sd)
-                entries = {k: InMemory(t) for k, t in unique.items()}
-                manifest = build_manifest(entries, aliases, info, {**(metadata or {}), "step": step})
-                manifest["kind"] = "entry"
-                manifest["components"] = sorted(components)
-                buf = io.BytesIO()
-                torch.save(states, buf)
-                write_directory(path, list(entries.items()), manifest,
-                                extra_files={STATE_FILE: buf.getvalue()})
-                atomic_write_text(self.directory / POINTER, entry_name(step) + "\n")
-                self._prune(protect=step)
-        finally:
-            barrier()
+
+        def write(entries, aliases, info) -> None:
+            self._clean_temps()
+            manifest = build_manifest(entries, aliases, info, {**(metadata or {}), "step": step})
+            manifest["kind"] = "entry"
+            manifest["components"] = sorted(components)
+            buf = io.BytesIO()
+            torch.save(states, buf)
+            write_directory(path, list(entries.items()), manifest, extra_files={STATE_FILE: buf.getvalue()})
+            atomic_write_text(self.directory / POINTER, entry_name(step) + "\n")
+            self._prune(protect=step)
+
+        write_collectively(components[MODEL_COMPONENT], write, path)
         return path
 
     def _clean_temps(self) -> None:

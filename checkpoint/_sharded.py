@@ -1,0 +1,251 @@
+"""Sharded models (FSDP2, any DTensor parameters): gather for saving one tensor at a time, read only each
+rank's own rows on loading, and make every rank learn whether the writer succeeded.
+
+Saving: every rank walks the same list of entries in the same order (rank 0 decides it and broadcasts it);
+each DTensor is all-gathered (``full_tensor``) when the writer reaches it and dropped once written, so no
+rank ever holds more than one full tensor beside its shards. The writer writes exactly what a single
+process would; the others only take part in the gathers.
+
+Loading: a DTensor sharded on dim 0 (FSDP2's layout) owns a contiguous run of rows of the canonical
+tensor, i.e. one contiguous byte range of the file; ``local_slice`` turns the file's ``TensorSlice`` into
+that range so the vectored read fills the local shard directly, uneven shards (a dim of 10 at world 3)
+included.
+"""
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any, BinaryIO, Mapping
+
+from ._safetensors_io import TensorSlice, _byte_view, dtype_name
+from .errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+def dtensor_type():
+    """DTensor's class if torch.distributed.tensor is imported (a model cannot hold DTensors otherwise)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return getattr(mod, "DTensor", None) if mod is not None else None
+
+
+def is_sharded_state(sd: Mapping[str, Any]) -> bool:
+    dt = dtensor_type()
+    return dt is not None and any(isinstance(v, dt) for v in sd.values())
+
+
+def _dist():
+    dist = sys.modules.get("torch.distributed")
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
+
+
+def broadcast_from_writer(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (identity without a process group of several ranks)."""
+    dist = _dist()
+    if dist is None or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def agree(error: BaseException | None, path: Any) -> None:
+    """After a write: every rank learns rank 0's outcome and fails if it failed (the error's first line).
+
+    Without this a rank other than 0 returned success for a checkpoint that was never written. The writer
+    re-raises its own error (an OSError becomes a CheckpointError naming the path and the fix, so scripts
+    exit 2 on every rank alike).
+    """
+    outcome = None
+    if error is not None:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        outcome = f"{type(error).__name__}: {first}" if not isinstance(error, CheckpointError) else first
+    dist = _dist()
+    is_writer = dist is None or dist.get_rank() == 0
+    if dist is not None and dist.get_world_size() > 1:
+        outcome = broadcast_from_writer(outcome)
+    if is_writer and error is not None:
+        if isinstance(error, OSError):
+            raise CheckpointError(f"cannot write checkpoint {path}: {error}; choose a writable "
+                                  "location (an existing directory you may write to, with free space)") from error
+        raise error
+    if outcome is not None:
+        raise CheckpointError(f"checkpoint {path} was not written: rank 0 failed ({outcome}); fix that and save again")
+
+
+def buffer_agreement(module: "nn.Module") -> dict[str, Any] | None:
+    """Whose buffers (BatchNorm statistics) a checkpoint holds: always rank 0's; and whether every rank had
+    the same values (FSDP and DDP keep one replica per rank, which drift apart between syncs). Collective."""
+    import torch
+
+    dist = _dist()
+    if dist is None or dist.get_world_size() == 1:
+        return None
+    bufs = [b.to_local() if hasattr(b, "to_local") else b for b in module.buffers()]
+    if not bufs:
+        return None
+    # exact per-buffer fingerprint: sum and sum of squares in float64 (ints converted exactly below 2**53)
+    dev = bufs[0].device
+    sig = torch.stack([torch.stack([b.double().sum(), b.double().pow(2).sum()]) for b in bufs]).reshape(-1).to(dev)
+    rows = [torch.empty_like(sig) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, sig)
+    same = all(torch.equal(rows[0], r) for r in rows[1:])
+    return {"from_rank": 0, "identical_on_all_ranks": same, "world_size": dist.get_world_size()}
+
+
+# ------------------------------------------------------------------------------------------------ save
+
+class GatherPlan:
+    """The entries to gather, in one order every rank follows; ``fetch(key)`` gathers up to ``key``.
+
+    A full tensor lives only until the next fetch (the writer writes it in between).
+    """
+
+    def __init__(self, sd: Mapping[str, "torch.Tensor"], order: list[str]):
+        self.sd = sd
+        self.order = order
+        self.pos = 0
+        self.current: tuple[str, "torch.Tensor"] | None = None
+
+    def _gather(self, key: str) -> "torch.Tensor":
+        t = self.sd[key].detach()
+        if hasattr(t, "full_tensor"):
+            t = t.full_tensor()  # collective: every rank reaches this key in the same order
+        if not t.is_cpu:
+            t = t.cpu()
+        return t if t.is_contiguous() else t.contiguous()
+
+    def fetch(self, key: str) -> "torch.Tensor":
+        if self.current is not None and self.current[0] == key:
+            return self.current[1]
+        self.current = None
+        while self.pos < len(self.order):
+            k = self.order[self.pos]
+            self.pos += 1
+            t = self._gather(k)
+            if k == key:
+                self.current = (k, t)
+                return t
+        raise CheckpointError(f"internal: tensor {key!r} requested out of the agreed gather order")
+
+    def drain(self) -> None:
+        """Take part in every remaining gather (the non-writers' whole job; the writer's after a failure)."""
+        self.current = None
+        while self.pos < len(self.order):
+            self._gather(self.order[self.pos])
+            self.pos += 1
+
+
+class Gathered:
+    """A ``TensorSource`` for one entry of a sharded model: its global shape and dtype, bytes on demand."""
+
+    __slots__ = ("plan", "key", "shape", "_dtype")
+
+    def __init__(self, plan: GatherPlan, key: str, t: "torch.Tensor"):
+        self.plan = plan
+        self.key = key
+        self.shape = tuple(t.shape)
+        self._dtype = t.dtype
+
+    @property
+    def dtype(self) -> "torch.dtype":
+        return self._dtype
+
+    @property
+    def dtype_name(self) -> str:
+        return dtype_name(self._dtype)
+
+    @property
+    def nbytes(self) -> int:
+        n = self._dtype.itemsize
+        for s in self.shape:
+            n *= s
+        return n
+
+    def read(self, out: "torch.Tensor | None" = None) -> "torch.Tensor":
+        t = self.plan.fetch(self.key)
+        return t if out is None else out.copy_(t)
+
+    def identity(self) -> object:
+        return id(self)
+
+    def write_to(self, f: BinaryIO) -> None:
+        f.write(_byte_view(self.plan.fetch(self.key)))
+
+
+def sharded_plan(sd: Mapping[str, "torch.Tensor"]) -> tuple[dict[str, Gathered], dict[str, str], GatherPlan]:
+    """Entries (file order) and aliases of a sharded state dict, agreed by all ranks. Collective."""
+    from ._save import dedupe
+
+    decided: Any
+    if _dist() is None or _dist().get_rank() == 0:
+        try:
+            local = {k: (v.to_local() if hasattr(v, "to_local") else v).detach() for k, v in sd.items()}
+            unique, aliases = dedupe(local)  # tied parameters are one DTensor: their local shards share memory
+            decided = (list(unique), aliases)
+        except Exception as e:  # noqa: BLE001 -- reported on every rank below
+            decided = f"{type(e).__name__}: {e}"
+    decided = broadcast_from_writer(decided if _dist() is None or _dist().get_rank() == 0 else None)
+    if isinstance(decided, str):
+        raise CheckpointError(f"cannot plan the save of the sharded model: {decided.splitlines()[0]}")
+    order, aliases = decided
+    missing = [k for k in order if k not in sd]
+    if missing:
+        raise CheckpointError(f"ranks hold different models (rank 0 has {missing[:3]}): build the same model on every rank")
+    plan = GatherPlan(sd, order)
+    return {k: Gathered(plan, k, sd[k]) for k in order}, aliases, plan
+
+
+# ------------------------------------------------------------------------------------------------ load
+
+def shard_layout(t: "torch.Tensor") -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(local shape, global offset) of a DTensor on this rank; None for a plain tensor."""
+    if not hasattr(t, "device_mesh") or not hasattr(t, "placements"):
+        return None
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    return compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+
+
+def local_slice(s: TensorSlice, local_shape: tuple[int, ...], offset: tuple[int, ...]) -> TensorSlice | None:
+    """The byte range of ``s`` holding rows ``offset[0] : offset[0] + local_shape[0]`` when that is the whole
+    shard (sharded on dim 0 only), else None (the caller reads the tensor and slices)."""
+    if any(o for o in offset[1:]) or tuple(local_shape[1:]) != tuple(s.shape[1:]):
+        return None
+    rows = s.shape[0] if s.shape else 1
+    row_bytes = s.nbytes // rows if rows else 0
+    return TensorSlice(s.path, s.offset + offset[0] * row_bytes, local_shape[0] * row_bytes, s.code,
+                       tuple(local_shape))
+
+
+def local_part(full: "torch.Tensor", local_shape: tuple[int, ...], offset: tuple[int, ...]) -> "torch.Tensor":
+    """This rank's block of a full tensor (a view)."""
+    view = full
+    for dim, (o, n) in enumerate(zip(offset, local_shape)):
+        view = view.narrow(dim, o, n)
+    return view
+
+
+def describe_layout(model: "nn.Module") -> str | None:
+    """'fsdp x3: 12 tensors sharded on dim 0 (8 uneven), 4 replicated' for a model holding DTensors."""
+    sd = model.state_dict(keep_vars=True)
+    dt = dtensor_type()
+    if dt is None:
+        return None
+    sharded = [v for v in sd.values() if isinstance(v, dt)]
+    if not sharded:
+        return None
+    mesh = sharded[0].device_mesh
+    dims: dict[str, int] = {}
+    uneven = 0
+    for v in sharded:
+        for p in v.placements:
+            d = getattr(p, "dim", None)
+            name = f"dim {d}" if d is not None else type(p).__name__.lower()
+            dims[name] = dims.get(name, 0) + 1
+            if d is not None and v.shape[d] % mesh.size():
+                uneven += 1
+    how = ", ".join(f"{n} on {d}" for d, n in sorted(dims.items()))
+    return (f"fsdp x{mesh.size()}: {len(sharded)} tensors sharded ({how}; {uneven} uneven), "
+            f"{len(sd) - len(sharded)} replicated")
