@@ -65,6 +65,9 @@ def agree(error: BaseException | None, path: Any) -> None:
     is_writer = dist is None or dist.get_rank() == 0
     if dist is not None and dist.get_world_size() > 1:
         outcome = broadcast_from_writer(outcome)
+        # and every rank past the broadcast before any returns: a root that races ahead to tear down the
+        # group while a peer is still receiving aborts that peer in gloo (seen at world 3)
+        dist.barrier()
     if is_writer and error is not None:
         if isinstance(error, OSError):
             raise CheckpointError(f"cannot write checkpoint {path}: {error}; choose a writable "
