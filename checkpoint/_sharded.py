@@ -50,6 +50,10 @@ def broadcast_from_writer(obj: Any) -> Any:
     return box[0]
 
 
+class CheckpointWriteError(CheckpointError, OSError):
+    """The writer's OSError, worded for users: still an OSError for callers that catch those."""
+
+
 def agree(error: BaseException | None, path: Any) -> None:
     """After a write: every rank learns rank 0's outcome and fails if it failed (the error's first line).
 
@@ -70,7 +74,7 @@ def agree(error: BaseException | None, path: Any) -> None:
         dist.barrier()
     if is_writer and error is not None:
         if isinstance(error, OSError):
-            raise CheckpointError(f"cannot write checkpoint {path}: {error}; choose a writable "
+            raise CheckpointWriteError(f"cannot write checkpoint {path}: {error}; choose a writable "
                                   "location (an existing directory you may write to, with free space)") from error
         raise error
     if outcome is not None:
