@@ -197,6 +197,9 @@ def _load_shard(local: torch.Tensor, s, same_dtype: bool, layout, direct: dict) 
         if part is not None:
             direct.setdefault(s.path, []).append((part, local))
             return
+    if same_dtype and hasattr(s, "read_block") and local.is_cpu and local.is_contiguous():
+        s.read_block(local, shape, offset)  # a sharded checkpoint: only the pieces overlapping this shard
+        return
     local.copy_(local_part(s.read(), shape, offset))
 
 

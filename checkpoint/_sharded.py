@@ -256,3 +256,148 @@ def describe_layout(model: "nn.Module") -> str | None:
     how = ", ".join(f"{n} on {d}" for d, n in sorted(dims.items()))
     return (f"fsdp x{mesh.size()}: {len(sharded)} tensors sharded ({how}; {uneven} uneven), "
             f"{len(sd) - len(sharded)} replicated")
+
+
+# --------------------------------------------------------------------------------- sharded checkpoints
+#
+# CheckpointManager(sharded=True): every rank writes the shards it holds to its own safetensors file
+# (``rank-00001-of-00003.safetensors``: canonical key names, local shapes), in parallel; rank 0 adds the
+# replicated tensors to its file and writes manifest.json last, listing every rank file with its sha256 and,
+# per tensor, its global shape and where each piece sits ("pieces": [[file index, global offset, local shape]]).
+# Reading assembles a tensor from its pieces on demand (``ShardedEntry``), so load into any layout, inspect,
+# verify and convert work as for any other checkpoint, one tensor at a time.
+
+SHARD_FILE = "rank-{rank:05d}-of-{world:05d}.safetensors"
+
+
+def rank_entries(sd: Mapping[str, "torch.Tensor"], rank: int) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
+    """This rank's (key, local tensor source) list and its pieces table {key: [global offset, local shape]}."""
+    from ._safetensors_io import InMemory
+
+    entries, pieces = [], {}
+    for k in sorted(sd):
+        t = sd[k].detach()
+        layout = shard_layout(t)
+        if layout is None:
+            if rank != 0:
+                continue  # replicated: rank 0's copy
+            local, (shape, offset) = t, (tuple(t.shape), (0,) * t.dim())
+        else:
+            local = t.to_local()
+            shape, offset = layout
+            if not local.numel() and t.numel():
+                continue  # an uneven split left this rank nothing of k
+        local = local.cpu() if not local.is_cpu else local
+        entries.append((k, InMemory(local if local.is_contiguous() else local.contiguous())))
+        pieces[k] = [list(offset), list(shape)]
+    return entries, pieces
+
+
+class ShardedEntry:
+    """One tensor of a sharded checkpoint, assembled from its pieces (``TensorSlice`` of rank files)."""
+
+    __slots__ = ("key", "shape", "code", "pieces")
+
+    def __init__(self, key: str, shape: tuple[int, ...], code: str, pieces: list[tuple[TensorSlice, tuple, tuple]]):
+        self.key = key
+        self.shape = shape
+        self.code = code
+        self.pieces = sorted(pieces, key=lambda p: tuple(p[1]))  # (slice, global offset, local shape)
+
+    @property
+    def dtype(self) -> "torch.dtype":
+        return self.pieces[0][0].dtype
+
+    @property
+    def dtype_name(self) -> str:
+        return self.pieces[0][0].dtype_name
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p[0].nbytes for p in self.pieces)
+
+    def identity(self) -> object:
+        return id(self)
+
+    def _rows_only(self) -> bool:
+        return all(not any(off[1:]) and tuple(shape[1:]) == tuple(self.shape[1:]) for _, off, shape in self.pieces)
+
+    def read(self, out: "torch.Tensor | None" = None) -> "torch.Tensor":
+        import torch
+
+        if out is None:
+            out = torch.empty(self.shape, dtype=self.dtype)
+        self.read_block(out, tuple(self.shape), (0,) * len(self.shape))
+        return out
+
+    def read_block(self, dst: "torch.Tensor", shape: tuple, offset: tuple) -> None:
+        """Fill ``dst`` (CPU contiguous) with the block at ``offset`` of ``shape``, reading only the pieces'
+        byte ranges that overlap it when both are runs of whole rows."""
+        from ._safetensors_io import read_slices
+
+        if not dst.numel():
+            return
+        if self._rows_only() and not any(offset[1:]) and tuple(shape[1:]) == tuple(self.shape[1:]) and dst.is_contiguous():
+            lo, hi = offset[0] if offset else 0, (offset[0] + shape[0]) if offset else 1
+            by_file: dict[Any, list] = {}
+            for s, off, pshape in self.pieces:
+                if not self.shape:  # a scalar: one piece, all of it
+                    by_file.setdefault(s.path, []).append((s, dst))
+                    continue
+                a, b = max(lo, off[0]), min(hi, off[0] + pshape[0])
+                if a >= b:
+                    continue
+                part = local_slice(s, (b - a, *pshape[1:]), (a - off[0], *([0] * (len(pshape) - 1))))
+                by_file.setdefault(s.path, []).append((part, dst.narrow(0, a - lo, b - a)))
+            for path, items in by_file.items():
+                read_slices(path, items)
+            return
+        import torch
+
+        full = torch.empty(self.shape, dtype=self.dtype)
+        for s, off, pshape in self.pieces:
+            local_part(full, pshape, off).copy_(s.read())
+        dst.copy_(local_part(full, shape, offset))
+
+    def write_to(self, f: BinaryIO) -> None:
+        if not self._rows_only():
+            f.write(_byte_view(self.read()))
+            return
+        for s, _, _ in self.pieces:  # whole rows in offset order: their bytes concatenated are the tensor's
+            s.write_to(f)
+
+
+def read_sharded(directory, manifest: dict[str, Any]) -> dict[str, ShardedEntry]:
+    """The tensors of a sharded checkpoint directory, from its manifest and its rank files' headers."""
+    from pathlib import Path
+
+    from ._safetensors_io import read_header
+
+    directory = Path(directory)
+    table = manifest.get("sharded") or {}
+    files, world = table.get("files") or [], table.get("world_size")
+    if not files or world != len(files) or (manifest.get("topology") or {}).get("world_size", world) != world:
+        raise CheckpointError(f"{directory}: sharded entry mixes world sizes (manifest world {world}, "
+                              f"{len(files)} rank files); it was not written by one run: use another entry")
+    expect = {SHARD_FILE.format(rank=r, world=world) for r in range(world)}
+    if set(files) != expect:
+        raise CheckpointError(f"{directory}: rank files {sorted(files)} do not match a world of {world} "
+                              f"(expected {sorted(expect)}); the entry mixes runs, use another entry")
+    headers = []
+    for name in files:
+        p = directory / name
+        if not p.is_file():
+            raise CheckpointError(f"{p}: missing rank file of this sharded checkpoint; re-copy the whole directory "
+                                  "or use an earlier checkpoint")
+        headers.append(read_header(p)[0])
+    out: dict[str, ShardedEntry] = {}
+    for key, info in (table.get("tensors") or {}).items():
+        pieces = []
+        for index, offset, shape in info["pieces"]:
+            s = headers[index].get(key)
+            if s is None or tuple(s.shape) != tuple(shape):
+                raise CheckpointError(f"{directory / files[index]}: lacks its piece of {key!r} (or has the wrong "
+                                      "shape); the file belongs to another checkpoint, use an earlier one")
+            pieces.append((s, tuple(offset), tuple(shape)))
+        out[key] = ShardedEntry(key, tuple(info["shape"]), info["dtype"], pieces)
+    return out

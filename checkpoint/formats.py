@@ -428,6 +428,13 @@ def _read_directory(path: Path, *, ema: bool, allow_pickle: bool) -> Source:
     manifest_path = path / MANIFEST
     if manifest_path.is_file():
         manifest = read_json(manifest_path)
+        if isinstance(manifest, dict) and manifest.get("format") == FORMAT_TAG and manifest.get("sharded"):
+            from ._sharded import read_sharded  # one file per rank (CheckpointManager(sharded=True))
+
+            tensors = read_sharded(path, manifest)
+            files = [path / n for n in manifest["sharded"]["files"]]
+            return Source(path, "anytopo-sharded-ranks", dict(tensors), manifest, {}, files,
+                          [f"assembled from {len(files)} rank files (world {manifest['sharded']['world_size']})"])
         if isinstance(manifest, dict) and manifest.get("format") == FORMAT_TAG:
             weights = manifest.get("weights")
             if not weights:

@@ -9,7 +9,10 @@ and ``select_prune``; the class only does I/O around them.
 from __future__ import annotations
 
 import io
+import json
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -17,6 +20,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ._safetensors_io import CODE_OF_NAME, InMemory, dtype_name
 from .errors import CheckpointError
 from .formats import FORMAT_TAG, MANIFEST, POINTER, SAFE_GLOBALS, read_json, verify_files
 from ._load import LoadReport, load
@@ -142,10 +146,15 @@ class CheckpointManager:
         >>> restored = mgr.restore(mgr.latest(), {"model": model, "optimizer": OptimizerState(model, opt)})
     """
 
-    def __init__(self, directory: str | Path, *, keep_last: int | None = 3, every: int | None = None):
+    def __init__(self, directory: str | Path, *, keep_last: int | None = 3, every: int | None = None,
+                 sharded: bool = False):
+        """``sharded``: every rank writes its own shards (FSDP2 parameters) to its own file in parallel, plus one
+        manifest listing them with sha256; such entries load into any layout and world size like the others
+        (default False: one canonical file written by rank 0)."""
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.every = every
+        self.sharded = sharded
 
     def should_save(self, step: int, *, last: bool = False) -> bool:
         return should_save(step, self.every, last=last)
@@ -178,8 +187,95 @@ class CheckpointManager:
             atomic_write_text(self.directory / POINTER, entry_name(step) + "\n")
             self._prune(protect=step)
 
-        write_collectively(components[MODEL_COMPONENT], write, path)
+        if self.sharded:
+            self._save_sharded(path, step, components, states, metadata)
+        else:
+            write_collectively(components[MODEL_COMPONENT], write, path)
         return path
+
+    def _save_sharded(self, path: Path, step: int, components: Mapping[str, Any], states: dict[str, Any],
+                      metadata: Mapping[str, Any] | None) -> None:
+        """Each rank writes its rank file into one temp directory; rank 0 then writes state and manifest
+        (sha256 of every file) and renames the directory into place. Every rank learns the outcome."""
+        from . import _sharded
+        from ._safetensors_io import write_file
+        from ._save import atomic_file, fsync_dir, is_writer
+        from ._unwrap import describe_wrapping
+        from .formats import sha256_file
+
+        dist = _sharded._dist()
+        world, rank = (dist.get_world_size(), dist.get_rank()) if dist is not None else (1, 0)
+        model = unwrap(components[MODEL_COMPONENT])
+        buffers = _sharded.buffer_agreement(model)
+        error: BaseException | None = None
+        tmp: str | None = None
+        if is_writer():
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                self._clean_temps()
+                tmp = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.directory)
+            except Exception as e:  # noqa: BLE001 -- told to every rank by agree()
+                error = e
+        tmp = _sharded.broadcast_from_writer(tmp)
+        sd = model.state_dict(keep_vars=True)
+        mine: dict[str, Any] = {}
+        if tmp is not None:
+            try:
+                entries, pieces = _sharded.rank_entries(sd, rank)
+                name = _sharded.SHARD_FILE.format(rank=rank, world=world)
+                with atomic_file(Path(tmp) / name) as f:
+                    write_file(f, entries, {"format": "pt", "anytopo_rank": f"{rank}/{world}"})
+                mine = {"name": name, "bytes": (Path(tmp) / name).stat().st_size,
+                        "sha256": sha256_file(Path(tmp) / name), "pieces": pieces}
+            except Exception as e:  # noqa: BLE001
+                mine = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+        reports = [mine]
+        if dist is not None and world > 1:
+            reports = [None] * world
+            dist.all_gather_object(reports, mine)
+        if is_writer() and error is None:
+            try:
+                failed = [(r, rep["error"]) for r, rep in enumerate(reports) if "error" in rep]
+                if failed:
+                    raise CheckpointError(f"rank {failed[0][0]} could not write its shard file ({failed[0][1]})")
+                table: dict[str, Any] = {}
+                for r, rep in enumerate(reports):
+                    for key, (offset, shape) in rep["pieces"].items():
+                        t = sd[key]
+                        entry = table.setdefault(key, {"shape": list(t.shape), "dtype": CODE_OF_NAME[dtype_name(t.dtype)],
+                                                       "pieces": []})
+                        entry["pieces"].append([r, offset, shape])
+                info = {"wrappers": describe_wrapping(components[MODEL_COMPONENT]),
+                        "device_type": next(iter(sd.values())).device.type if sd else "cpu"}
+                if buffers is not None:
+                    info["buffers"] = buffers
+                if any(_sharded.shard_layout(v) is not None for v in sd.values()):
+                    info["sharded_state_dict"] = True
+                manifest = build_manifest({k: InMemory(v.detach()) for k, v in sd.items()}, {}, info,
+                                          {**(metadata or {}), "step": step})
+                manifest["topology"]["world_size"] = world
+                manifest.update(kind="entry", components=sorted(components), layout="sharded",
+                                sharded={"world_size": world, "files": [rep["name"] for rep in reports],
+                                         "tensors": table})
+                buf = io.BytesIO()
+                torch.save(states, buf)
+                with atomic_file(Path(tmp) / STATE_FILE) as f:
+                    f.write(buf.getvalue())
+                files = {rep["name"]: {"bytes": rep["bytes"], "sha256": rep["sha256"]} for rep in reports}
+                files[STATE_FILE] = {"bytes": len(buf.getvalue()), "sha256": sha256_file(Path(tmp) / STATE_FILE)}
+                manifest["files"] = files
+                atomic_write_text(Path(tmp) / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+                fsync_dir(Path(tmp))
+                if path.exists():
+                    shutil.rmtree(path)  # an older entry of the same step (a re-run): replaced by the complete one
+                os.replace(tmp, path)
+                fsync_dir(self.directory)
+                atomic_write_text(self.directory / POINTER, entry_name(step) + "\n")
+                self._prune(protect=step)
+            except Exception as e:  # noqa: BLE001
+                error = e
+                shutil.rmtree(tmp, ignore_errors=True)
+        _sharded.agree(error, path)
 
     def _clean_temps(self) -> None:
         if self.directory.is_dir():

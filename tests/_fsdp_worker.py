@@ -5,8 +5,9 @@
                      and rank 0 writes torch's own get_model_state_dict(full_state_dict=True) to DIR/ref.pt;
                      then saves to a path under a regular file with FSDP, DDP and the manager and records,
                      per rank, whether each raised (DIR/fail.rankR.json).
+                     Also two CheckpointManager(sharded=True) entries (one file per rank) in DIR/sharded.
     load MODEL DIR   builds MODEL with other weights, shards it, checkpoint.load(DIR/model.safetensors), and rank 0
-                     writes get_model_state_dict(full) of the result to DIR/loaded-wW.pt and the report text.
+                     writes get_model_state_dict(full) of the result to DIR/loaded-wW.pt and the report text; then the same from the sharded entry DIR/sharded/step-2 (sharded-loaded-wW.pt).
 """
 import json
 import sys
@@ -61,6 +62,9 @@ def main() -> int:
             mgr = checkpoint.CheckpointManager(out / "mgr")
             comps = {"model": model, "optimizer": checkpoint.OptimizerState(model, opt)}
             mgr.save(1, comps)
+            sharded = checkpoint.CheckpointManager(out / "sharded", sharded=True, keep_last=0)
+            sharded.save(1, comps)
+            sharded.save(2, comps)
             blocker = out / "a-file"
             if rank == 0:
                 blocker.write_text("not a directory")
@@ -78,6 +82,11 @@ def main() -> int:
             if rank == 0:
                 torch.save(got, out / f"loaded-w{world}.pt")
                 (out / f"report-w{world}.txt").write_text(str(report))
+            fresh = launcher.wrap_model(build(name, seed=8), info)
+            report = checkpoint.load(out / "sharded" / "step-2", fresh)  # written by 2 ranks, read by 3
+            got = get_model_state_dict(fresh, options=FULL)
+            if rank == 0:
+                torch.save(got, out / f"sharded-loaded-w{world}.pt")
         dist.barrier()
     return 0
 
