@@ -158,7 +158,7 @@ if torch.cuda.is_available():
     print("device 0:", p.name, f"{p.total_memory / 2**30:.0f} GiB", "count", torch.cuda.device_count(),
           "bf16", torch.cuda.is_bf16_supported(), "nccl", torch.distributed.is_nccl_available())
 missing = []
-for m in ("torchvision", "safetensors", "torchdata", "sklearn", "matplotlib", "tqdm", "checkpoint", "launcher", "models"):
+for m in ("torchvision", "safetensors", "yaml", "sklearn", "matplotlib", "tqdm", "checkpoint", "launcher", "models"):
     try:
         importlib.import_module(m)
     except Exception as e:
@@ -169,7 +169,7 @@ EOF
     DETAIL="$PY has torch but torch.cuda.is_available() is False"
     return 1
   fi
-  if ! "$PY" -c "import torchvision, safetensors, torchdata, sklearn, matplotlib, tqdm, checkpoint, launcher, models" >/dev/null 2>&1; then
+  if ! "$PY" -c "import torchvision, safetensors, yaml, sklearn, matplotlib, tqdm, checkpoint, launcher, models" >/dev/null 2>&1; then
     DETAIL="$PY lacks some of the project's dependencies (see the log); cannot install without network"
     return 1
   fi

@@ -4,7 +4,7 @@ Target: ours at most 3% slower per step (ratio = median step time ours / bare <=
 
 Ours: a ``Trainer`` from ``scripts/train.py`` built from the real parser and ``TrainConfig.from_args``
 (single process, no TensorBoard, no progress bar, output in a temp dir); each step iterates
-``trainer.loader`` (torchdata StatefulDataLoader + TrainSampler) and calls
+``trainer.loader`` (a torch DataLoader + TrainSampler) and calls
 ``trainer.train_step(trainer._to_device(x, y))``.
 Bare: a plain ``torch.utils.data.DataLoader`` over the SAME dataset object and batch size (shuffle,
 drop_last), a freshly built identical model (same registry name and options, same seed: the initial

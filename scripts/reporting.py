@@ -1,4 +1,4 @@
-"""Run outputs written by the main rank: metrics.csv, TensorBoard scalars, curves.png, summary.json.
+"""Run outputs written by the main rank: config.json, metrics.csv, TensorBoard scalars, curves.png, summary.json.
 
 Other ranks get a ``RunLog`` that does nothing, so the training loop never branches on rank to log.
 """
@@ -15,7 +15,7 @@ SUMMARY_KEYS = ("model", "strategy", "world_size", "steps", "final_loss", "eval"
 
 
 class RunLog:
-    """Appends metric rows to metrics.csv and TensorBoard; draws curves.png; writes summary.json."""
+    """Writes config.json; appends metric rows to metrics.csv and TensorBoard; draws curves.png; writes summary.json."""
 
     def __init__(self, output_dir: Path, *, enabled: bool, tensorboard: bool = True):
         self.dir = Path(output_dir)
@@ -82,16 +82,26 @@ class RunLog:
             return None
         if set(values) != set(SUMMARY_KEYS):
             raise KeyError(f"summary needs exactly {SUMMARY_KEYS}, got {sorted(values)}")
-        path = self.dir / "summary.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({k: values[k] for k in SUMMARY_KEYS}, indent=2) + "\n")
-        os.replace(tmp, path)
-        return path
+        return _write_json(self.dir / "summary.json", {k: values[k] for k in SUMMARY_KEYS})
+
+    def config(self, values: dict[str, Any]) -> Path | None:
+        """config.json: the run's resolved options (plain JSON), written atomically; a resumed run rewrites it."""
+        if not self.enabled:
+            return None
+        return _write_json(self.dir / "config.json", values)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def _write_json(path: Path, value: Any) -> Path:
+    """``value`` as indented strict JSON (no NaN), replacing ``path`` atomically."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(value, indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def _num(v: str) -> Any:

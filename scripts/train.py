@@ -9,24 +9,33 @@
 into ``--grad-accum`` micro-batches), so the optimisation does not change with the topology, and a
 checkpoint saved by any topology resumes on any other at the same step and sample cursor.
 
-Outputs in --output-dir: checkpoints/ (step-N entries, ``latest``), metrics.csv, tensorboard/, curves.png,
-summary.json. Bad input exits 2 with one line on stderr (``--debug`` shows the traceback).
+Options come from the flags below, or from ``--config FILE`` (YAML, TOML or JSON; keys are the option names
+with ``_``) with flags given on the command line overriding the file. ``--print-config`` prints the resolved
+options in that format and exits; every run records them in config.json and in each checkpoint's manifest.
+
+Outputs in --output-dir: checkpoints/ (step-N entries, ``latest``), config.json, metrics.csv, tensorboard/,
+curves.png, summary.json. Bad input exits 2 with one line on stderr (``--debug`` shows the traceback).
 """
 from __future__ import annotations
 
 import argparse
+import difflib
+import json
 import math
 import os
+import re
 import sys
 import time
-import warnings
+import typing
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, under every launcher
 
@@ -37,9 +46,6 @@ import models  # noqa: E402
 import tasks  # noqa: E402
 from reporting import RunLog  # noqa: E402
 
-# torchdata's StatefulDataLoader calls a deprecated torch API on every iterator; not actionable by users.
-warnings.filterwarnings("ignore", message=".*'set_vital' is deprecated")
-
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -48,85 +54,86 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------- config
+#
+# TrainConfig is the ONE source of the run's options: get_args_parser() is generated from its fields, and
+# --config files, --print-config, output-dir/config.json and the checkpoint manifest ("config") all use
+# its field names as keys.
+#
+# To add an option (say --ema-decay), add ONE field to TrainConfig and nothing else here:
+#
+#     ema_decay: float | None = option(None, "keep an EMA of the weights with this decay")
+#
+#   - the flag is the field name with '-' for '_' (--ema-decay); its type (int, float, str, Path, X | None,
+#     bool, tuple[str, ...]) gives the argparse type and the type checked in --config files;
+#   - a bool field is a switch: default False -> --name (store_true), default True -> --no-name (store_false);
+#   - tuple[str, ...] is a repeatable flag: pass flag="--model-arg" to name its single form;
+#   - choices=[...] restricts the values (on the command line and in files), metavar= names the value;
+#   - an optional field (X | None) must default to None (a config file omits unset options);
+#   - checks that need a number range or another field go in __post_init__ and raise ConfigError with a
+#     message that names the flag and the fix (cli() prints it as one line and exits 2); they apply to
+#     flags and config files alike.
+# Then read it as ``cfg.ema_decay`` where it is used. --help, --config, --print-config and config.json follow.
 
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=add_help,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None, help=f"one of {', '.join(models.list_models())} "
-                   "(default: the model named in the --resume checkpoint)")
-    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="model option, value parsed as a Python literal (repeatable)")
-    p.add_argument("--data", default="digits", help="digits | mnist5k | shapes[:N] | imagefolder:PATH | segfolder:PATH")
-    p.add_argument("--image-size", type=int, default=None, help="resize images to this side (default: per dataset)")
-    p.add_argument("--num-samples", type=int, default=None, help="use a fixed subset of this many samples")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total")
-    p.add_argument("--batch-size", type=int, default=64, help="GLOBAL batch size, the same for every world size")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step on each process")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="adamw")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--warmup-steps", type=int, default=None, help="linear warmup (default: 5%% of the steps)")
-    p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None,
-                   help="autocast dtype (fp16 uses a GradScaler); default: accelerate's setting, else none")
-    p.add_argument("--channels-last", action="store_true", help="NHWC memory format for model and inputs")
-    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under ddp (CUDA)")
-    p.add_argument("--clip-grad", type=float, default=None, help="clip the global gradient norm to this value")
-    p.add_argument("--aux-weight", type=float, default=0.01,
-                   help="weight of the auxiliary loss on the features of models built with aux_output=True")
-    p.add_argument("--strategy", choices=launcher.STRATEGIES, default="single")
-    p.add_argument("--output-dir", default="runs/train")
-    p.add_argument("--save-every", type=int, default=None, help="save a checkpoint every N steps (and at the end)")
-    p.add_argument("--keep-last", type=int, default=3, help="checkpoints kept (0 keeps all)")
-    p.add_argument("--resume", default=None, metavar="PATH|auto",
-                   help="a checkpoint entry, a run's checkpoints/ directory, any weights file, or 'auto'")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-only", action="store_true", help="evaluate the --resume checkpoint and exit")
-    p.add_argument("--log-every", type=int, default=10, help="metrics.csv row every N steps")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes per rank")
-    p.add_argument("--no-tensorboard", action="store_true")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
-    return p
+
+def option(default: Any, help: str, *, choices: list[str] | tuple[str, ...] | None = None,
+           metavar: str | None = None, flag: str | None = None):
+    """A TrainConfig field that is also a command-line flag (see the comment above)."""
+    meta = {"help": help, "choices": tuple(choices) if choices is not None else None, "metavar": metavar,
+            "flag": flag}
+    return field(default=default, metadata=meta)
 
 
 @dataclass(kw_only=True, frozen=True)
 class TrainConfig:
-    """The run's settings, validated once. Field meanings are the flags' (``--help``)."""
+    """The run's settings, validated once in ``__post_init__``; each field is a flag of the same name."""
 
-    model: str | None
-    model_args: tuple[str, ...]
-    data: str
-    image_size: int | None
-    num_samples: int | None
-    epochs: int
-    max_steps: int | None
-    batch_size: int
-    grad_accum: int
-    lr: float
-    weight_decay: float
-    optimizer: str
-    momentum: float
-    warmup_steps: int | None
-    amp: str
-    channels_last: bool
-    sync_bn: bool
-    clip_grad: float | None
-    aux_weight: float
-    strategy: str
-    output_dir: Path
-    save_every: int | None
-    keep_last: int
-    resume: str | None
-    seed: int
-    eval_only: bool
-    log_every: int
-    workers: int
-    tensorboard: bool
-    progress: bool
+    model: str | None = option(None, f"one of {', '.join(models.list_models())} "
+                                     "(default: the model named in the --resume checkpoint)")
+    model_args: tuple[str, ...] = option((), "model option, value parsed as a Python literal (repeatable)",
+                                         flag="--model-arg", metavar="KEY=VALUE")
+    data: str = option("digits", "digits | mnist5k | shapes[:N] | imagefolder:PATH | segfolder:PATH")
+    image_size: int | None = option(None, "resize images to this side (default: per dataset)")
+    num_samples: int | None = option(None, "use a fixed subset of this many samples")
+    epochs: int = option(1, "passes over the training split")
+    max_steps: int | None = option(None, "stop after this many optimizer steps in total")
+    batch_size: int = option(64, "GLOBAL batch size, the same for every world size")
+    grad_accum: int = option(1, "micro-batches per step on each process")
+    lr: float = option(1e-3, "peak learning rate")
+    weight_decay: float = option(0.01, "weight decay of the weights (not of biases and norms)")
+    optimizer: str = option("adamw", "optimizer", choices=["sgd", "adamw"])
+    momentum: float = option(0.9, "SGD momentum")
+    warmup_steps: int | None = option(None, "linear warmup (default: 5% of the steps)")
+    amp: str | None = option(None, "autocast dtype (fp16 uses a GradScaler); default: accelerate's setting, else none",
+                             choices=["bf16", "fp16", "none"])
+    channels_last: bool = option(False, "NHWC memory format for model and inputs")
+    sync_bn: bool = option(False, "SyncBatchNorm under ddp (CUDA)")
+    clip_grad: float | None = option(None, "clip the global gradient norm to this value")
+    aux_weight: float = option(0.01, "weight of the auxiliary loss on the features of models built with aux_output=True")
+    strategy: str = option("single", "how the processes share the work", choices=launcher.STRATEGIES)
+    output_dir: Path = option(Path("runs/train"), "checkpoints, metrics, curves and summary go here")
+    save_every: int | None = option(None, "save a checkpoint every N steps (and at the end)")
+    keep_last: int = option(3, "checkpoints kept (0 keeps all)")
+    save_sharded: bool = option(False, "every rank writes its own shard file (fsdp), plus one manifest")
+    resume: str | None = option(None, "a checkpoint entry, a run's checkpoints/ directory, any weights file, or 'auto'",
+                                metavar="PATH|auto")
+    seed: int = option(0, "seed of the weights, the sampling order and per-rank randomness")
+    eval_only: bool = option(False, "evaluate the --resume checkpoint and exit")
+    log_every: int = option(10, "metrics.csv row every N steps")
+    workers: int = option(0, "DataLoader worker processes per rank")
+    tensorboard: bool = option(True, "no TensorBoard event files")
+    progress: bool = option(True, "no progress bar")
 
     def __post_init__(self) -> None:
+        # normalise what argparse and config files hand over (lists, strings), so equal configs compare equal
+        object.__setattr__(self, "model_args", tuple(self.model_args))
+        object.__setattr__(self, "output_dir", Path(self.output_dir))
+        if self.amp is None:  # `accelerate launch --mixed_precision bf16` sets this for its children
+            amp = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+            object.__setattr__(self, "amp", amp if amp in AMP_DTYPES else "none")
+        for f in fields(self):  # config.json and the manifest are strict JSON: no inf/nan
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number, got {v}")
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
                     "log_every": self.log_every}
         for name, v in positive.items():
@@ -143,15 +150,187 @@ class TrainConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
-        amp = args.amp
-        if amp is None:  # `accelerate launch --mixed_precision bf16` sets this for its children
-            amp = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-            amp = amp if amp in AMP_DTYPES else "none"
-        names = {f.name for f in fields(cls)}
-        values = {k: v for k, v in vars(args).items() if k in names}
-        values.update(model_args=tuple(args.model_arg), amp=amp, output_dir=Path(args.output_dir),
-                      tensorboard=not args.no_tensorboard, progress=not args.no_progress)
-        return cls(**values)
+        """The config of a namespace from get_args_parser() (whose dests are the field names)."""
+        if getattr(args, "config", None) and not getattr(args, "_config_applied", False):
+            # e.g. get_args_parser(add_help=False) used as a parent of a plain ArgumentParser
+            raise ConfigError(f"--config {args.config} was not read: parse with get_args_parser() (or "
+                              "build_parser()), whose parser applies the file before the flags")
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values (str, int, float, bool, None, list), keyed by field name."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+        return out
+
+
+def _field_kind(cls: type, f) -> type:
+    """The value type of a config field: int | None -> int; tuple[str, ...] -> tuple. Refuses types with no flag."""
+    hint = typing.get_type_hints(cls)[f.name]
+    optional = type(None) in typing.get_args(hint)
+    base = [a for a in typing.get_args(hint) if a is not type(None)][0] if optional else typing.get_origin(hint) or hint
+    if base not in (int, float, str, bool, Path, tuple):
+        raise TypeError(f"{cls.__name__}.{f.name}: type {hint} has no flag form; use int, float, str, bool, Path, "
+                        "tuple[str, ...] or one of those | None")
+    if optional and f.default is not None:
+        raise TypeError(f"{cls.__name__}.{f.name}: an optional field must default to None")
+    return base
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows '(default: X)' only where the help does not already say what the default is."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, (bool, list)) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", Path: "a path string", bool: "true or false",
+               tuple: "a list of strings"}
+
+
+def _check_value(cls: type, f, value: Any) -> Any:
+    """``value`` read from a config file for field ``f``, checked against the field's type; else ConfigError."""
+    kind = _field_kind(cls, f)
+    ok = (value is None and f.default is None
+          or kind is bool and isinstance(value, bool)
+          or kind is int and isinstance(value, int) and not isinstance(value, bool)
+          or kind is float and isinstance(value, (int, float)) and not isinstance(value, bool)
+          or kind in (str, Path) and isinstance(value, str)
+          or kind is tuple and isinstance(value, list) and all(isinstance(v, str) for v in value))
+    if not ok:
+        null = " or null" if f.default is None else ""
+        raise ConfigError(f"{f.name} must be {_KIND_NAMES[kind]}{null}, got {value!r} ({type(value).__name__})")
+    choices = f.metadata.get("choices")
+    if choices and value is not None and any(v not in choices for v in (value if kind is tuple else [value])):
+        raise ConfigError(f"{f.name} must be one of {', '.join(choices)}, got {value!r}")
+    return float(value) if kind is float and value is not None else value
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-3`` as a string; read it as the float that users (and YAML 1.2) mean."""
+
+
+class _YamlDumper(yaml.SafeDumper):
+    """Quotes strings that _YamlLoader would read as numbers, so dumps read back unchanged."""
+
+
+for _cls in (_YamlLoader, _YamlDumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d[\d_]*)?\.?\d*[eE][-+]?\d+$"),
+                               list("-+0123456789."))
+
+
+def read_config_file(path: str | Path, cls: type = None) -> dict[str, Any]:
+    """The options in a YAML (``--print-config`` writes it), JSON (``config.json``) or TOML file, checked
+    against ``cls``'s fields (TrainConfig by default): unknown keys and wrong types raise ConfigError."""
+    cls = cls or TrainConfig
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"--config {path}: {e.strerror or e}; pass an existing YAML/TOML/JSON file") from None
+    try:
+        if path.suffix == ".toml":
+            import tomllib  # Python 3.11+
+
+            raw = tomllib.loads(text)
+        elif path.suffix == ".json":
+            raw = json.loads(text)
+        else:
+            raw = yaml.load(text, Loader=_YamlLoader)
+    except ImportError:
+        raise ConfigError(f"--config {path}: reading TOML needs Python 3.11+; write the file as YAML "
+                          "(python scripts/train.py --print-config)") from None
+    except yaml.MarkedYAMLError as e:
+        where = f" at line {e.problem_mark.line + 1}" if e.problem_mark else ""
+        raise ConfigError(f"--config {path}: not valid YAML{where}: {e.problem}") from None
+    except ValueError as e:  # tomllib.TOMLDecodeError and json.JSONDecodeError; one line each
+        raise ConfigError(f"--config {path}: not valid {path.suffix[1:].upper()}: {e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of option names to values, got a {type(raw).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(str(key).replace("-", "_"), known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"--config {path}: unknown key {key!r}{hint}; valid keys: {', '.join(known)}")
+    values = {}
+    for key, value in raw.items():
+        try:
+            values[key] = _check_value(cls, known[key], value)
+        except ConfigError as e:
+            raise ConfigError(f"--config {path}: {e}") from None
+    return values
+
+
+def dump_config(cfg: Any) -> str:
+    """``cfg`` as the YAML that --config reads back to the same config."""
+    head = "# scripts/train.py options: --config FILE reads this file; flags given on the command line override it\n"
+    return head + yaml.dump(cfg.to_dict(), Dumper=_YamlDumper, sort_keys=False, default_flow_style=False)
+
+
+class _ReplaceList(argparse.Action):
+    """A repeatable flag whose first use on the command line replaces the default (or the --config file's list)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, ([] if current is self.default else list(current)) + [values])
+
+
+class ConfigArgumentParser(argparse.ArgumentParser):
+    """Reads ``--config FILE`` first: its values become the defaults, so only flags given on the command line
+    override them. A bad file prints one line ``error: ...`` and exits 2, like a bad flag."""
+
+    config_class: type
+
+    def parse_known_args(self, args=None, namespace=None):
+        first, _ = super().parse_known_args(args, None)
+        if getattr(first, "config", None):
+            try:
+                self.set_defaults(**read_config_file(first.config, self.config_class))
+            except ConfigError as e:
+                if getattr(first, "debug", False):
+                    raise
+                self.exit(2, f"error: {e}\n")
+        namespace, extras = super().parse_known_args(args, namespace)
+        namespace._config_applied = bool(getattr(first, "config", None))
+        return namespace, extras
+
+
+def build_parser(cls: type, add_help: bool = True) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per field of the config dataclass ``cls`` (dest = field name), plus
+    --config FILE (values for those fields; flags override) and --print-config."""
+    p = ConfigArgumentParser(description=__doc__.splitlines()[0], add_help=add_help, formatter_class=_HelpFormatter)
+    p.config_class = cls
+    p.add_argument("--config", metavar="FILE", help="read options from this YAML/TOML/JSON file (keys: the "
+                   "option names with '_', as --print-config writes them); flags given here override it")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved options in the --config format and exit without training")
+    for f in fields(cls):
+        kind, meta = _field_kind(cls, f), f.metadata
+        name = meta.get("flag") or "--" + ("no-" if kind is bool and f.default else "") + f.name.replace("_", "-")
+        common = {"dest": f.name, "help": meta.get("help", "").replace("%", "%%")}
+        if kind is bool:
+            p.add_argument(name, action="store_false" if f.default else "store_true", **common)
+        elif kind is tuple:
+            p.add_argument(name, action=_ReplaceList, default=list(f.default), metavar=meta.get("metavar"),
+                           choices=meta.get("choices"), **common)
+        else:
+            p.add_argument(name, type=kind, default=f.default, metavar=meta.get("metavar"),
+                           choices=meta.get("choices"), **common)
+    return p
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """The command line: TrainConfig's flags, plus --debug (how errors print, not part of the run)."""
+    p = build_parser(TrainConfig, add_help)
+    p.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
+    return p
 
 
 # ---------------------------------------------------------------------------------------------- build
@@ -247,7 +426,7 @@ class Trainer:
         self.cfg, self.info, self.log = cfg, info, log
         self.out = cfg.output_dir
         self.manager = checkpoint.CheckpointManager(self.out / "checkpoints", keep_last=cfg.keep_last,
-                                                    every=cfg.save_every)
+                                                    every=cfg.save_every, sharded=cfg.save_sharded)
         self.resume_path = resolve_resume(cfg, self.manager, log)
         manifest = checkpoint.read_manifest(self.resume_path) if self.resume_path else None
         if self.resume_path is None and not cfg.eval_only and self.manager.entries():
@@ -300,13 +479,14 @@ class Trainer:
         self.test_loader = self._loader(self.test_ds, launcher.EvalSampler(len(self.test_ds), info),
                                         max(1, self.per_rank), drop_last=False)
         self.runlog = RunLog(self.out, enabled=info.is_main, tensorboard=cfg.tensorboard and not cfg.eval_only)
+        self.runlog.config(cfg.to_dict())
 
-    def _loader(self, ds, sampler, batch_size: int, drop_last: bool):
-        from torchdata.stateful_dataloader import StatefulDataLoader
-
-        return StatefulDataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                                  num_workers=self.cfg.workers, pin_memory=self.info.device.type == "cuda",
-                                  persistent_workers=self.cfg.workers > 0)
+    def _loader(self, ds, sampler, batch_size: int, drop_last: bool) -> DataLoader:
+        # A plain DataLoader: resuming needs no loader state, because the sampler starts each epoch at the
+        # checkpoint's sample cursor (TrainSampler.set_start in fit()), whatever the world size.
+        return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                          num_workers=self.cfg.workers, pin_memory=self.info.device.type == "cuda",
+                          persistent_workers=self.cfg.workers > 0)
 
     # -- resume
 
@@ -402,7 +582,7 @@ class Trainer:
         metadata = {"model": self.model_name, "model_options": self.model_options, "epoch": epoch,
                     "topology": {"strategy": self.info.strategy, "world_size": self.info.world_size,
                                  "device_type": self.info.device.type, "launcher": self.info.launcher},
-                    "data": self.cfg.data}
+                    "data": self.cfg.data, "config": self.cfg.to_dict()}
         launcher.sync_buffers(self.bare, self.info)  # rank 0's BN statistics: the copy the checkpoint holds
         return self.manager.save(self.step, self.components, metadata=metadata)
 
@@ -467,6 +647,9 @@ def _progress(total: int, initial: int, *, enabled: bool):
 
 def main(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_args(args)
+    if args.print_config:
+        sys.stdout.write(dump_config(cfg))
+        return 0
     with launcher.distributed(cfg.strategy) as info:
         log = launcher.get_logger(info)
         trainer = Trainer(cfg, info, log)
