@@ -57,6 +57,12 @@ def test_save_from_fsdp_x2_is_torchs_full_state_and_loads_into_fsdp_x3(tmp_path,
     assert_exact(torch.load(tmp_path / "loaded-w3.pt", weights_only=True), saved)
     report = (tmp_path / "report-w3.txt").read_text()
     assert "loaded into: fsdp x3" in report and "uneven" in report
+    # the sharded entries (one file per rank, written by 2) load at world 3, in one process, and convert
+    assert_exact(torch.load(tmp_path / "sharded-loaded-w3.pt", weights_only=True), saved)
+    entry = tmp_path / "sharded" / "step-2"
+    assert sorted(p.name for p in entry.glob("rank-*")) == ["rank-00000-of-00002.safetensors",
+                                                             "rank-00001-of-00002.safetensors"]
+    assert_exact(checkpoint.load_state_dict(entry, verify=True), saved)
     if model == "resnet18":  # BatchNorm: whose statistics were saved
         assert manifest["topology"]["buffers"]["from_rank"] == 0
         assert "buffers (BatchNorm statistics): rank 0's copy" in report
@@ -67,6 +73,34 @@ def test_save_from_fsdp_x2_is_torchs_full_state_and_loads_into_fsdp_x3(tmp_path,
             assert all(failures.values()), (rank, failures)
             assert all(str(tmp_path / "a-file") in msg for msg in failures.values())
         assert "rank 0 failed" in json.loads((tmp_path / "fail.rank1.json").read_text())["ddp"]
+        sharded_bad_input(tmp_path / "sharded", saved)
+
+
+def sharded_bad_input(root: Path, saved: dict[str, torch.Tensor]) -> None:
+    entry = root / "step-2"
+    cli = [sys.executable, "-m", "checkpoint"]
+    conv = subprocess.run([*cli, "convert", str(entry), str(root / "one.safetensors")], cwd=REPO, env=child_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert conv.returncode == 0, conv.stderr
+    assert_exact(checkpoint.load_state_dict(root / "one.safetensors"), saved)
+    # a corrupted rank file (same size): latest() falls back to the previous entry; load with verify names it
+    rank1 = entry / "rank-00001-of-00002.safetensors"
+    data = bytearray(rank1.read_bytes())
+    data[-1] ^= 0xFF
+    rank1.write_bytes(bytes(data))
+    assert checkpoint.CheckpointManager(root).latest() == root / "step-1"
+    with pytest.raises(checkpoint.CheckpointError, match="rank-00001-of-00002.safetensors: sha256"):
+        checkpoint.load_state_dict(entry, verify=True)
+    rank1.unlink()
+    with pytest.raises(checkpoint.CheckpointError, match="rank-00001-of-00002.safetensors"):
+        checkpoint.load_state_dict(entry)
+    # mixed world sizes in one entry: refused
+    other = root / "step-1"
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["sharded"]["world_size"] = 3
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(checkpoint.CheckpointError, match="mixes world sizes"):
+        checkpoint.load_state_dict(other)
 
 
 # ------------------------------------------------------------------------------------- train.py
@@ -99,8 +133,9 @@ def test_train_fsdp_x2_resumes_under_ddp_x3_single_and_fsdp_x3_on_the_same_losse
     straight = losses(tmp_path / "straight")
     assert sorted(straight) == list(range(1, 9))
     a, b, c, d = (tmp_path / n for n in "abcd")
-    train("fsdp", a, nproc=2)
+    train("fsdp", a, "--save-sharded", nproc=2)  # one file per rank; read back by ddp x3 below
     assert checkpoint.read_manifest(a / "checkpoints" / "step-2")["topology"]["strategy"] == "fsdp"
+    assert checkpoint.read_manifest(a / "checkpoints" / "step-2")["sharded"]["world_size"] == 2
     train("ddp", b, "--resume", str(a / "checkpoints" / "step-2"), nproc=3)
     train("python", c, "--resume", str(b / "checkpoints" / "step-4"))
     train("fsdp", d, "--resume", str(c / "checkpoints" / "step-6"), nproc=3)
