@@ -13,6 +13,7 @@ included.
 """
 from __future__ import annotations
 
+import math
 import sys
 from typing import TYPE_CHECKING, Any, BinaryIO, Mapping
 
@@ -103,45 +104,98 @@ def buffer_agreement(module: "nn.Module") -> dict[str, Any] | None:
 
 # ------------------------------------------------------------------------------------------------ save
 
-class GatherPlan:
-    """The entries to gather, in one order every rank follows; ``fetch(key)`` gathers up to ``key``.
+STREAM_CHUNK = 32 << 20  # bytes per point-to-point message while streaming a shard to the writer
 
-    A full tensor lives only until the next fetch (the writer writes it in between).
+
+def _chunk_rows(n: int, world: int) -> list[int]:
+    """Rows each rank holds of a dim of ``n`` split like ``torch.chunk`` (what FSDP2 and Shard(0) do)."""
+    c = -(-n // world) if n else 0
+    return [max(0, min(c, n - r * c)) for r in range(world)]
+
+
+class GatherPlan:
+    """The entries to collect, in one order every rank follows.
+
+    A DTensor sharded on dim 0 is streamed to the writer rank by rank in pieces of at most ``STREAM_CHUNK``
+    bytes (point-to-point), each written as it arrives: a rank holds its shards plus one piece, however
+    large the tensor. Other layouts are all-gathered (``full_tensor``), one tensor at a time.
     """
 
     def __init__(self, sd: Mapping[str, "torch.Tensor"], order: list[str]):
         self.sd = sd
         self.order = order
         self.pos = 0
-        self.current: tuple[str, "torch.Tensor"] | None = None
+        dist = _dist()
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist is not None else (0, 1)
 
-    def _gather(self, key: str) -> "torch.Tensor":
+    def _transfer(self, key: str, sink) -> None:
+        """Move ``key``'s bytes, in order, to ``sink(tensor)`` on the writer (None: discard); others send."""
         t = self.sd[key].detach()
-        if hasattr(t, "full_tensor"):
-            t = t.full_tensor()  # collective: every rank reaches this key in the same order
-        if not t.is_cpu:
-            t = t.cpu()
-        return t if t.is_contiguous() else t.contiguous()
+        layout = shard_layout(t)
+        if layout is None or t.dim() == 0 or any(type(p).__name__ != "Shard" or p.dim != 0 for p in t.placements) \
+                or len(t.placements) != 1 or t.device_mesh.size() != self.world:
+            full = t.full_tensor() if layout is not None else t  # collective for DTensors
+            if sink is not None and self.rank == 0:
+                sink(full)
+            return
+        import torch
+
+        dist = _dist()
+        local = t.to_local()
+        rest = tuple(t.shape[1:])
+        row_bytes = t.element_size() * (math.prod(rest) if rest else 1)
+        step = max(1, STREAM_CHUNK // max(1, row_bytes))
+        failure: BaseException | None = None
+        for r, rows in enumerate(_chunk_rows(t.shape[0], self.world)):
+            for a in range(0, rows, step):
+                b = min(rows, a + step)
+                if r == self.rank and self.rank != 0:
+                    dist.send(local[a:b].contiguous(), dst=0)
+                elif self.rank == 0:
+                    piece = local[a:b] if r == 0 else torch.empty((b - a, *rest), dtype=t.dtype, device=local.device)
+                    if r != 0:
+                        dist.recv(piece, src=r)
+                    if sink is not None and failure is None:
+                        try:
+                            sink(piece)
+                        except Exception as e:  # noqa: BLE001 -- keep receiving, or the senders block forever
+                            failure = e
+        if failure is not None:
+            raise failure
+
+    def _advance(self, key: str) -> None:
+        while self.pos < len(self.order) and self.order[self.pos] != key:
+            self._transfer(self.order[self.pos], None)
+            self.pos += 1
+        if self.pos == len(self.order):
+            raise CheckpointError(f"internal: tensor {key!r} requested out of the agreed gather order")
+        self.pos += 1
+
+    def write(self, key: str, f: BinaryIO) -> None:
+        self._advance(key)
+        self._transfer(key, lambda piece: f.write(_byte_view(_cpu_contiguous(piece))))
 
     def fetch(self, key: str) -> "torch.Tensor":
-        if self.current is not None and self.current[0] == key:
-            return self.current[1]
-        self.current = None
-        while self.pos < len(self.order):
-            k = self.order[self.pos]
-            self.pos += 1
-            t = self._gather(k)
-            if k == key:
-                self.current = (k, t)
-                return t
-        raise CheckpointError(f"internal: tensor {key!r} requested out of the agreed gather order")
+        import torch
+
+        t = self.sd[key]
+        self._advance(key)
+        parts: list = []
+        self._transfer(key, lambda piece: parts.append(_cpu_contiguous(piece).clone()))
+        if len(parts) == 1:
+            return parts[0].reshape(t.shape)
+        return torch.cat(parts).reshape(t.shape) if parts else torch.empty(t.shape, dtype=t.dtype)
 
     def drain(self) -> None:
-        """Take part in every remaining gather (the non-writers' whole job; the writer's after a failure)."""
-        self.current = None
+        """Take part in every remaining transfer (the non-writers' whole job; the writer's after a failure)."""
         while self.pos < len(self.order):
-            self._gather(self.order[self.pos])
+            self._transfer(self.order[self.pos], None)
             self.pos += 1
+
+
+def _cpu_contiguous(t: "torch.Tensor") -> "torch.Tensor":
+    t = t if t.is_cpu else t.cpu()
+    return t if t.is_contiguous() else t.contiguous()
 
 
 class Gathered:
@@ -165,10 +219,7 @@ class Gathered:
 
     @property
     def nbytes(self) -> int:
-        n = self._dtype.itemsize
-        for s in self.shape:
-            n *= s
-        return n
+        return self._dtype.itemsize * math.prod(self.shape)
 
     def read(self, out: "torch.Tensor | None" = None) -> "torch.Tensor":
         t = self.plan.fetch(self.key)
@@ -178,7 +229,7 @@ class Gathered:
         return id(self)
 
     def write_to(self, f: BinaryIO) -> None:
-        f.write(_byte_view(self.plan.fetch(self.key)))
+        self.plan.write(self.key, f)
 
 
 def sharded_plan(sd: Mapping[str, "torch.Tensor"]) -> tuple[dict[str, Gathered], dict[str, str], GatherPlan]:
