@@ -120,6 +120,40 @@ def train(kind: str, out: Path, *extra: str, nproc: int = 1, expect: int = 0) ->
     return torchrun(TRAIN, *args, "--strategy", kind, nproc=nproc, expect=expect)
 
 
+def each_rank(args: list[str], world: int, timeout: int = 240) -> list[subprocess.CompletedProcess]:
+    """Start the ranks ourselves, with the environment torchrun gives them: torchrun stops the other ranks
+    as soon as one exits, so only this shows every rank's own exit code and error line."""
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = child_env(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                        GROUP_RANK="0", GROUP_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, TRAIN, *MLP, *args], cwd=REPO, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    out = []
+    for p in procs:
+        try:
+            stdout, stderr = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return out
+
+
+def assert_one_line_error_on_every_rank(procs: list[subprocess.CompletedProcess], *needles: str) -> list[str]:
+    lines = []
+    for rank, p in enumerate(procs):
+        errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+        assert p.returncode == 2 and len(errors) == 1, (rank, p.returncode, p.stderr[-3000:])
+        assert "Traceback" not in p.stderr, p.stderr[-3000:]
+        lines.append(errors[0])
+    for needle in needles:
+        assert any(needle in line for line in lines), (needle, lines)
+    return lines
+
+
 def losses(out: Path) -> dict[int, float]:
     with open(out / "metrics.csv", newline="") as f:
         return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f) if r["loss"]}
@@ -148,11 +182,10 @@ def test_train_fsdp_x2_resumes_under_ddp_x3_single_and_fsdp_x3_on_the_same_losse
     assert losses(d)[8] != pytest.approx(losses(a)[2], rel=1e-3)
 
     # bad input on every rank: a checkpoint whose shapes do not fit the sharded model
-    p = train("fsdp", tmp_path / "bad", "--eval-only", "--resume", str(d / "checkpoints" / "step-8"),
-              "--model-arg", "hidden=32", nproc=2, expect=2)
-    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 2 and all("does not fit" in e for e in errors), p.stderr[-3000:]
-    assert 'train.py", line' not in p.stderr  # no child traceback (torchrun prints its own for the exit)
+    procs = each_rank(["--strategy", "fsdp", "--output-dir", str(tmp_path / "bad"), "--eval-only", "--resume",
+                       str(d / "checkpoints" / "step-8"), "--model-arg", "hidden=32"], world=2)
+    lines = assert_one_line_error_on_every_rank(procs, "does not fit")
+    assert all("does not fit" in line for line in lines)
 
 
 @pytest.mark.timeout(240)
@@ -160,9 +193,6 @@ def test_a_save_that_cannot_be_written_fails_every_rank_with_exit_2(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "checkpoints").write_text("a regular file where the checkpoint directory should be")
-    p = train("fsdp", out, "--max-steps", "2", nproc=2, expect=2)
-    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 2, p.stderr[-3000:]
-    assert any("rank 0 failed" in e for e in errors) and any("cannot write checkpoint" in e for e in errors)
-    assert 'train.py", line' not in p.stderr  # no child traceback (torchrun prints its own for the exit)
+    procs = each_rank(["--strategy", "fsdp", "--output-dir", str(out), "--max-steps", "2"], world=2)
+    assert_one_line_error_on_every_rank(procs, "cannot write checkpoint", "rank 0 failed")
     assert (out / "checkpoints").read_text().startswith("a regular file")
