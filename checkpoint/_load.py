@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ._safetensors_io import TensorSlice, read_slices
+from ._sharded import describe_layout, local_part, local_slice, shard_layout
 from .errors import CheckpointError, and_more
 from .formats import Source, check_integrity, read_source
 from .keys import match_keys, strip_common_wrappers
@@ -36,6 +37,7 @@ class LoadReport:
     dtype_casts: list[tuple[str, str, str]] = field(default_factory=list)  # key, file dtype, model dtype
     defaulted: list[str] = field(default_factory=list)  # missing buffers left at the model's value
     source_topology: dict[str, Any] | None = None
+    layout: str | None = None  # the sharded layout loaded into, e.g. "fsdp x3: 4 tensors sharded (4 on dim 0; 2 uneven), 0 replicated"
     source_model: str | None = None
     step: int | None = None
     epoch: int | None = None
@@ -58,6 +60,13 @@ class LoadReport:
             lines.append(f"  saved by: {t.get('strategy')} x{t.get('world_size')} on {t.get('device_type')}"
                          + (f", model {self.source_model}" if self.source_model else "")
                          + (f", step {self.step}" if self.step is not None else ""))
+            if t.get("buffers"):
+                b = t["buffers"]
+                lines.append(f"  buffers (BatchNorm statistics): rank {b.get('from_rank', 0)}'s copy, "
+                             + ("identical on all" if b.get("identical_on_all_ranks") else "ranks differed; kept rank 0 of")
+                             + f" {b.get('world_size')} ranks")
+        if self.layout:
+            lines.append(f"  loaded into: {self.layout}")
         if self.prefix_stripped or self.prefix_added:
             lines.append(f"  keys: stripped {self.prefix_stripped!r}" + (f", added {self.prefix_added!r}" if self.prefix_added else ""))
         for name in ("missing", "unexpected", "shape_mismatches", "dtype_casts", "defaulted"):
@@ -157,9 +166,14 @@ def load(path: str | Path, model: nn.Module, *, strict: bool = True, device: str
         raise _strict_error(report, type(target).__name__)
     report.checks.append(f"keys: {len(plan)}/{len(tsd)} model tensors matched"
                          + (" (strict)" if strict else " (non-strict)"))
+    report.layout = describe_layout(target)
     direct: dict[Path, list[tuple[TensorSlice, torch.Tensor]]] = {}
     with torch.no_grad():
         for dst, s, same_dtype in plan:
+            layout = shard_layout(dst) if report.layout else None
+            if layout is not None:  # a DTensor: fill only this rank's shard
+                _load_shard(dst.to_local(), s, same_dtype, layout, direct)
+                continue
             if same_dtype and type(s) is TensorSlice and dst.is_cpu and dst.is_contiguous():
                 direct.setdefault(s.path, []).append((s, dst))
             else:
@@ -168,6 +182,23 @@ def load(path: str | Path, model: nn.Module, *, strict: bool = True, device: str
             read_slices(file, items)  # straight from the page cache into the parameters' memory
     report.loaded = len(plan)
     return report
+
+
+def _load_shard(local: torch.Tensor, s, same_dtype: bool, layout, direct: dict) -> None:
+    """This rank's block of source ``s`` into ``local``: its own byte range by the vectored read when the
+    shard is a run of whole rows of a safetensors tensor, else the tensor is read and sliced."""
+    shape, offset = layout
+    if not local.numel():
+        return  # an uneven split can leave a rank no rows
+    if same_dtype and type(s) is TensorSlice and local.is_cpu and local.is_contiguous():
+        part = local_slice(s, shape, offset)
+        if part is not None:
+            direct.setdefault(s.path, []).append((part, local))
+            return
+    if same_dtype and hasattr(s, "read_block") and local.is_cpu and local.is_contiguous():
+        s.read_block(local, shape, offset)  # a sharded checkpoint: only the pieces overlapping this shard
+        return
+    local.copy_(local_part(s.read(), shape, offset))
 
 
 def load_state_dict(path: str | Path, *, ema: bool = False, allow_pickle: bool = False,

@@ -296,14 +296,19 @@ def _topology(info: dict[str, Any]) -> dict[str, Any]:
     dist = _process_group()
     world = dist.get_world_size() if dist is not None else 1
     wrappers = info.get("wrappers") or []
-    if "DistributedDataParallel" in wrappers:
+    if "FSDP" in wrappers or info.get("sharded_state_dict"):
+        strategy = "fsdp"
+    elif "DistributedDataParallel" in wrappers:
         strategy = "ddp"
     elif "DataParallel" in wrappers:
         strategy = "dp"
     else:
         strategy = "ddp" if world > 1 else "single"
-    return {"strategy": strategy, "world_size": world, "device_type": info.get("device_type", "cpu"),
-            "wrappers": wrappers}
+    topology = {"strategy": strategy, "world_size": world, "device_type": info.get("device_type", "cpu"),
+                "wrappers": wrappers}
+    if info.get("buffers"):
+        topology["buffers"] = info["buffers"]  # whose BatchNorm statistics these are (rank 0's)
+    return topology
 
 
 def _check_json(metadata: Mapping[str, Any]) -> dict[str, Any]:
@@ -505,13 +510,60 @@ def save(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], path: str 
         >>> checkpoint.save(ddp_model, "run/final.safetensors", metadata={"model": "resnet18", "step": 100})
     """
     path = Path(path)
-    try:
-        if is_writer():
-            sd, info = canonical_state(model_or_state_dict)
-            unique, aliases = dedupe(sd)
-            entries = {k: InMemory(t) for k, t in unique.items()}
-            manifest = build_manifest(entries, aliases, info, metadata)
-            write_checkpoint(path, list(entries.items()), manifest, max_shard_size=max_shard_size, fmt=format)
-    finally:
-        barrier()
+
+    def write(entries: dict[str, TensorSource], aliases: dict[str, str], info: dict[str, Any]) -> None:
+        manifest = build_manifest(entries, aliases, info, metadata)
+        write_checkpoint(path, list(entries.items()), manifest, max_shard_size=max_shard_size, fmt=format)
+
+    write_collectively(model_or_state_dict, write, path)
     return path
+
+
+def write_collectively(obj: nn.Module | Mapping[str, torch.Tensor], write, path: Path) -> None:
+    """Run ``write(entries, aliases, info)`` on the writer (global rank 0) with ``obj``'s canonical tensors;
+    every rank must call this. A sharded model (FSDP2, DTensors) is gathered tensor by tensor while the
+    writer writes, every rank taking part in each gather; then all ranks learn the writer's outcome and
+    raise if it failed (``_sharded.agree``), so no rank reports a checkpoint that was not written.
+    """
+    from . import _sharded
+
+    error: BaseException | None = None
+    sd = None
+    info: dict[str, Any] = {}
+    from torch import nn
+
+    if isinstance(obj, nn.Module):
+        from ._unwrap import describe_wrapping, unwrap
+
+        bare = unwrap(obj)
+        buffers = _sharded.buffer_agreement(bare)  # collective: before anything can fail on one rank only
+        if buffers is not None:
+            info["buffers"] = buffers
+        if _sharded.is_sharded_state(dict(bare.named_parameters())):
+            sd = bare.state_dict(keep_vars=True)
+            info.update(wrappers=describe_wrapping(obj), device_type=_first_device_type(bare))
+    elif isinstance(obj, Mapping) and _sharded.is_sharded_state(obj):
+        sd = dict(obj)
+        info.update(wrappers=[], device_type=_first_device_type(None, sd), sharded_state_dict=True)
+    if sd is not None:
+        entries, aliases, plan = _sharded.sharded_plan(sd)
+        if is_writer():
+            try:
+                write(entries, aliases, info)
+            except Exception as e:  # noqa: BLE001 -- told to every rank by agree()
+                error = e
+        plan.drain()
+    elif is_writer():
+        try:
+            sd_cpu, found = canonical_state(obj)
+            unique, aliases = dedupe(sd_cpu)
+            write({k: InMemory(t) for k, t in unique.items()}, aliases, {**found, **info})
+        except Exception as e:  # noqa: BLE001
+            error = e
+    _sharded.agree(error, path)
+
+
+def _first_device_type(module, sd=None) -> str:
+    tensors = iter(module.parameters()) if module is not None else iter(sd.values())
+    first = next(tensors, None)
+    return first.device.type if first is not None else "cpu"

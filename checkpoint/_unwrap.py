@@ -1,4 +1,5 @@
-"""Unwrap live models by structure: DataParallel, DistributedDataParallel, torch.compile, in any nesting."""
+"""Unwrap live models by structure: DataParallel, DistributedDataParallel, torch.compile, in any nesting.
+FSDP2 (``fully_shard``) keeps the module itself (class-swapped to an FSDPModule): unwrap returns it as is."""
 from __future__ import annotations
 
 import sys
@@ -27,6 +28,8 @@ def _peel(model: nn.Module) -> tuple[nn.Module, list[str]]:
             names.append("OptimizedModule")
             model = model._orig_mod
         else:
+            if _is_fsdp(model):  # FSDP2 swaps the module's class in place: nothing to unwrap, but say so
+                names.append("FSDP")
             return model, names
 
 
@@ -49,3 +52,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 def describe_wrapping(model: nn.Module) -> list[str]:
     """Names of the wrappers around ``model``, outermost first (e.g. ``["DistributedDataParallel", "OptimizedModule"]``)."""
     return _peel(model)[1]
+
+
+def _is_fsdp(model: nn.Module) -> bool:
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and hasattr(fsdp, "FSDPModule") and isinstance(model, fsdp.FSDPModule)

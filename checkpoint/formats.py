@@ -402,10 +402,7 @@ class _DCPMetadataUnpickler(pickle.Unpickler):
 
 def _read_dcp(directory: Path) -> Source:
     from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    # _load_state_dict fills the (empty) dict in place; the public load() only writes back keys it already
-    # had. torch's own format_utils.dcp_to_torch_save uses the same call.
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict as dcp_load
+    from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
     from torch.distributed.checkpoint.storage import StorageMeta
 
     class SafeReader(FileSystemReader):
@@ -421,29 +418,91 @@ def _read_dcp(directory: Path) -> Source:
             md.storage_meta.load_id = self.load_id
             return md
 
-    state: dict[str, Any] = {}
+    reader = SafeReader(directory)
     try:
-        dcp_load(state, storage_reader=SafeReader(directory), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+        md = reader.read_metadata()
     except CheckpointError:
         raise
-    except Exception as e:  # DCP wraps reader errors in its own exception types
-        cause = e
-        while cause.__cause__ is not None:
-            cause = cause.__cause__
-        if isinstance(cause, CheckpointError):
-            raise cause from None
-        raise CheckpointError(f"{directory}: could not read the DCP checkpoint ({first_line(e)}); "
-                              "a data file is missing or damaged") from None
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{directory}/.metadata: unreadable DCP metadata ({first_line(e)}); the checkpoint is damaged") from None
+    # Only .metadata is read here; each tensor is read on demand through DCP's reader (DCPTensor.read), one
+    # at a time, so inspect reads no data and load/convert hold one tensor beyond the model.
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    items = getattr(md, "state_dict_metadata", {}) or {}
+    tensor_keys = [k for k, v in items.items() if isinstance(v, TensorStorageMetadata)]
     notes = []
-    if isinstance(state.get("model"), dict):
-        inner = state["model"]
-        other = {k: _short(v) for k, v in state.items() if k != "model"}
+    nested = [k for k in tensor_keys if k.startswith("model.")]
+    if nested:
+        keys = {k: k[len("model."):] for k in nested}
+        other = {k: "tensor" if k in tensor_keys else "bytes" for k in items if not k.startswith("model.")}
         notes.append("weights taken from entry 'model'")
     else:
-        inner, other = state, {}
-    tensors = _tensor_dict(inner, "the DCP state", directory)
+        keys = {k: k for k in tensor_keys}
+        other = {k: "bytes" for k in items if k not in keys}
+    if not keys:
+        raise CheckpointError(f"{directory}: the DCP state holds no tensors (entries: {', '.join(sorted(items)[:8])}); "
+                              "is this a checkpoint of model weights?")
+
+    def load_one(fqn: str, out: "torch.Tensor") -> None:
+        try:
+            dcp_load({fqn: out}, storage_reader=SafeReader(directory), no_dist=True)
+        except CheckpointError:
+            raise
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # DCP wraps reader errors in CheckpointException, a BaseException
+            cause = e
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            if isinstance(cause, CheckpointError):
+                raise cause from None
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointError(f"{directory}: could not read {fqn!r} from the DCP checkpoint ({first}); "
+                                  "a data file is missing or damaged") from None
+
+    tensors = {name: DCPTensor(fqn, tuple(items[fqn].size), items[fqn].properties.dtype, load_one)
+               for fqn, name in keys.items()}
     files = sorted(directory.glob("*.distcp"))
-    return Source(directory, "dcp", _share(tensors), None, other, files, notes)
+    return Source(directory, "dcp", tensors, None, other, files, notes)
+
+
+class DCPTensor:
+    """One tensor of a DCP folder, read through DCP's own reader when asked (``TensorSource``)."""
+
+    __slots__ = ("fqn", "shape", "dtype", "_load")
+
+    def __init__(self, fqn: str, shape: tuple[int, ...], dtype: "torch.dtype", load):
+        self.fqn, self.shape, self.dtype, self._load = fqn, shape, dtype, load
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for s in self.shape:
+            n *= s
+        return n
+
+    def read(self, out: "torch.Tensor | None" = None) -> "torch.Tensor":
+        import torch
+
+        t = torch.empty(self.shape, dtype=self.dtype) if out is None or not out.is_contiguous() else out
+        self._load(self.fqn, t)
+        if out is not None and out is not t:
+            out.copy_(t)
+            return out
+        return t
+
+    def identity(self) -> object:
+        return id(self)
+
+    def write_to(self, f) -> None:
+        from ._safetensors_io import _byte_view
+
+        f.write(_byte_view(self.read()))
 
 
 # ------------------------------------------------------------------------------------------ dispatch
@@ -452,6 +511,13 @@ def _read_directory(path: Path, *, ema: bool, allow_pickle: bool) -> Source:
     manifest_path = path / MANIFEST
     if manifest_path.is_file():
         manifest = read_json(manifest_path)
+        if isinstance(manifest, dict) and manifest.get("format") == FORMAT_TAG and manifest.get("sharded"):
+            from ._sharded import read_sharded  # one file per rank (CheckpointManager(sharded=True))
+
+            tensors = read_sharded(path, manifest)
+            files = [path / n for n in manifest["sharded"]["files"]]
+            return Source(path, "anytopo-sharded-ranks", dict(tensors), manifest, {}, files,
+                          [f"assembled from {len(files)} rank files (world {manifest['sharded']['world_size']})"])
         if isinstance(manifest, dict) and manifest.get("format") == FORMAT_TAG:
             weights = manifest.get("weights")
             if not weights:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -18,12 +20,12 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ._safetensors_io import InMemory
+from ._safetensors_io import CODE_OF_NAME, InMemory, dtype_name
 from .errors import CheckpointError
 from .formats import FORMAT_TAG, MANIFEST, POINTER, read_json, read_pointer, sha256_file, verify_files
 from ._load import LoadReport, load
-from ._save import (_process_group, atomic_write_text, barrier, build_manifest, canonical_state, dedupe, is_writer,
-                    write_directory)
+from ._save import (_process_group, atomic_write_text, barrier, build_manifest, is_writer,
+                    write_collectively, write_directory)
 from ._states import STATE_PICKLE, read_states, state_files
 from ._unwrap import unwrap
 
@@ -68,23 +70,6 @@ def _verification_key(path: Path) -> tuple[str, int]:
         return str(path), -1
 
 
-def _agree_on_failure(failure: BaseException | None, path: Path) -> str | None:
-    """Tell every rank whether the writer's save failed (a collective; replaces the barrier after a save).
-
-    Returns, on the other ranks, the line to raise when the writer failed, so that every rank stops with
-    one line instead of the others training on into a collective with a dead writer. None on the writer
-    and when all went well.
-    """
-    dist = _process_group()
-    if dist is None or dist.get_world_size() <= 1:
-        return None
-    box = [None if failure is None else (str(failure).splitlines() or [type(failure).__name__])[0]]
-    dist.broadcast_object_list(box, src=0)
-    if box[0] is None or is_writer():
-        return None
-    return f"rank 0 could not save {path.name}: {box[0]}"
-
-
 def entry_name(step: int) -> str:
     return f"step-{step}"
 
@@ -97,6 +82,11 @@ class OptimizerState:
     Names are those of the bare model (``unwrap(model).named_parameters()``), so the state survives
     wrapping changes (DDP <-> DP <-> single <-> compiled) and parameter-group regrouping. Built on
     ``torch.distributed.checkpoint.state_dict.get/set_optimizer_state_dict``.
+
+    For a sharded model (FSDP2) the state is gathered to full tensors on rank 0 (the writer; other ranks
+    get an empty dict) and loaded from full tensors into each rank's shards, so it is the same name-keyed
+    state a single process or DDP saves and loads: runs move between FSDP, DDP and one process at any
+    world size with their AdamW moments intact.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
@@ -106,12 +96,24 @@ class OptimizerState:
     def state_dict(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        return get_optimizer_state_dict(unwrap(self.model), self.optimizer)
+        model = unwrap(self.model)
+        return get_optimizer_state_dict(model, self.optimizer, options=self._options(model, saving=True))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-        set_optimizer_state_dict(unwrap(self.model), self.optimizer, state)
+        model = unwrap(self.model)
+        set_optimizer_state_dict(model, self.optimizer, state, options=self._options(model, saving=False))
+
+    @staticmethod
+    def _options(model: nn.Module, *, saving: bool):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        from ._sharded import is_sharded_state
+
+        if not is_sharded_state(dict(model.named_parameters())):
+            return None
+        return StateDictOptions(full_state_dict=True, cpu_offload=saving)
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -152,10 +154,15 @@ class CheckpointManager:
         >>> restored = mgr.restore(mgr.latest(), {"model": model, "optimizer": OptimizerState(model, opt)})
     """
 
-    def __init__(self, directory: str | Path, *, keep_last: int | None = 3, every: int | None = None):
+    def __init__(self, directory: str | Path, *, keep_last: int | None = 3, every: int | None = None,
+                 sharded: bool = False):
+        """``sharded``: every rank writes its own shards (FSDP2 parameters) to its own file in parallel, plus one
+        manifest listing them with sha256; such entries load into any layout and world size like the others
+        (default False: one canonical file written by rank 0)."""
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.every = every
+        self.sharded = sharded
 
     def should_save(self, step: int, *, last: bool = False) -> bool:
         return should_save(step, self.every, last=last)
@@ -177,28 +184,107 @@ class CheckpointManager:
         states = {name: comp.state_dict() if hasattr(comp, "state_dict") and not isinstance(comp, dict) else comp
                   for name, comp in components.items() if name != MODEL_COMPONENT}
         path = self.directory / entry_name(step)
-        failure: BaseException | None = None
-        try:
-            if is_writer():
-                self._write_entry(path, step, components, states, metadata)
-        except OSError as e:
-            failure = CheckpointError(self._write_failure(path, e))
-        except BaseException as e:  # noqa: BLE001 -- re-raised below, after the other ranks have been told
-            failure = e
-        message = _agree_on_failure(failure, path)
-        if failure is not None:
-            raise failure from None
-        if message is not None:
-            raise CheckpointError(message)
+
+        def write(entries, aliases, info) -> None:  # on the writer only, while a sharded model is gathered
+            try:
+                self._write_entry(path, step, components, states, metadata, entries, aliases, info)
+            except OSError as e:
+                raise CheckpointError(self._write_failure(path, e)) from None
+
+        if self.sharded:
+            self._save_sharded(path, step, components, states, metadata)
+        else:
+            write_collectively(components[MODEL_COMPONENT], write, path)
         return path
 
+    def _save_sharded(self, path: Path, step: int, components: Mapping[str, Any], states: dict[str, Any],
+                      metadata: Mapping[str, Any] | None) -> None:
+        """Each rank writes its rank file into one temp directory; rank 0 then writes state and manifest
+        (sha256 of every file) and renames the directory into place. Every rank learns the outcome."""
+        from . import _sharded
+        from ._safetensors_io import write_file
+        from ._save import atomic_file, fsync_dir, is_writer
+        from ._unwrap import describe_wrapping
+        from .formats import sha256_file
+
+        dist = _sharded._dist()
+        world, rank = (dist.get_world_size(), dist.get_rank()) if dist is not None else (1, 0)
+        model = unwrap(components[MODEL_COMPONENT])
+        buffers = _sharded.buffer_agreement(model)
+        error: BaseException | None = None
+        tmp: str | None = None
+        if is_writer():
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                self._clean_temps()
+                tmp = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.directory)
+            except Exception as e:  # noqa: BLE001 -- told to every rank by agree()
+                error = e
+        tmp = _sharded.broadcast_from_writer(tmp)
+        sd = model.state_dict(keep_vars=True)
+        mine: dict[str, Any] = {}
+        if tmp is not None:
+            try:
+                entries, pieces = _sharded.rank_entries(sd, rank)
+                name = _sharded.SHARD_FILE.format(rank=rank, world=world)
+                with atomic_file(Path(tmp) / name) as f:
+                    write_file(f, entries, {"format": "pt", "anytopo_rank": f"{rank}/{world}"})
+                mine = {"name": name, "bytes": (Path(tmp) / name).stat().st_size,
+                        "sha256": sha256_file(Path(tmp) / name), "pieces": pieces}
+            except Exception as e:  # noqa: BLE001
+                mine = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+        reports = [mine]
+        if dist is not None and world > 1:
+            reports = [None] * world
+            dist.all_gather_object(reports, mine)
+        if is_writer() and error is None:
+            try:
+                failed = [(r, rep["error"]) for r, rep in enumerate(reports) if "error" in rep]
+                if failed:
+                    raise CheckpointError(f"rank {failed[0][0]} could not write its shard file ({failed[0][1]})")
+                table: dict[str, Any] = {}
+                for r, rep in enumerate(reports):
+                    for key, (offset, shape) in rep["pieces"].items():
+                        t = sd[key]
+                        entry = table.setdefault(key, {"shape": list(t.shape), "dtype": CODE_OF_NAME[dtype_name(t.dtype)],
+                                                       "pieces": []})
+                        entry["pieces"].append([r, offset, shape])
+                info = {"wrappers": describe_wrapping(components[MODEL_COMPONENT]),
+                        "device_type": next(iter(sd.values())).device.type if sd else "cpu"}
+                if buffers is not None:
+                    info["buffers"] = buffers
+                if any(_sharded.shard_layout(v) is not None for v in sd.values()):
+                    info["sharded_state_dict"] = True
+                manifest = build_manifest({k: InMemory(v.detach()) for k, v in sd.items()}, {}, info,
+                                          {**(metadata or {}), "step": step})
+                manifest["topology"]["world_size"] = world
+                manifest.update(kind="entry", components=sorted(components), layout="sharded",
+                                sharded={"world_size": world, "files": [rep["name"] for rep in reports],
+                                         "tensors": table})
+                files = {rep["name"]: {"bytes": rep["bytes"], "sha256": rep["sha256"]} for rep in reports}
+                for name, data in state_files(states).items():
+                    with atomic_file(Path(tmp) / name, sha256=True) as f:
+                        data(f)
+                    files[name] = {"bytes": (Path(tmp) / name).stat().st_size, "sha256": f.hexdigest()}
+                manifest["files"] = files
+                atomic_write_text(Path(tmp) / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+                fsync_dir(Path(tmp))
+                if path.exists():
+                    shutil.rmtree(path)  # an older entry of the same step (a re-run): replaced by the complete one
+                os.replace(tmp, path)
+                fsync_dir(self.directory)
+                atomic_write_text(self.directory / POINTER, entry_name(step) + "\n")
+                self._prune(protect=step)
+            except Exception as e:  # noqa: BLE001
+                error = e
+                shutil.rmtree(tmp, ignore_errors=True)
+        _sharded.agree(error, path)
+
     def _write_entry(self, path: Path, step: int, components: Mapping[str, Any], states: dict[str, Any],
-                     metadata: Mapping[str, Any] | None) -> None:
+                     metadata: Mapping[str, Any] | None, entries: dict[str, Any], aliases: dict[str, str],
+                     info: dict[str, Any]) -> None:
         """The writer's part of ``save``: the entry directory (model, then states), the pointer, pruning."""
         self._clean_temps()
-        sd, info = canonical_state(components[MODEL_COMPONENT])
-        unique, aliases = dedupe(sd)
-        entries = {k: InMemory(t) for k, t in unique.items()}
         manifest = build_manifest(entries, aliases, info, {**(metadata or {}), "step": step})
         manifest["kind"] = "entry"
         manifest["components"] = sorted(components)

@@ -24,7 +24,7 @@ from .log import get_logger
 from .preempt import PREEMPTED_EXIT_CODE, Preemption, parse_signal
 from .sampling import EvalSampler, TrainSampler, per_rank_batch
 from .seed import derive_seed, seed_everything
-from .wrap import sync_buffers, wrap_model
+from .wrap import is_fsdp, sync_buffers, unsharded, wrap_model
 
 __all__ = [
     "STRATEGIES",
@@ -40,6 +40,7 @@ __all__ = [
     "derive_seed",
     "distributed",
     "get_logger",
+    "is_fsdp",
     "parse_signal",
     "per_rank_batch",
     "restart_attempt",
@@ -47,5 +48,6 @@ __all__ = [
     "setup",
     "sync_buffers",
     "teardown",
+    "unsharded",
     "wrap_model",
 ]

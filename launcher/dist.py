@@ -11,6 +11,7 @@ strategy    world of 1                         world of N > 1 (torchrun, acceler
 single      no process group                   LaunchError: each process would train alone
 dp          no process group, device cuda:0     LaunchError: use ddp
 ddp         group of 1 on 127.0.0.1, free port  group of N from MASTER_ADDR/MASTER_PORT (env://)
+fsdp        as ddp                             as ddp (parameters sharded by ``fully_shard``)
 ==========  =================================  ==================================================
 """
 from __future__ import annotations
@@ -34,7 +35,8 @@ import torch.distributed as dist
 from .env import LaunchEnv, read_env
 from .errors import LaunchError
 
-STRATEGIES = ("single", "dp", "ddp")
+STRATEGIES = ("single", "dp", "ddp", "fsdp")
+GROUP_STRATEGIES = ("ddp", "fsdp")  # strategies that run one process per device in a process group
 
 _log = logging.getLogger("anytopo.launcher")
 
@@ -64,7 +66,7 @@ class DistInfo:
     launcher: str
     """``"none"``, ``"torchrun"``, ``"accelerate"`` or ``"slurm"``."""
     strategy: str
-    """``"single"``, ``"dp"`` or ``"ddp"``."""
+    """``"single"``, ``"dp"``, ``"ddp"`` or ``"fsdp"``."""
 
     @property
     def is_main(self) -> bool:
@@ -120,7 +122,7 @@ def setup(strategy: str = "single", *, backend: str | None = None, timeout_s: fl
             "before it): call launcher.setup() once, first, and teardown() before setting up again"
         )
     env = read_env()
-    if env.world_size > 1 and strategy != "ddp":
+    if env.world_size > 1 and strategy not in GROUP_STRATEGIES:
         raise LaunchError(
             f"{env.world_size} processes were launched with strategy {strategy!r}, so each would train alone "
             f"on all the data: use --strategy ddp (or start one process: python train.py --strategy {strategy})"
@@ -225,7 +227,7 @@ def plan_device(env: LaunchEnv, strategy: str, backend: str | None, *,
         device = torch.device("cuda", env.local_rank)
     else:
         device = torch.device("cpu")
-    if strategy != "ddp":
+    if strategy not in GROUP_STRATEGIES:
         return device, None
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     if backend == "nccl" and device.type != "cuda":

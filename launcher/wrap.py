@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
+from typing import Iterator
 
+import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -14,8 +17,15 @@ from .syncbn import convert_sync_batchnorm
 _log = logging.getLogger("anytopo.launcher")
 
 
+# Blocks that become one FSDP unit each (gathered together in forward): ResNet's residual blocks and the
+# U-Net's convolution blocks, by class name, so the launcher needs no import of models. A model without any
+# of them (an MLP) gets one unit per Linear/Conv layer.
+FSDP_BLOCKS = ("BasicBlock", "Bottleneck", "DoubleConv", "Down", "Up")
+
+
 def wrap_model(model: nn.Module, info: DistInfo, *, sync_bn: bool = False,
-               find_unused_parameters: bool = False, static_graph: bool = False) -> nn.Module:
+               find_unused_parameters: bool = False, static_graph: bool = False,
+               param_dtype: torch.dtype | None = None) -> nn.Module:
     """Move ``model`` to ``info.device`` and wrap it for ``info.strategy``.
 
     * ``single``: the model itself, on the device.
@@ -23,6 +33,9 @@ def wrap_model(model: nn.Module, info: DistInfo, *, sync_bn: bool = False,
       module directly), so the state-dict keys carry the ``module.`` prefix on every machine alike.
     * ``ddp``: ``DistributedDataParallel`` (``device_ids=[local_rank]`` on CUDA, ``None`` on CPU). Needs the
       process group of :func:`launcher.setup`; wrap inside the ``with distributed(...)`` block.
+    * ``fsdp``: FSDP2 ``fully_shard`` on every block (``FSDP_BLOCKS``; for an MLP every Linear/Conv layer),
+      then on the root. Parameters become DTensors sharded on dim 0 over all ranks; buffers stay replicated
+      (see :func:`sync_buffers`). The module keeps its class and state-dict keys (FSDP swaps in a subclass).
 
     Args:
         model: the bare module.
@@ -31,6 +44,8 @@ def wrap_model(model: nn.Module, info: DistInfo, *, sync_bn: bool = False,
             ``nn.SyncBatchNorm`` on CUDA, :class:`launcher.syncbn.SyncBatchNorm` on any other device (gloo).
             With one process it changes nothing (logged): each BatchNorm already sees the whole batch.
         find_unused_parameters, static_graph: passed to ``DistributedDataParallel``.
+        param_dtype: ``fsdp`` only: compute dtype of the gathered parameters (``--amp bf16|fp16``), as FSDP's
+            ``MixedPrecisionPolicy(param_dtype=..., reduce_dtype=float32)``; sharded weights stay float32.
 
     Returns:
         The module to train (the bare model for ``single``).
@@ -58,7 +73,77 @@ def wrap_model(model: nn.Module, info: DistInfo, *, sync_bn: bool = False,
         device_ids = [info.device.index] if info.device.type == "cuda" else None
         return DistributedDataParallel(model.to(info.device), device_ids=device_ids,
                                        find_unused_parameters=find_unused_parameters, static_graph=static_graph)
-    raise LaunchError(f"unknown strategy {info.strategy!r}: use one of single, dp, ddp")
+    if info.strategy == "fsdp":
+        if not (info.distributed and dist.is_available() and dist.is_initialized()):
+            raise LaunchError(
+                "strategy 'fsdp' needs the process group of launcher.setup('fsdp'): wrap the model inside "
+                "`with launcher.distributed('fsdp') as info:` (not after teardown)"
+            )
+        return _fully_shard(model.to(info.device), param_dtype)
+    raise LaunchError(f"unknown strategy {info.strategy!r}: use one of single, dp, ddp, fsdp")
+
+
+def _fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """The submodules to shard one by one, innermost first (fully_shard nests: inner units before outer)."""
+    blocks = [m for m in model.modules() if type(m).__name__ in FSDP_BLOCKS and m is not model]
+    if not blocks:
+        blocks = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+                  and m is not model]
+    return list(reversed(blocks))  # modules() is pre-order: reversed puts children before their parents
+
+
+def _fully_shard(model: nn.Module, param_dtype: torch.dtype | None) -> nn.Module:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kwargs = {}
+    if param_dtype is not None:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    units = _fsdp_units(model)
+    for unit in units:
+        fully_shard(unit, **kwargs)
+    fully_shard(model, **kwargs)
+    _log.info("fsdp: %d units + root (%s)", len(units), ", ".join(sorted({type(u).__name__ for u in units})))
+    return model
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    """Whether ``model`` was sharded by FSDP2's ``fully_shard`` (its class is swapped for an FSDPModule)."""
+    fsdp = _fsdp_module_type()
+    return fsdp is not None and isinstance(model, fsdp)
+
+
+def _fsdp_module_type():
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch build without distributed
+        return None
+    return FSDPModule
+
+
+@contextmanager
+def unsharded(model: nn.Module) -> Iterator[nn.Module]:
+    """Gather an FSDP2 model's parameters once and keep them gathered inside the block (no-op otherwise).
+
+    Under FSDP every forward all-gathers each unit, a collective: ranks that run different numbers of
+    forwards (exact evaluation over unpadded shards gives one rank a batch more) would hang. Gathered up
+    front, forwards need no communication. Every rank must enter and leave together.
+    """
+    fsdp = _fsdp_module_type()
+    units = [m for m in model.modules() if fsdp is not None and isinstance(m, fsdp)]
+    if not units:
+        yield model
+        return
+    saved = [[g.post_forward_mesh_info for g in m._get_fsdp_state()._fsdp_param_groups] for m in units]
+    for m in units:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m, infos in zip(units, saved):
+            m.reshard()
+            for g, mesh_info in zip(m._get_fsdp_state()._fsdp_param_groups, infos):
+                g.post_forward_mesh_info = mesh_info  # back to training's reshard-after-forward setting
 
 
 def _sync_batchnorm(model: nn.Module, info: DistInfo) -> nn.Module:
@@ -77,11 +162,12 @@ def sync_buffers(model: nn.Module, info: DistInfo) -> None:
     """Broadcast every buffer (e.g. BatchNorm running statistics) from rank 0 to all ranks, in place.
 
     DDP broadcasts buffers at the start of each training forward, so after the last training step every
-    rank still holds the statistics of its own last batch. Evaluating, or comparing with a checkpoint
-    (which rank 0 writes), needs the replicas identical again: call this before evaluation.
-    No-op without a process group of more than one rank.
+    rank still holds the statistics of its own last batch (FSDP keeps buffers replicated, never
+    synchronised). Evaluating, or comparing with a checkpoint (which rank 0 writes), needs the replicas
+    identical again: call this before evaluation and before saving. Works on bare, DDP and FSDP2 models
+    (FSDP shards parameters only; buffers stay plain tensors). No-op without a process group of more than one rank.
     """
     if not info.distributed or info.world_size == 1:
         return
     for buf in model.buffers():
-        dist.broadcast(buf.data, src=0)
+        dist.broadcast(buf.to_local() if hasattr(buf, "to_local") else buf.data, src=0)  # DTensor: its local copy

@@ -126,6 +126,7 @@ class TrainConfig:
     output_dir: Path = option(Path("runs/train"), "checkpoints, metrics, curves and summary go here")
     save_every: int | None = option(None, "save a checkpoint every N steps (and at the end)")
     keep_last: int = option(3, "checkpoints kept (0 keeps all)")
+    save_sharded: bool = option(False, "every rank writes its own shard file (fsdp), plus one manifest")
     resume: str | None = option(None, "a checkpoint entry, a run's checkpoints/ directory, any weights file, "
                                       "'auto' (latest) or 'best' (best by the task's metric)",
                                 metavar="PATH|auto|best")
@@ -602,7 +603,7 @@ class Trainer:
     def _build(self) -> None:
         cfg, info, log = self.cfg, self.info, self.log
         self.manager = checkpoint.CheckpointManager(self.out / "checkpoints", keep_last=cfg.keep_last,
-                                                    every=cfg.save_every)
+                                                    every=cfg.save_every, sharded=cfg.save_sharded)
         self.resume_path = resolve_resume(cfg, self.manager, log)
         manifest = checkpoint.read_manifest(self.resume_path) if self.resume_path else None
         holds_entries = launcher.broadcast_object(bool(self.manager.entries()) if info.is_main else None, info)
@@ -628,7 +629,7 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         if cfg.compile:
             model.compile()  # in place: same class and keys, so checkpoints stay canonical (see compile_model)
-        self.model = launcher.wrap_model(model, info, sync_bn=cfg.sync_bn)
+        self.model = launcher.wrap_model(model, info, sync_bn=cfg.sync_bn, param_dtype=AMP_DTYPES.get(cfg.amp))
         self.bare = checkpoint.unwrap(self.model)
         self.ema = build_ema(self.bare, cfg.ema) if cfg.ema else None
         launcher.seed_everything(cfg.seed, rank=info.rank)  # per-rank streams for dropout etc.
@@ -777,11 +778,13 @@ class Trainer:
         was_training = model.training
         model.eval()
         metric = self.task.make_metric()
-        for images, targets in self.test_loader:
-            b = self._to_device(images, targets)
-            with self._autocast():
-                logits, _ = self._forward(model, b.images)
-            metric.update(logits.float(), b.targets)
+        # fsdp: gather the live model once, so ranks may run unequal batch counts (the EMA copy is not sharded)
+        with launcher.unsharded(self.model) if model is self.bare else nullcontext():
+            for images, targets in self.test_loader:
+                b = self._to_device(images, targets)
+                with self._autocast():
+                    logits, _ = self._forward(model, b.images)
+                metric.update(logits.float(), b.targets)
         sums = metric.sums().to(self.info.device)
         model.train(was_training)
         return metric.compute(launcher.all_reduce_sum(sums, self.info).cpu())
@@ -796,6 +799,7 @@ class Trainer:
                     "topology": {"strategy": self.info.strategy, "world_size": self.info.world_size,
                                  "device_type": self.info.device.type, "launcher": self.info.launcher},
                     "data": self.cfg.data, "config": self.cfg.to_dict()}
+        launcher.sync_buffers(self.bare, self.info)  # rank 0's BN statistics: the copy the checkpoint holds
         path = self.manager.save(self.step, self.components, metadata=metadata)
         if self.ema is not None and self.info.is_main:
             write_ema_file(self.out / EMA_FILE, self.bare, self.ema, step=self.step, epoch=epoch)

@@ -142,8 +142,8 @@ def test_world_of_two_with_single_or_dp_is_refused(clean_env, strategy):
 
 
 def test_unknown_strategy_lists_valid_ones():
-    with pytest.raises(LaunchError, match="use one of single, dp, ddp"):
-        setup("fsdp")
+    with pytest.raises(LaunchError, match="use one of single, dp, ddp, fsdp"):
+        setup("zero3")
 
 
 def test_more_local_ranks_than_gpus_is_refused():

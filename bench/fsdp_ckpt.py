@@ -1,0 +1,175 @@
+"""FSDP2 checkpoint I/O on CPU (gloo), side by side in one run: time and per-rank peak RSS growth.
+
+    .venv/bin/python bench/fsdp_ckpt.py [--model mlp|resnet152] [--mlp-hidden 11000] [--rounds 1]
+
+Save from FSDP at world 2: ours canonical (checkpoint.save, one file), ours sharded (CheckpointManager
+sharded=True, one file per rank), torch's ``dcp.save`` of the sharded state dict, and
+``get_model_state_dict(full_state_dict=True, cpu_offload=True)`` + ``safetensors.save_file`` on rank 0.
+Load into FSDP at world 2 and 3: ours from the canonical file, ours from the sharded entry, ``dcp.load``.
+Peak RSS growth is sampled from /proc/self/statm every 2 ms during each operation, above the RSS before it
+(the rank's shards are already resident). The default MLP (hidden 11000, 784 -> 11000 -> 11000 -> 10) is
+~0.52 GB of float32 weights; --mlp-hidden 16000 gives ~1.07 GB.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+class Peak:
+    """Max RSS above the value at entry, sampled by a thread."""
+
+    def __enter__(self):
+        self.base = self.peak = rss()
+        self.stop = False
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+        self.t0 = time.perf_counter()
+        return self
+
+    def _run(self):
+        while not self.stop:
+            self.peak = max(self.peak, rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0
+        self.stop = True
+        self.t.join()
+        self.peak = max(self.peak, rss())
+        self.growth = self.peak - self.base
+
+
+def build(args):
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    if args.model == "mlp":
+        h = args.mlp_hidden
+        return nn.Sequential(nn.Flatten(), nn.Linear(784, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 10))
+    import models
+
+    return models.build_model("resnet152", num_classes=10, in_channels=3)
+
+
+def worker(args) -> None:
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         set_model_state_dict)
+
+    import checkpoint
+    import launcher
+
+    work = Path(args.dir)
+    with launcher.distributed("fsdp") as info:
+        model = launcher.wrap_model(build(args), info)
+        rank, world = info.rank, info.world_size
+        results = {}
+
+        def run(name, fn):
+            for r in range(args.rounds):
+                dist.barrier()
+                with Peak() as p:
+                    fn(r)
+                dist.barrier()
+                results.setdefault(name, []).append((p.seconds, p.growth))
+
+        if args.phase == "save":
+            def full_st(r):
+                import safetensors.torch
+
+                sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+                if rank == 0:
+                    safetensors.torch.save_file(sd, str(work / f"full-{r}.safetensors"))
+            run("ours canonical", lambda r: checkpoint.save(model, work / "canonical.safetensors"))
+            run("ours sharded", lambda r: checkpoint.CheckpointManager(work / "mgr", sharded=True, keep_last=1)
+                .save(r + 1, {"model": model}))
+            run("dcp.save", lambda r: dcp.save(get_model_state_dict(model), checkpoint_id=str(work / f"dcp-{r}")))
+            run("full sd + safetensors", full_st)
+        else:
+            sharded_entry = sorted((work / "mgr").glob("step-*"))[-1]
+            run("ours canonical", lambda r: checkpoint.load(work / "canonical.safetensors", model))
+            run("ours sharded", lambda r: checkpoint.load(sharded_entry, model))
+
+            def dcp_load(r):
+                sd = get_model_state_dict(model)
+                dcp.load(sd, checkpoint_id=str(work / "dcp-0"))
+                set_model_state_dict(model, sd)
+            run("dcp.load", dcp_load)
+        shard_bytes = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
+        rows = [None] * world
+        dist.all_gather_object(rows, {"rank": rank, "results": results, "shard_bytes": shard_bytes})
+        if rank == 0:
+            print("RESULT " + json.dumps(rows), flush=True)
+        dist.barrier()
+
+
+def launch(args, phase: str, world: int, work: Path) -> list[dict]:
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={world}",
+           __file__, "--worker", "--phase", phase, "--dir", str(work), "--model", args.model,
+           "--mlp-hidden", str(args.mlp_hidden), "--rounds", str(args.rounds)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3000)
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    if out.returncode or not line:
+        sys.exit(f"bench child failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(line[0][len("RESULT "):])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=["mlp", "resnet152"], default="mlp")
+    p.add_argument("--mlp-hidden", type=int, default=11000)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--dir", default=None)
+    p.add_argument("--worker", action="store_true")
+    p.add_argument("--phase", default="save")
+    args = p.parse_args()
+    if args.worker:
+        worker(args)
+        return 0
+    work = Path(tempfile.mkdtemp(prefix="fsdp-ckpt-", dir=args.dir))
+    try:
+        report = {"save x2": launch(args, "save", 2, work)}
+        ckpt = (work / "canonical.safetensors").stat().st_size
+        report["load x2"] = launch(args, "load", 2, work)
+        report["load x3"] = launch(args, "load", 3, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"model {args.model}, checkpoint {ckpt / 1e6:.0f} MB, rounds {args.rounds}; "
+          "time = median over rounds of the slowest rank; RSS = max over ranks of peak growth")
+    for phase, rows in report.items():
+        names = list(rows[0]["results"])
+        base = "dcp.save" if phase.startswith("save") else "dcp.load"
+        t_base = sorted(max(r["results"][base][i][0] for r in rows) for i in range(args.rounds))[args.rounds // 2]
+        for name in names:
+            ts = sorted(max(r["results"][name][i][0] for r in rows) for i in range(args.rounds))
+            t = ts[args.rounds // 2]
+            growth = max(g for r in rows for _, g in r["results"][name])
+            shard = max(r["shard_bytes"] for r in rows)
+            print(f"{phase:8s} {name:24s} {t:7.2f} s  {t / t_base:5.2f}x {base:8s}  peak RSS +{growth / 1e6:7.0f} MB "
+                  f"= {growth / ckpt:4.2f}x ckpt (shard {shard / 1e6:.0f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

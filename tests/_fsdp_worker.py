@@ -1,0 +1,95 @@
+"""Worker for the FSDP2 checkpoint tests (launched by torchrun with gloo on CPU).
+
+    save MODEL DIR   every rank trains one step of MODEL sharded with launcher.wrap_model(fsdp), then
+                     checkpoint.save(model, DIR/model.safetensors), a CheckpointManager entry (with AdamW state),
+                     and rank 0 writes torch's own get_model_state_dict(full_state_dict=True) to DIR/ref.pt;
+                     then saves to a path under a regular file with FSDP, DDP and the manager and records,
+                     per rank, whether each raised (DIR/fail.rankR.json).
+                     Also two CheckpointManager(sharded=True) entries (one file per rank) in DIR/sharded.
+    load MODEL DIR   builds MODEL with other weights, shards it, checkpoint.load(DIR/model.safetensors), and rank 0
+                     writes get_model_state_dict(full) of the result to DIR/loaded-wW.pt and the report text; then the same from the sharded entry DIR/sharded/step-2 (sharded-loaded-wW.pt).
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+import checkpoint
+import launcher
+import models
+
+BUILD = {  # uneven on purpose: hidden 10 and 5 classes at world 2 and 3
+    "mlp": (lambda: models.build_model("mlp", in_features=12, hidden=10, num_classes=5), (4, 12)),
+    "resnet18": (lambda: models.build_model("resnet18", num_classes=10, in_channels=1, small_input=True),
+                 (4, 1, 8, 8)),
+}
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def build(name: str, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return BUILD[name][0]()
+
+
+def try_save(fn) -> str | None:
+    try:
+        fn()
+    except checkpoint.CheckpointError as e:
+        return str(e).splitlines()[0]
+    return None
+
+
+def main() -> int:
+    mode, name, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    with launcher.distributed("fsdp") as info:
+        rank, world = info.rank, info.world_size
+        model = launcher.wrap_model(build(name, seed=0 if mode == "save" else 7), info)
+        if mode == "save":
+            opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+            g = torch.Generator().manual_seed(100 + rank)
+            x = torch.randn(*BUILD[name][1], generator=g)
+            y = torch.randint(0, 5, (x.shape[0],), generator=g)
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            checkpoint.save(model, out / "model.safetensors", metadata={"model": name, "step": 1})
+            ref = get_model_state_dict(model, options=FULL)
+            if rank == 0:
+                torch.save(ref, out / "ref.pt")
+            mgr = checkpoint.CheckpointManager(out / "mgr")
+            comps = {"model": model, "optimizer": checkpoint.OptimizerState(model, opt)}
+            mgr.save(1, comps)
+            sharded = checkpoint.CheckpointManager(out / "sharded", sharded=True, keep_last=0)
+            sharded.save(1, comps)
+            sharded.save(2, comps)
+            blocker = out / "a-file"
+            if rank == 0:
+                blocker.write_text("not a directory")
+            dist.barrier()
+            ddp = nn.parallel.DistributedDataParallel(build(name, seed=1))
+            failures = {
+                "fsdp": try_save(lambda: checkpoint.save(model, blocker / "x.safetensors")),
+                "ddp": try_save(lambda: checkpoint.save(ddp, blocker / "x.safetensors")),
+                "manager": try_save(lambda: checkpoint.CheckpointManager(blocker / "ckpts").save(2, comps)),
+            }
+            (out / f"fail.rank{rank}.json").write_text(json.dumps(failures))
+        else:
+            report = checkpoint.load(out / "model.safetensors", model)
+            got = get_model_state_dict(model, options=FULL)
+            if rank == 0:
+                torch.save(got, out / f"loaded-w{world}.pt")
+                (out / f"report-w{world}.txt").write_text(str(report))
+            fresh = launcher.wrap_model(build(name, seed=8), info)
+            report = checkpoint.load(out / "sharded" / "step-2", fresh)  # written by 2 ranks, read by 3
+            got = get_model_state_dict(fresh, options=FULL)
+            if rank == 0:
+                torch.save(got, out / f"sharded-loaded-w{world}.pt")
+        dist.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
