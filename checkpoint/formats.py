@@ -432,7 +432,12 @@ def _read_dcp(directory: Path) -> Source:
     items = getattr(md, "state_dict_metadata", {}) or {}
     tensor_keys = [k for k, v in items.items() if isinstance(v, TensorStorageMetadata)]
     notes = []
-    nested = [k for k in tensor_keys if k.startswith("model.")]
+    # A state saved as {"model": {...}, ...}: the weights are its 'model' entry (DCP's planner_data keeps the
+    # nesting: "model.a.w" -> ("model", "a.w")). Keys saved flat as "model.a.w" stay whole: the wrapper-prefix
+    # logic strips 'model.' where it is on every key and says so (--keep-prefix keeps it), as for other formats.
+    paths = getattr(md, "planner_data", None) or {}
+    nested = [k for k in tensor_keys if k.startswith("model.")
+              and (not isinstance(paths.get(k), (tuple, list)) or len(paths[k]) > 1 and paths[k][0] == "model")]
     if nested:
         keys = {k: k[len("model."):] for k in nested}
         other = {k: "tensor" if k in tensor_keys else "bytes" for k in items if not k.startswith("model.")}

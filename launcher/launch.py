@@ -240,12 +240,15 @@ def slurm_script(cfg: LaunchConfig, *, launcher_cmd: str) -> str:
 
     Rank 0 is the first host of the allocation (static rendezvous), the port comes from the job id (two jobs
     sharing a node do not collide), SLURM sends SIGUSR1 two minutes before the time limit and torchrun forwards
-    it to the workers, and ``--requeue`` puts a preempted job back in the queue, where ``--resume auto``
+    it to the workers (train.py gets ``--preempt-signal SIGUSR1``: it checkpoints and exits 143), and ``--requeue`` puts a preempted job back in the queue, where ``--resume auto``
     continues from the last checkpoint.
     """
     script_args = list(cfg.script_args)
-    if os.path.basename(cfg.script) == "train.py" and "--resume" not in script_args:
-        script_args += ["--resume", "auto"]  # a requeued job continues; a fresh one starts (nothing to resume)
+    if os.path.basename(cfg.script) == "train.py":
+        if "--resume" not in script_args:
+            script_args += ["--resume", "auto"]  # a requeued job continues; a fresh one starts (nothing to resume)
+        if "--preempt-signal" not in script_args:
+            script_args += ["--preempt-signal", "SIGUSR1"]  # the --signal below: checkpoint, then exit 143
     opts = [f"--nnodes {cfg.nnodes_max}", f"--nproc-per-node {cfg.nproc_per_node}", f"--rdzv {cfg.rdzv}",
             f"--engine {cfg.engine}", f"--join-timeout {cfg.join_s}", f"--max-restarts {cfg.max_restarts}",
             '--master "$MASTER_ADDR:$MASTER_PORT"', "--forward-signal SIGUSR1"]

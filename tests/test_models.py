@@ -115,7 +115,7 @@ def test_example_inputs_shapes():
 # ------------------------------------------------------------------------------------------ bad options
 @pytest.mark.parametrize("call, pattern", [
     (lambda: models.build_model("resnet9000"), r"valid names: .*mlp.*resnet18.*unet"),
-    (lambda: models.build_model("mlp", hiden=3), r"valid options: hidden, in_features, num_classes, style"),
+    (lambda: models.build_model("mlp", hiden=3), r"valid options: dropout, hidden, in_features, num_classes, style"),
     (lambda: models.get_config("resnet18", depth=18), r"valid options: .*extra_inputs.*head"),
     (lambda: models.example_inputs("unet", size=3), r"valid options: .*base_width"),
     (lambda: models.build_model("mlp", style="functional"), r"'sequential', 'ordereddict', 'modulelist', 'moduledict'"),

@@ -119,7 +119,7 @@ def test_slurm_prints_a_ready_sbatch_script(capsys):
     srun = next(ln for ln in lines if ln.startswith("srun "))
     assert "-m launcher --nnodes 4 --nproc-per-node 8 --rdzv static" in srun
     assert '--master "$MASTER_ADDR:$MASTER_PORT" --forward-signal SIGUSR1' in srun
-    assert script.rstrip().endswith(f"{TRAIN} --strategy ddp --resume auto")
+    assert script.rstrip().endswith(f"{TRAIN} --strategy ddp --resume auto --preempt-signal SIGUSR1")
     # bash accepts it
     assert subprocess.run(["bash", "-n"], input=script, text=True, timeout=10).returncode == 0
 
