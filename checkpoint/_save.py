@@ -380,8 +380,8 @@ def _plan_shards(entries: list[tuple[str, TensorSource]], max_bytes: int | None)
 def write_safetensors(path: Path, entries: list[tuple[str, TensorSource]], manifest: Mapping[str, Any],
                       digests: dict[str, str] | None = None) -> int:
     """Write one safetensors file atomically. With ``digests``, record its sha256 there, computed while
-    writing when every entry is a plain in-memory tensor (file-to-file copies bypass ``write``, and a
-    ``MappedInMemory`` gives its pages back right after writing: those files are hashed after)."""
+    writing when every entry is a plain in-memory tensor (file-to-file copies bypass ``write``: those files
+    are hashed after)."""
     inline = digests is not None and all(type(e) is InMemory for _, e in entries)
     with atomic_file(path, sha256=inline) as f:
         n = write_file(f, entries, _st_metadata(manifest))

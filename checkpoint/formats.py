@@ -40,7 +40,6 @@ FORMAT_TAG = "anytopo"
 # Types a real checkpoint pickles next to its tensors that cannot run code when rebuilt.
 SAFE_GLOBALS = [argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
                 pathlib.PureWindowsPath]
-_TORCH_SUFFIXES = (".pth", ".pt", ".pkl", ".bin", ".ckpt", ".tar")
 
 
 @dataclass

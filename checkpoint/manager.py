@@ -24,12 +24,11 @@ from ._safetensors_io import CODE_OF_NAME, InMemory, dtype_name
 from .errors import CheckpointError
 from .formats import FORMAT_TAG, MANIFEST, POINTER, read_json, read_pointer, sha256_file, verify_files
 from ._load import LoadReport, load
-from ._save import (_process_group, atomic_write_text, barrier, build_manifest, is_writer,
+from ._save import (_process_group, atomic_write_text, build_manifest, is_writer,
                     write_collectively, write_directory)
 from ._states import STATE_PICKLE, read_states, state_files
 from ._unwrap import unwrap
 
-STATE_FILE = STATE_PICKLE  # entries written before state.json/state.safetensors
 BEST_POINTER = "best"  # JSON record next to ``latest``: the entry with the best metric
 MODEL_COMPONENT = "model"
 
@@ -219,7 +218,7 @@ class CheckpointManager:
                 self._clean_temps()
                 tmp = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.directory)
             except Exception as e:  # noqa: BLE001 -- told to every rank by agree()
-                error = e
+                error = CheckpointError(self._write_failure(path, e)) if isinstance(e, OSError) else e
         tmp = _sharded.broadcast_from_writer(tmp)
         sd = model.state_dict(keep_vars=True)
         mine: dict[str, Any] = {}
@@ -276,7 +275,7 @@ class CheckpointManager:
                 atomic_write_text(self.directory / POINTER, entry_name(step) + "\n")
                 self._prune(protect=step)
             except Exception as e:  # noqa: BLE001
-                error = e
+                error = CheckpointError(self._write_failure(path, e)) if isinstance(e, OSError) else e
                 shutil.rmtree(tmp, ignore_errors=True)
         _sharded.agree(error, path)
 
@@ -336,8 +335,8 @@ class CheckpointManager:
         """Point ``best`` at entry ``step-{step}`` (which must exist) when ``value`` beats the recorded best
         (``mode`` "max" or "min"), or when the recorded best entry is gone. Returns whether it moved.
 
-        Every rank must call this; rank 0 writes, all wait at a barrier. Entries ``best`` points to are
-        never pruned.
+        Every rank must call this; rank 0 writes, and every rank learns whether it could (a failure raises on
+        all). Entries ``best`` points to are never pruned.
         """
         if mode not in ("max", "min"):
             raise CheckpointError(f"mode {mode!r}: use 'max' or 'min'")
@@ -345,15 +344,19 @@ class CheckpointManager:
         better = (current is None or current.get("metric") != metric
                   or not (self.directory / str(current.get("entry"))).is_dir()
                   or is_better(value, current["value"], mode))
-        try:
-            if better and is_writer():
+        from . import _sharded
+
+        error: BaseException | None = None
+        if better and is_writer():
+            try:
                 if not (self.directory / entry_name(step) / MANIFEST).is_file():
                     raise CheckpointError(f"update_best: no entry {entry_name(step)} in {self.directory}; save it first")
                 record = {"entry": entry_name(step), "step": step, "metric": metric, "value": value, "mode": mode}
                 atomic_write_text(self.directory / BEST_POINTER, json.dumps(record) + "\n")
                 self._prune(protect=step)  # the former best, if kept only for being best, goes now
-        finally:
-            barrier()
+            except Exception as e:  # noqa: BLE001 -- told to every rank by agree(), so none waits on a dead writer
+                error = e
+        _sharded.agree(error, self.directory / BEST_POINTER)
         return better
 
     def best(self) -> Path | None:
@@ -464,10 +467,17 @@ class CheckpointManager:
         claim: dict[str, Any] = {"error": None, "path": None, "in_directory": False, "directory": str(self.directory),
                                  "step": None, "manifest_sha256": None, "size": None}
         try:
-            if path is not None and not Path(path).exists():
+            if path is not None and path != "best" and not Path(path).exists():
                 raise CheckpointError(f"{path}: no such file or directory; point at a checkpoint entry, a run's "
                                       "checkpoints/ directory or a weights file")
-            found = self.latest() if path is None else self.resolve(path)
+            if path == "best":  # resolved here, on rank 0 alone, like "latest": the others check the claim
+                found = self.best()
+                if found is None:
+                    why = "has no best entry yet" if self.best_record() is None else \
+                        "has a best pointer whose entry does not verify"
+                    raise CheckpointError(f"{self.directory} {why}; use --resume auto or a checkpoint path")
+            else:
+                found = self.latest() if path is None else self.resolve(path)
             if found is None and not missing_ok:
                 raise CheckpointError(f"no checkpoint in {self.directory}; start without --resume or point at one")
         except CheckpointError as e:

@@ -160,10 +160,19 @@ def teardown() -> None:
 def distributed(strategy: str = "single", **kw) -> Iterator[DistInfo]:
     """``with distributed("ddp") as info:`` — :func:`setup` on entry, :func:`teardown` on any exit.
 
-    Keyword arguments go to :func:`setup`.
+    Keyword arguments go to :func:`setup`. On a normal exit every rank meets at a barrier first: gloo aborts a
+    rank that is still receiving when its peer destroys the group ("terminate called without an active
+    exception"). After an exception there is no barrier, so a rank whose peer crashed does not wait on it.
     """
     try:
-        yield setup(strategy, **kw)
+        info = setup(strategy, **kw)
+        yield info
+    except BaseException:
+        teardown()
+        raise
+    try:
+        if _Owned.group and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
     finally:
         teardown()
 
@@ -370,8 +379,14 @@ def _attempt_store(env: LaunchEnv, timeout: timedelta) -> dist.Store:
     # it connects to the agent's store as a client instead of starting a second server on that port.
     store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
     store.set_timeout(timeout)
-    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    return dist.PrefixStore(f"anytopo/attempt-{restart_attempt() if shared else 0}/", store)
+    return dist.PrefixStore(f"anytopo/attempt-{_attempt_id()}/", store)
+
+
+def _attempt_id() -> int:
+    """The attempt number that keys of this launch use in the rendezvous store: torchrun's restart count when
+    the store is the agent's, shared by every attempt; 0 when each attempt gets a fresh store (then nodes whose
+    agents count restarts differently still agree)."""
+    return restart_attempt() if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else 0
 
 
 class _PeerWatch:
@@ -386,8 +401,7 @@ class _PeerWatch:
     POLL_S = 1.0
 
     def __init__(self, env: LaunchEnv):
-        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        self.key = f"anytopo/init_failed/{restart}"  # per restart: a failed attempt cannot stop the next
+        self.key = f"anytopo/init_failed/{_attempt_id()}"  # per attempt: a failed attempt cannot stop the next
         self.env = env
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="anytopo-peer-watch", daemon=True)

@@ -164,6 +164,9 @@ class TrainConfig:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
         if self.ema is not None and not 0.0 < self.ema < 1.0:
             raise ConfigError(f"--ema {self.ema} is outside (0, 1): use a decay such as 0.999")
+        if self.ema is not None and self.strategy == "fsdp":
+            raise ConfigError("--ema with --strategy fsdp is not supported yet (the EMA copy would be sharded): "
+                              "use --strategy ddp, or drop --ema")
         if self.preempt_signal is not None:
             try:
                 launcher.parse_signal(self.preempt_signal)
@@ -469,9 +472,7 @@ def resolve_resume(cfg: TrainConfig, manager: checkpoint.CheckpointManager, log)
             if found is None:
                 log.info("--resume auto: no checkpoint in %s yet, starting fresh", manager.directory)
             return found
-        if cfg.resume == "best":
-            return manager.resolve_agreed(resolve_best(manager))
-        return manager.resolve_agreed(cfg.resume)
+        return manager.resolve_agreed(cfg.resume)  # a path, or "best" (rank 0 reads the pointer)
     except checkpoint.CheckpointError as e:
         raise ConfigError(f"--resume {cfg.resume or 'auto'}: {e}" if "shared by all nodes" not in str(e) else str(e)) from None
 
@@ -801,8 +802,17 @@ class Trainer:
                     "data": self.cfg.data, "config": self.cfg.to_dict()}
         launcher.sync_buffers(self.bare, self.info)  # rank 0's BN statistics: the copy the checkpoint holds
         path = self.manager.save(self.step, self.components, metadata=metadata)
-        if self.ema is not None and self.info.is_main:
-            write_ema_file(self.out / EMA_FILE, self.bare, self.ema, step=self.step, epoch=epoch)
+        if self.ema is not None:
+            failed = None
+            if self.info.is_main:
+                try:
+                    write_ema_file(self.out / EMA_FILE, self.bare, self.ema, step=self.step, epoch=epoch)
+                except OSError as e:
+                    failed = (f"could not write {self.out / EMA_FILE}: {e.strerror or e}; {path} was saved and holds "
+                              "the EMA too; free disk space or choose another --output-dir")
+            failed = launcher.broadcast_object(failed, self.info)  # every rank stops alike, none waits on rank 0
+            if failed:
+                raise checkpoint.CheckpointError(failed)
         return path
 
     def _is_new_best(self, metrics: dict[str, float]) -> bool:
@@ -917,21 +927,14 @@ def write_ema_file(path: Path, bare: nn.Module, ema: torch.optim.swa_utils.Avera
                    epoch: int) -> Path:
     """``{"model": weights, "model_ema": EMA weights + n_averaged, "step", "epoch"}`` (the layout of
     torchvision's reference scripts), written to a temp name and renamed."""
-    model_sd = {k: v.detach().cpu().clone() for k, v in checkpoint.unwrap(bare).state_dict().items()}
+    model_sd = {k: v.detach().cpu().clone() for k, v in bare.state_dict().items()}
     ema_sd = {k: v.detach().cpu().clone() for k, v in ema.module.state_dict().items()}
     ema_sd["n_averaged"] = ema.n_averaged.detach().cpu().clone()
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"model": model_sd, "model_ema": ema_sd, "step": step, "epoch": epoch}, tmp)
-    os.replace(tmp, path)
+    from checkpoint._save import atomic_file  # temp name, fsync, rename: never a torn ema.pth
+
+    with atomic_file(path) as f:
+        torch.save({"model": model_sd, "model_ema": ema_sd, "step": step, "epoch": epoch}, f)
     return path
-
-
-def resolve_best(manager: checkpoint.CheckpointManager) -> Path:
-    found = manager.best()
-    if found is None:
-        why = "has no best entry yet" if manager.best_record() is None else "has a best pointer whose entry does not verify"
-        raise ConfigError(f"--resume best: {manager.directory} {why}; use --resume auto or a checkpoint path")
-    return found
 
 
 def _progress(total: int, initial: int, *, enabled: bool):
