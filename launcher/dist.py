@@ -416,12 +416,13 @@ class _PeerWatch:
             return None
 
     def _watch(self) -> None:
-        store, lost = None, 0
+        store, lost, reached = None, 0, False
         while not self._stop.wait(self.POLL_S):
             try:
                 store = store or self._client()
                 if store is None:
                     raise ConnectionError
+                reached = True  # a store that was never reached is not yet up (its host starts later), not gone
                 if store.check([self.key]):
                     why = store.get(self.key).decode(errors="replace")
                     self._exit(f"another rank failed to join the process group, so this one stops instead of "
@@ -431,7 +432,7 @@ class _PeerWatch:
                 lost += 1
             except Exception:
                 store, lost = None, lost + 1
-            if lost >= 3 and store is None and not self._stop.is_set():
+            if reached and lost >= 3 and store is None and not self._stop.is_set():
                 self._exit(f"the rendezvous store at {self.env.master_addr}:{self.env.master_port} went away while "
                            "this rank waited for its peers (the master node's launcher exited: see its log for why)")
 

@@ -310,3 +310,21 @@ def test_peer_of_a_rank_that_fails_in_gloo_connect_does_not_hang(hosts, tmp_path
     assert "another rank failed to join the process group, so this one stops" in joined
     assert all(errors), joined
     assert elapsed < timeout / 2, f"{elapsed:.0f}s"  # well before the timeout, let alone 5x it
+
+
+@pytest.mark.timeout(60)
+def test_peer_watch_waits_for_a_store_that_is_not_up_yet():
+    """A rank that starts before the host of the rendezvous store (plain srun, hand-set env) keeps waiting:
+    only a store it once reached and then lost ends it ("went away")."""
+    code = f"""
+import time, types
+from launcher.dist import _PeerWatch
+env = types.SimpleNamespace(master_addr="127.0.0.1", master_port={free_port()}, rank=1, world_size=2)
+watch = _PeerWatch(env)
+time.sleep(12)  # several polls with nothing listening
+watch.stop()
+print("alive")
+"""
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=child_env(), capture_output=True, text=True,
+                       timeout=50)
+    assert p.returncode == 0 and p.stdout.strip() == "alive", (p.returncode, p.stderr[-2000:])
