@@ -767,8 +767,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """The model's metrics, and with --ema the EMA's as ``ema_<metric>``."""
         metrics = self._evaluate(self.bare)
-        if self.ema is not None:
-            launcher.sync_buffers(self.ema, self.info)  # rank 0's EMA: the one checkpoints hold
+        if self.ema is not None:  # _evaluate syncs its buffers from rank 0: the EMA copy checkpoints hold
             metrics.update({f"ema_{k}": v for k, v in self._evaluate(self.ema.module).items()})
         return metrics
 
