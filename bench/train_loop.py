@@ -412,4 +412,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import launcher
+    launcher.run_main(main)

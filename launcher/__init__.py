@@ -16,9 +16,12 @@ One entry point per concern; ``launcher`` knows nothing of checkpoints or models
             print(f"error: {e}", file=sys.stderr)
             return e.exit_code                                 # 2
         return 0
+
+    if __name__ == "__main__":
+        launcher.run_main(main)   # exits without finalization after gloo: see launcher.exit_process
 """
 from .dist import (STRATEGIES, DistInfo, all_gather_object, all_reduce_sum, broadcast_object, distributed,
-                   restart_attempt, setup, teardown)
+                   exit_process, restart_attempt, run_main, setup, teardown)
 from .errors import LaunchError
 from .log import get_logger
 from .preempt import PREEMPTED_EXIT_CODE, Preemption, parse_signal
@@ -39,11 +42,13 @@ __all__ = [
     "broadcast_object",
     "derive_seed",
     "distributed",
+    "exit_process",
     "get_logger",
     "is_fsdp",
     "parse_signal",
     "per_rank_batch",
     "restart_attempt",
+    "run_main",
     "seed_everything",
     "setup",
     "sync_buffers",

@@ -23,11 +23,11 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -84,6 +84,7 @@ class _Owned:
 
     group = False
     store: dist.TCPStore | None = None
+    gloo_used = False  # a gloo group existed in this process: exit_process() skips interpreter finalization
 
 
 def setup(strategy: str = "single", *, backend: str | None = None, timeout_s: float | None = None) -> DistInfo:
@@ -160,9 +161,9 @@ def teardown() -> None:
 def distributed(strategy: str = "single", **kw) -> Iterator[DistInfo]:
     """``with distributed("ddp") as info:`` — :func:`setup` on entry, :func:`teardown` on any exit.
 
-    Keyword arguments go to :func:`setup`. On a normal exit every rank meets at a barrier first: gloo aborts a
-    rank that is still receiving when its peer destroys the group ("terminate called without an active
-    exception"). After an exception there is no barrier, so a rank whose peer crashed does not wait on it.
+    Keyword arguments go to :func:`setup`. On a normal exit every rank meets at a barrier first, so no rank
+    tears down while a peer still sends to it. After an exception there is no barrier, so a rank whose peer
+    crashed does not wait on it. End the process with :func:`exit_process` (scripts: :func:`run_main`).
     """
     try:
         info = setup(strategy, **kw)
@@ -175,6 +176,56 @@ def distributed(strategy: str = "single", **kw) -> Iterator[DistInfo]:
             dist.barrier()
     finally:
         teardown()
+
+
+def exit_process(code: int | None = 0, *, skip_finalization: bool | None = None) -> NoReturn:
+    """End this process with ``code``, like ``sys.exit``; after gloo, without interpreter finalization.
+
+    gloo's worker threads outlive ``destroy_process_group`` and release each finished collective on their own
+    thread. When that collective held tensors whose Python objects were freed meanwhile (DDP's buffer
+    broadcast, a temporary flag tensor), releasing them needs the GIL; a thread that asks for the GIL while the
+    interpreter finalizes is ended by Python, and ending a C++ thread that way std::terminate()s the whole
+    process: SIGABRT, "terminate called without an active exception", exit -6, after every byte of work
+    succeeded. A core dump shows exactly that stack (ProcessGroupGloo::runLoop -> ~AsyncBarrierWork ->
+    ~AsyncBroadcastWork -> ~TensorImpl -> gil_scoped_acquire -> PyThread_exit_thread). It struck about 1 run in
+    10 of a two-rank DDP test worker on 2 loaded cores; no barrier or sleep closes the race, because nothing
+    in Python can wait for gloo's threads. So once a gloo group has existed (``skip_finalization=None``), stdio
+    and logging are flushed and the process ends with ``os._exit(code)``. Call it after every file the process
+    wrote is closed (``distributed()`` and the training loop close theirs); ``atexit`` handlers do not run.
+    """
+    if isinstance(code, bool) or not isinstance(code, int):
+        code = 0 if code is None else 1
+    if skip_finalization is None:
+        skip_finalization = _Owned.gloo_used
+    if not skip_finalization:
+        sys.exit(code)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing left to flush into
+            pass
+    os._exit(code)
+
+
+def run_main(main: Callable[[], int | None], *, skip_finalization: bool | None = None) -> NoReturn:
+    """Run a script's ``main`` and end the process with its exit code through :func:`exit_process`.
+
+    An uncaught exception prints its traceback as the interpreter would and exits 1; ``SystemExit`` keeps its
+    code; Ctrl-C exits 130. Scripts end with ``if __name__ == "__main__": launcher.run_main(main)``.
+    """
+    try:
+        code = main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) or e.code is None else 1
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    exit_process(code, skip_finalization=skip_finalization)
 
 
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
@@ -337,6 +388,7 @@ def _init_group(env: LaunchEnv, backend: str, device: torch.device, timeout_s: f
             where = f"127.0.0.1:{store.port}"
             dist.init_process_group(store=store, **kw)
             _Owned.store = store
+        _Owned.gloo_used = _Owned.gloo_used or "gloo" in backend
     except Exception as e:
         if dist.is_initialized():
             dist.destroy_process_group()

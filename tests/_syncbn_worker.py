@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, os.getcwd())
+import launcher  # noqa: E402
 from launcher.syncbn import convert_sync_batchnorm  # noqa: E402
 
 
@@ -68,4 +69,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    launcher.run_main(main, skip_finalization=True)  # raw dist.init_process_group("gloo") above
