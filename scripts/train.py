@@ -448,13 +448,14 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 #
 # Restarts, preemption, the output-directory lock and per-step randomness. See docs/reliability.md.
 
-def resolve_resume(cfg: TrainConfig, manager: checkpoint.CheckpointManager, log) -> Path | None:
+def resolve_resume(cfg: TrainConfig, manager: checkpoint.CheckpointManager, log, restart: int) -> Path | None:
     """The checkpoint to resume, the same on every rank (rank 0 resolves, the others check they see it).
 
-    A torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) resumes the output directory's latest valid entry
-    without any flag, since torchrun relaunches the same argv; a first launch resumes only with --resume.
+    A torchrun restart (``restart`` > 0: ``DistInfo.restart``, agreed by every rank, as nodes' agents count
+    restarts differently) resumes the output directory's latest valid entry without any flag, since torchrun
+    relaunches the same argv; a first launch resumes only with --resume.
     """
-    attempt = launcher.restart_attempt()
+    attempt = restart
     try:
         if attempt > 0 and not cfg.eval_only:
             # this run's own newest entry; before its first save, what the first launch started from
@@ -605,7 +606,7 @@ class Trainer:
         cfg, info, log = self.cfg, self.info, self.log
         self.manager = checkpoint.CheckpointManager(self.out / "checkpoints", keep_last=cfg.keep_last,
                                                     every=cfg.save_every, sharded=cfg.save_sharded)
-        self.resume_path = resolve_resume(cfg, self.manager, log)
+        self.resume_path = resolve_resume(cfg, self.manager, log, info.restart)
         manifest = checkpoint.read_manifest(self.resume_path) if self.resume_path else None
         holds_entries = launcher.broadcast_object(bool(self.manager.entries()) if info.is_main else None, info)
         if self.resume_path is None and not cfg.eval_only and holds_entries:
