@@ -182,3 +182,38 @@ def test_ema_and_other_mappings_use_the_fast_files_and_round_trip(tmp_path, monk
     fresh = AveragedModel(_trained()[0], use_buffers=True)
     fresh.load_state_dict(got["ema"])
     _same(fresh.state_dict(), ema_sd)
+
+
+def test_optimizer_state_loads_by_index_when_groups_match_and_through_dcp_otherwise(monkeypatch):
+    """The restore fast path (no DCP name resolution) gives exactly DCP's result; regrouped params fall back."""
+    import torch.distributed.checkpoint.state_dict as dcp_sd
+
+    model, opt, _ = _trained()
+    saved = OptimizerState(model, opt).state_dict()
+    model_dcp, opt_dcp, _ = _trained()
+    for g in opt_dcp.param_groups:
+        g["lr"] = 7.0
+    dcp_sd.set_optimizer_state_dict(model_dcp, opt_dcp, saved)
+
+    def no_dcp(*a, **k):
+        raise AssertionError("matching groups must not need DCP's set_optimizer_state_dict")
+
+    model2, opt2, _ = _trained()
+    for g in opt2.param_groups:
+        g["lr"] = 7.0
+    monkeypatch.setattr(dcp_sd, "set_optimizer_state_dict", no_dcp)
+    OptimizerState(model2, opt2).load_state_dict(saved)
+    monkeypatch.undo()
+    _same(opt2.state_dict(), opt_dcp.state_dict())
+    _same(opt2.state_dict(), opt.state_dict())
+    # one group instead of two: names no longer match group by group, DCP regroups by name
+    model3, _, _ = _trained()
+    opt3 = torch.optim.AdamW(model3.parameters(), lr=1.0)
+    calls = []
+    real = dcp_sd.set_optimizer_state_dict
+    monkeypatch.setattr(dcp_sd, "set_optimizer_state_dict", lambda *a, **k: calls.append(1) or real(*a, **k))
+    OptimizerState(model3, opt3).load_state_dict(saved)
+    assert calls == [1]
+    live = dict(model.named_parameters())
+    for n, p in model3.named_parameters():
+        assert torch.equal(opt3.state[p]["exp_avg"], opt.state[live[n]]["exp_avg"]), n
