@@ -407,7 +407,7 @@ def _agree_attempt(store: dist.Store, env: LaunchEnv, timeout: timedelta) -> tup
     """One attempt number for every rank of this launch, never used by an earlier attempt on this store.
 
     Only a store shared by all attempts needs one (torchrun's agent store, ``TORCHELASTIC_USE_AGENT_STORE``
-    ``True``); any other store is fresh (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, srun, accelerate): 0.
+    ``True``); any other store is fresh (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, srun, a hand-set environment): 0.
 
     ``TORCHELASTIC_RESTART_COUNT`` cannot be it: each node's agent counts, and a node whose workers were
     healthy joins the next round without counting (``api.py:_invoke_run``, "membership changes do not count
