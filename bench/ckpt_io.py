@@ -369,9 +369,19 @@ def bench_entry(model: torch.nn.Module, work: Path, save_rounds: int, load_round
         manager_module._VERIFIED.clear()
         mgr.restore(mgr.latest(), comps)
 
+    def restore_through_dcp() -> None:
+        """The restore as it was before the optimizer's index fast path: DCP resolves every parameter's name."""
+        fast = checkpoint.OptimizerState._load_by_index
+        checkpoint.OptimizerState._load_by_index = lambda *a: False
+        try:
+            mgr.restore(entry, comps)
+        finally:
+            checkpoint.OptimizerState._load_by_index = fast
+
     candidates = {
         OURS_ENTRY_LOAD: lambda: mgr.restore(entry, comps),
         RAW_ENTRY_LOAD: lambda: read_files(buf),
+        "ref restore before (optimizer via DCP set_optimizer_state_dict)": restore_through_dcp,
         "raw readinto, same files (torch buffer)": lambda: read_files(tbuf),
         "anytopo latest() + restore, sha256 of every file": restore_verifying,
         "ref torch.load(state.pth) + load_state_dict (previous states file)":

@@ -2,6 +2,7 @@
 
     python bench/faults.py            # 10 restart trials, 10 SIGTERM trials (5 to a worker, 5 to torchrun)
     python bench/faults.py --quick    # 1 + 2 trials: what tests/test_faults.py runs
+    python bench/faults.py --restarts 0 --sigterms 0 --shrinks 5   # only the world-size change trials
 
 (b) restart: torchrun --standalone --nproc_per_node=2 --max-restarts=1, one worker SIGKILLed at a random
     point after the first checkpoint -> the run must finish (exit 0), log ``restart 1: resuming from step-K``,
@@ -9,6 +10,10 @@
 (c) SIGTERM to one worker, or to the torchrun agent (--max-restarts=0) -> every rank exits 143 with a
     checkpoint; ``--resume auto`` then finishes the run, and the per-step losses of the two launches equal
     the uninterrupted run's exactly.
+(b') shrink: two torchrun agents on this host (--nnodes=1:2, c10d rendezvous, one worker each), one agent and
+    its worker SIGKILLed after the first checkpoint -> the other agent forms a world of 1, resumes the
+    checkpoint at the same sample cursor and finishes; per-step losses and final weights within 1e-5
+    relative of an uninterrupted world-2 run (no dropout: its masks depend on the world size).
 Restart latency: SIGKILL -> first step logged by the restarted group, against a fresh launch's start ->
 first step, measured in the same trials (ratio printed; docs/reliability.md has the figures).
 
@@ -40,6 +45,11 @@ MODEL_ARGS = ["--model", "mlp", "--model-arg", "dropout=0.2", "--model-arg", "hi
               "--num-samples", "400", "--batch-size", "16", "--epochs", "4", "--save-every", "10",
               "--log-every", "1", "--strategy", "ddp", "--no-progress", "--no-tensorboard", "--seed", "3"]
 TOTAL_STEPS = 80
+# the world-size change: no dropout (each rank draws masks for its own slice, and the slices change)
+SHRINK_ARGS = [a for a in MODEL_ARGS if a not in ("dropout=0.2",)]
+del SHRINK_ARGS[SHRINK_ARGS.index("--model-arg")]
+# short rendezvous timeouts, so a lost node is noticed in ~2 s and a round closes 3 s after its last join
+RDZV_CONF = "join_timeout=60,last_call_timeout=3,close_timeout=10,keep_alive_interval=1,keep_alive_max_attempt=2"
 
 
 def _env() -> dict[str, str]:
@@ -50,12 +60,16 @@ def _env() -> dict[str, str]:
     return env
 
 
-def torchrun(out: Path, *, restarts: int, extra: list[str] = ()) -> subprocess.Popen:
-    """Start torchrun x2 on scripts/train.py (its own session, so a timeout can kill the whole tree)."""
-    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", f"--max-restarts={restarts}",
-           "--monitor-interval=0.1", TRAIN, *MODEL_ARGS, "--output-dir", str(out), *extra]
-    log = open(out.parent / f"{out.name}.log", "w")
-    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+def torchrun(out: Path, *, restarts: int, extra: list[str] = (), model_args: list[str] = MODEL_ARGS,
+             launch: list[str] = ("--standalone", "--nproc_per_node=2"), log_name: str | None = None,
+             env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start torchrun (x2 standalone by default) on scripts/train.py (its own session, so a timeout can kill
+    the whole tree)."""
+    cmd = [str(BIN / "torchrun"), *launch, f"--max-restarts={restarts}",
+           "--monitor-interval=0.1", TRAIN, *model_args, "--output-dir", str(out), *extra]
+    log = open(out.parent / f"{log_name or out.name}.log", "w")
+    return subprocess.Popen(cmd, cwd=REPO, env={**_env(), **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> int:
@@ -127,11 +141,11 @@ def max_rel_diff(a: dict, b: dict) -> float:
     return max(float((a[k].double() - b[k].double()).norm() / max(b[k].double().norm(), 1e-12)) for k in a)
 
 
-def reference(root: Path, timeout: float) -> dict:
+def reference(root: Path, timeout: float, model_args: list[str] = MODEL_ARGS, name: str = "reference") -> dict:
     """An uninterrupted run: its final weights, per-step losses and time from launch to its first step."""
-    out = root / "reference"
+    out = root / name
     t0 = time.monotonic()
-    proc = torchrun(out, restarts=0)
+    proc = torchrun(out, restarts=0, model_args=model_args)
     first = wait_for(lambda: rows_count(out) > 1, timeout)
     to_first_step = time.monotonic() - t0 if first else None
     rc = finish(proc, timeout)
@@ -174,6 +188,75 @@ def trial_restart(root: Path, i: int, ref: dict, rng: random.Random, timeout: fl
     return result
 
 
+def max_rel_loss_diff(a: dict[int, float], b: dict[int, float]) -> float:
+    assert a.keys() == b.keys(), (sorted(set(a) ^ set(b)))
+    return max(abs(a[k] - b[k]) / max(abs(b[k]), 1e-12) for k in a)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def trial_shrink(root: Path, i: int, ref: dict, rng: random.Random, timeout: float,
+                 env: dict[str, str] | None = None) -> dict:
+    """(b'): two agents (--nnodes=1:2), one killed with its worker after the first checkpoint: the survivor
+    re-forms a world of 1 and finishes from the checkpoint."""
+    out = root / f"shrink-{i}"
+    port = _free_port()
+
+    def agent(name: str, host: bool) -> subprocess.Popen:
+        launch = ["--nnodes=1:2", "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+                  f"--rdzv_id=shrink-{i}", f"--rdzv_conf={RDZV_CONF},is_host={str(host).lower()}"]
+        return torchrun(out, restarts=1, model_args=SHRINK_ARGS, launch=launch, log_name=f"{out.name}-{name}", env=env)
+
+    # the agent that stays hosts the rendezvous (is_host); the other starts first so both join one round
+    leaving = agent("leaving", host=False)
+    time.sleep(1.0)
+    staying = agent("staying", host=True)
+    result = {"trial": i, "ok": False}
+    if not wait_for(lambda: (out / "checkpoints" / "latest").is_file(), timeout):
+        for p in (leaving, staying):
+            finish(p, 1)
+        return {**result, "why": "no checkpoint appeared"}
+    time.sleep(rng.uniform(0, 0.05))
+    steps_before = max(logged_steps(out) or [0])
+    import psutil
+
+    tree = psutil.Process(leaving.pid).children(recursive=True)  # torchrun starts its workers in new sessions
+    for p in (psutil.Process(leaving.pid), *tree):  # the node is gone: its agent and its worker at once
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    killed = time.monotonic()
+    leaving.wait()
+    log = out.parent / f"{out.name}-staying.log"
+    latency = None
+    if wait_for(lambda: "restart 1:" in log.read_text(), timeout, 0.01):
+        rows = rows_count(out)
+        if wait_for(lambda: rows_count(out) > rows, timeout, 0.01):
+            latency = time.monotonic() - killed
+    rc = finish(staying, timeout)
+    text = log.read_text()
+    result.update(killed_after_step=steps_before, rc=rc, restart_latency_s=latency,
+                  resumed_message="restart 1: resuming from step-" in text)
+    if steps_before >= TOTAL_STEPS - 1:
+        return {**result, "why": "the run ended before the kill landed (not a trial)", "ok": None}
+    if rc != 0:
+        return {**result, "why": f"torchrun exit {rc}: " + " | ".join(text.strip().splitlines()[-3:])[-400:]}
+    summary = json.loads((out / "summary.json").read_text())
+    result.update(final_world_size=summary["world_size"],
+                  max_rel_diff=max_rel_diff(final_weights(out), ref["weights"]),
+                  max_rel_loss_diff=max_rel_loss_diff(logged_steps(out), ref["losses"]))
+    result["ok"] = bool(result["resumed_message"] and summary["world_size"] == 1 and result["max_rel_diff"] <= 1e-5
+                        and result["max_rel_loss_diff"] <= 1e-5)
+    return result
+
+
 def trial_sigterm(root: Path, i: int, target: str, ref: dict, rng: random.Random, timeout: float) -> dict:
     """(c): SIGTERM to one worker or to torchrun -> exit 143 with a checkpoint; --resume auto continues exactly."""
     out = root / f"sigterm-{target}-{i}"
@@ -209,15 +292,28 @@ def trial_sigterm(root: Path, i: int, target: str, ref: dict, rng: random.Random
     return result
 
 
-def run(restart_trials: int, sigterm_trials: int, *, root: Path, seed: int = 0, timeout: float = 240) -> dict:
+def run(restart_trials: int, sigterm_trials: int, *, root: Path, seed: int = 0, timeout: float = 240,
+        shrink_trials: int = 0) -> dict:
     rng = random.Random(seed)
-    ref = reference(root, timeout)
+    ref = reference(root, timeout) if restart_trials or sigterm_trials else {"to_first_step_s": None}
     restarts = [trial_restart(root, i, ref, rng, timeout) for i in range(restart_trials)]
     sigterms = [trial_sigterm(root, i, "worker" if i % 2 == 0 else "agent", ref, rng, timeout)
                 for i in range(sigterm_trials)]
+    shrinks = []
+    if shrink_trials:
+        ref_shrink = reference(root, timeout, SHRINK_ARGS, "reference-nodropout")
+        shrinks = [trial_shrink(root, i, ref_shrink, rng, timeout) for i in range(shrink_trials)]
+        shrink_lat = [r["restart_latency_s"] for r in shrinks if r.get("ok") and r.get("restart_latency_s")]
+        shrink_fresh = ref_shrink["to_first_step_s"]
     lat = [r["restart_latency_s"] for r in restarts if r.get("ok") and r.get("restart_latency_s")]
     fresh = ref["to_first_step_s"]
     return {
+        "shrink": {"ok": sum(r["ok"] is True for r in shrinks), "trials": sum(r["ok"] is not None for r in shrinks),
+                   "runs": shrinks,
+                   "latency": {"fresh_to_first_step_s": shrink_fresh,
+                               "restart_to_first_step_s": statistics.median(shrink_lat) if shrink_lat else None,
+                               "ratio": statistics.median(shrink_lat) / shrink_fresh if shrink_lat else None}
+                   if shrinks else None},
         "restart": {"ok": sum(r["ok"] is True for r in restarts), "trials": sum(r["ok"] is not None for r in restarts),
                     "runs": restarts},
         "sigterm": {"ok": sum(r["ok"] is True for r in sigterms), "trials": sum(r["ok"] is not None for r in sigterms),
@@ -232,26 +328,34 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="1 restart trial and 2 SIGTERM trials (worker, agent)")
     p.add_argument("--restarts", type=int, default=10)
     p.add_argument("--sigterms", type=int, default=10)
+    p.add_argument("--shrinks", type=int, default=5, help="world-size change trials (two agents, one killed)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
-    n_restart, n_term = (1, 2) if args.quick else (args.restarts, args.sigterms)
+    n_restart, n_term, n_shrink = (1, 2, 1) if args.quick else (args.restarts, args.sigterms, args.shrinks)
     sys.path.insert(0, str(REPO))
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     with tempfile.TemporaryDirectory(prefix="anytopo-faults-") as tmp:
-        res = run(n_restart, n_term, root=Path(tmp), seed=args.seed)
+        res = run(n_restart, n_term, root=Path(tmp), seed=args.seed, shrink_trials=n_shrink)
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
-    for r in res["restart"]["runs"] + res["sigterm"]["runs"]:
+    for r in res["restart"]["runs"] + res["sigterm"]["runs"] + res["shrink"]["runs"]:
         print(json.dumps(r))
     lat = res["latency"]
     print(f"(b) restarts: {res['restart']['ok']}/{res['restart']['trials']} finished with weights within 1e-5")
     print(f"(c) SIGTERM: {res['sigterm']['ok']}/{res['sigterm']['trials']} checkpointed, exited 143, resumed exactly")
+    if res["shrink"]["runs"]:
+        sl = res["shrink"]["latency"]
+        print(f"(b') world 2 -> 1: {res['shrink']['ok']}/{res['shrink']['trials']} finished on the smaller world "
+              "with losses and weights within 1e-5")
+        if sl["ratio"] is not None:
+            print(f"world-change latency: SIGKILL -> first step {sl['restart_to_first_step_s']:.2f} s (median), fresh "
+                  f"launch -> first step {sl['fresh_to_first_step_s']:.2f} s: ratio {sl['ratio']:.2f}")
     if lat["ratio"] is not None:
         print(f"restart latency: SIGKILL -> first step {lat['restart_to_first_step_s']:.2f} s (median), fresh launch -> "
               f"first step {lat['fresh_to_first_step_s']:.2f} s: ratio {lat['ratio']:.2f}")
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))
-    ok = res["restart"]["ok"] == res["restart"]["trials"] and res["sigterm"]["ok"] == res["sigterm"]["trials"]
+    ok = all(res[k]["ok"] == res[k]["trials"] for k in ("restart", "sigterm", "shrink"))
     return 0 if ok else 1
 
 

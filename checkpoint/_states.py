@@ -6,7 +6,11 @@ model: every tensor of the nested states into ``state.safetensors`` (straight fr
 started chunk by chunk), and the structure with its non-tensor leaves into ``state.json``, where each
 tensor is ``{"__tensor__": name}``. Reading gives back the same structure, bit for bit and type for type:
 ``None``/``bool``/``int``/``float`` (NaN and infinities included)/``str`` leaves, lists, tuples, and dicts
-whose keys are any of those (an int-keyed ``optimizer.state_dict()`` stays int-keyed).
+whose keys are any of those (an int-keyed ``optimizer.state_dict()`` stays int-keyed). An ``OrderedDict``
+(what ``Module.state_dict()`` returns, so an EMA's ``AveragedModel`` state) comes back an ``OrderedDict`` in
+its order, with the ``_metadata`` that ``load_state_dict`` reads (module versions); any other ``Mapping``
+subclass comes back a ``dict`` with the same items (a type JSON cannot name, and ``weights_only`` could not
+load either).
 
 States holding anything else (a pickled object, a dtype safetensors cannot store) are written as
 ``state.pth`` (``torch.save`` streamed into the atomic file, no staging copy), which is also what older
@@ -16,6 +20,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
@@ -32,6 +38,8 @@ STATE_PICKLE = "state.pth"  # older entries, and states the two files above cann
 STATE_FORMAT = 1
 
 _TENSOR, _TUPLE, _DICT, _FLOAT = "__tensor__", "__tuple__", "__dict__", "__float__"
+_ODICT = "__odict__"  # {"__odict__": [[key, value], ...], "__metadata__": ...}: an OrderedDict, in order
+_META = "__metadata__"
 
 
 class _Unsupported(Exception):
@@ -70,16 +78,29 @@ def flatten_states(states: Any, tensors: dict[str, "torch.Tensor"], path: str = 
         return [flatten_states(v, tensors, f"{path}/{i}") for i, v in enumerate(states)]
     if type(states) is tuple:
         return {_TUPLE: [flatten_states(v, tensors, f"{path}/{i}") for i, v in enumerate(states)]}
-    if type(states) is dict:
+    if isinstance(states, OrderedDict):
+        # Module.state_dict() (and so an AveragedModel's): keep the type, the order and _metadata
+        tree = {_ODICT: _flatten_items(states, tensors, path)}
+        meta = getattr(states, "_metadata", None)
+        if meta is not None:
+            tree[_META] = flatten_states(dict(meta), tensors, f"{path}/{_META}")
+        return tree
+    if isinstance(states, Mapping):
         if all(type(k) is str and not k.startswith("__") for k in states):
             return {k: flatten_states(v, tensors, f"{path}/{k}" if path else k) for k, v in states.items()}
-        items = []
-        for k, v in states.items():
-            if isinstance(k, torch.Tensor) or type(k) not in (str, int, float, bool, tuple, type(None)):
-                raise _Unsupported(f"{path}: key of type {type(k).__name__}")
-            items.append([flatten_states(k, tensors, path), flatten_states(v, tensors, f"{path}/{k}" if path else str(k))])
-        return {_DICT: items}
+        return {_DICT: _flatten_items(states, tensors, path)}
     raise _Unsupported(f"{path}: {type(states).__name__}")
+
+
+def _flatten_items(states: Mapping, tensors: dict[str, "torch.Tensor"], path: str) -> list:
+    import torch
+
+    items = []
+    for k, v in states.items():
+        if isinstance(k, torch.Tensor) or type(k) not in (str, int, float, bool, tuple, type(None)):
+            raise _Unsupported(f"{path}: key of type {type(k).__name__}")
+        items.append([flatten_states(k, tensors, path), flatten_states(v, tensors, f"{path}/{k}" if path else str(k))])
+    return items
 
 
 def unflatten_states(tree: Any, tensors: dict[str, "torch.Tensor"]) -> Any:
@@ -88,6 +109,12 @@ def unflatten_states(tree: Any, tensors: dict[str, "torch.Tensor"]) -> Any:
         return [unflatten_states(v, tensors) for v in tree]
     if not isinstance(tree, dict):
         return tree
+    if _ODICT in tree and set(tree) <= {_ODICT, _META}:
+        out = OrderedDict((_hashable(unflatten_states(k, tensors)), unflatten_states(v, tensors))
+                          for k, v in tree[_ODICT])
+        if _META in tree:
+            out._metadata = unflatten_states(tree[_META], tensors)  # type: ignore[attr-defined]
+        return out
     if len(tree) == 1:
         (key, value), = tree.items()
         if key == _TENSOR:

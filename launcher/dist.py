@@ -22,6 +22,7 @@ import re
 import sys
 import threading
 import time
+import uuid
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -67,6 +68,11 @@ class DistInfo:
     """``"none"``, ``"torchrun"``, ``"accelerate"`` or ``"slurm"``."""
     strategy: str
     """``"single"``, ``"dp"``, ``"ddp"`` or ``"fsdp"``."""
+    restart: int = 0
+    """How many times the launcher restarted this job's workers, agreed by every rank: the largest of the
+    ranks' ``TORCHELASTIC_RESTART_COUNT`` and of the rounds the rendezvous store has seen. Agents of several
+    nodes count differently (a node whose workers were healthy restarts for a new round without counting
+    it), so one rank's own count can be 0 in a restarted job; this value is not."""
 
     @property
     def is_main(self) -> bool:
@@ -85,6 +91,7 @@ class _Owned:
     group = False
     store: dist.TCPStore | None = None
     gloo_used = False  # a gloo group existed in this process: exit_process() skips interpreter finalization
+    rounds = 0  # rounds this attempt's rendezvous store saw before it (see _agree_attempt)
 
 
 def setup(strategy: str = "single", *, backend: str | None = None, timeout_s: float | None = None) -> DistInfo:
@@ -131,17 +138,21 @@ def setup(strategy: str = "single", *, backend: str | None = None, timeout_s: fl
     device, backend = plan_device(env, strategy, backend, cuda_count=_visible_gpus(env))
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    restart = restart_attempt()
     if backend is not None:
+        _Owned.rounds = 0
         _init_group(env, backend, device, resolve_timeout(timeout_s))
         try:
-            check_world(_gather_rows(env, strategy, device))
+            rows = _gather_rows(env, strategy, device, max(restart, _Owned.rounds))
+            check_world(rows)
         except BaseException:
             teardown()
             raise
+        restart = max(r[6] for r in rows)
     info = DistInfo(
         rank=env.rank, local_rank=env.local_rank, world_size=env.world_size,
         local_world_size=env.local_world_size, node_rank=env.node_rank, device=device, backend=backend,
-        launcher=env.launcher, strategy=strategy,
+        launcher=env.launcher, strategy=strategy, restart=restart,
     )
     _log.info("launcher=%s strategy=%s rank=%d/%d node=%d local=%d/%d device=%s backend=%s",
               info.launcher, strategy, info.rank, info.world_size, info.node_rank, info.local_rank,
@@ -377,10 +388,12 @@ def _init_group(env: LaunchEnv, backend: str, device: torch.device, timeout_s: f
         kw["device_id"] = device
     where = f"{env.master_addr}:{env.master_port}"
     start = time.monotonic()
-    watch = _PeerWatch(env) if env.world_size > 1 and env.master_addr and env.master_port else None
+    watch, serving = None, None
     try:
         if env.master_addr and env.master_port:
-            dist.init_process_group(store=_attempt_store(env, timeout), **kw)
+            store, attempt, serving = _attempt_store(env, timeout)
+            watch = _PeerWatch(env, attempt) if env.world_size > 1 else None
+            dist.init_process_group(store=store, **kw)
         else:
             # One process and no rendezvous address: host a private store on a port the OS picks (port 0),
             # so there is no race for a "free" port and nothing listens beyond 127.0.0.1.
@@ -399,6 +412,8 @@ def _init_group(env: LaunchEnv, backend: str, device: torch.device, timeout_s: f
     finally:
         if watch is not None:
             watch.stop()
+        if serving is not None:
+            serving.set()  # every rank joined (or this one failed): no follower waits for its attempt any more
     _Owned.group = True
 
 
@@ -413,32 +428,83 @@ def restart_attempt(environ: Mapping[str, str] | None = None) -> int:
                           "or unset it") from None
 
 
-def _attempt_store(env: LaunchEnv, timeout: timedelta) -> dist.Store:
-    """The rendezvous store of this launch attempt: MASTER_ADDR:MASTER_PORT seen through the key prefix
-    ``anytopo/attempt-N/`` (N = :func:`restart_attempt`).
+def _attempt_store(env: LaunchEnv, timeout: timedelta) -> tuple[dist.Store, int, threading.Event | None]:
+    """The rendezvous store of this launch attempt, its attempt number, and (on rank 0 under a shared agent
+    store) the event that ends the thread telling the other ranks that number.
 
-    Why: torchrun's agent keeps ONE store server for the whole job (TCPStore sharing, the default since
-    torch 2.5) and restarts workers into it. ``init_process_group("env://")`` would use the same keys
+    The store is MASTER_ADDR:MASTER_PORT seen through the key prefix ``anytopo/attempt-N/``. Why: torchrun's
+    agent keeps ONE store server for the whole job (TCPStore sharing, the default since torch 2.5) and
+    restarts workers into it. ``init_process_group("env://")`` would use the same keys
     (``default_pg/0//cpu/rank_K``) in every attempt, so a restarted rank can read the address the dead
     attempt's rank K published and gloo fails with ``connectFullMesh ... Connection refused``, or waits on a
     port that nobody serves any more. Keys prefixed per attempt are only ever written by live processes.
-    N is counted by each node's agent; the agents of one single-node run always agree. Agents of several
-    nodes may count differently (a node whose workers were healthy restarts for the new round without
-    counting it), so with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (``TORCHELASTIC_USE_AGENT_STORE`` is
-    then not ``True``) every attempt gets a fresh store hosted by its rank 0, and no prefix is needed.
+    N is agreed through the store (:func:`_agree_attempt`), not taken from ``TORCHELASTIC_RESTART_COUNT``:
+    the agents of several nodes count restarts differently.
     """
     # env:// reads MASTER_ADDR/MASTER_PORT from os.environ, the same mapping read_env() parsed; under torchrun
     # it connects to the agent's store as a client instead of starting a second server on that port.
     store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
     store.set_timeout(timeout)
-    return dist.PrefixStore(f"anytopo/attempt-{_attempt_id()}/", store)
+    attempt, serving = _agree_attempt(store, env, timeout)
+    return dist.PrefixStore(f"anytopo/attempt-{attempt}/", store), attempt, serving
 
 
-def _attempt_id() -> int:
-    """The attempt number that keys of this launch use in the rendezvous store: torchrun's restart count when
-    the store is the agent's, shared by every attempt; 0 when each attempt gets a fresh store (then nodes whose
-    agents count restarts differently still agree)."""
-    return restart_attempt() if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else 0
+_GENERATION = "anytopo/generation"  # attempts that used this store: rank 0 of each adds 1
+_HELLO = "anytopo/hello"  # append-only: each non-zero rank's fresh token, ';'-terminated
+_REPLY = "anytopo/generation-of/"  # + token: the attempt number rank 0 gave that token
+_POLL_S = 0.005
+
+
+def _agree_attempt(store: dist.Store, env: LaunchEnv, timeout: timedelta) -> tuple[int, threading.Event | None]:
+    """One attempt number for every rank of this launch, never used by an earlier attempt on this store.
+
+    Only a store shared by all attempts needs one (torchrun's agent store, ``TORCHELASTIC_USE_AGENT_STORE``
+    ``True``); any other store is fresh (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, srun, a hand-set environment): 0.
+
+    ``TORCHELASTIC_RESTART_COUNT`` cannot be it: each node's agent counts, and a node whose workers were
+    healthy joins the next round without counting (``api.py:_invoke_run``, "membership changes do not count
+    as retries"), so ranks of one attempt would wait under different prefixes, or meet a dead attempt's keys.
+    Instead rank 0 takes the next number from an atomic counter in the store; every other rank appends a
+    token nobody used before to one key and waits for rank 0's reply under that token. A reply can only come
+    from this attempt's rank 0 (an earlier rank 0 never saw the token), and torchrun stops every worker of an
+    attempt before the next round forms, so no earlier rank 0 is still answering. Rank 0 answers every token
+    it sees (also stale ones of a dead attempt: harmless) until the process group is formed, which needs
+    every rank, so none is left waiting.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return 0, None
+    if env.rank == 0:
+        attempt = store.add(_GENERATION, 1)
+        _Owned.rounds = attempt - 1
+        if env.world_size == 1:
+            return attempt, None
+        done = threading.Event()
+        # its own connection: a TCPStore client runs one request at a time, and the main thread's is about to
+        # block in init_process_group's wait for the other ranks' keys
+        client = dist.TCPStore(env.master_addr, env.master_port, is_master=False, timeout=timeout)
+        threading.Thread(target=_answer_tokens, args=(client, attempt, done), name="anytopo-attempt",
+                         daemon=True).start()
+        return attempt, done
+    token = uuid.uuid4().hex
+    store.append(_HELLO, token + ";")
+    store.wait([_REPLY + token], timeout)
+    attempt = int(store.get(_REPLY + token))
+    _Owned.rounds = attempt - 1
+    return attempt, None
+
+
+def _answer_tokens(store: dist.Store, attempt: int, done: threading.Event) -> None:
+    answered: set[str] = set()
+    while not done.is_set():
+        try:
+            tokens = store.get(_HELLO).decode().split(";") if store.check([_HELLO]) else []
+            for token in tokens:
+                if token and token not in answered:
+                    store.set(_REPLY + token, str(attempt))
+                    answered.add(token)
+        except Exception:  # the store went away: init_process_group reports it
+            return
+        done.wait(_POLL_S)
 
 
 class _PeerWatch:
@@ -452,8 +518,8 @@ class _PeerWatch:
 
     POLL_S = 1.0
 
-    def __init__(self, env: LaunchEnv):
-        self.key = f"anytopo/init_failed/{_attempt_id()}"  # per attempt: a failed attempt cannot stop the next
+    def __init__(self, env: LaunchEnv, attempt: int = 0):
+        self.key = f"anytopo/init_failed/{attempt}"  # per attempt: a failed attempt cannot stop the next
         self.env = env
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="anytopo-peer-watch", daemon=True)
@@ -511,10 +577,11 @@ class _PeerWatch:
         self._stop.set()
 
 
-def _gather_rows(env: LaunchEnv, strategy: str, device: torch.device) -> list[list[int]]:
+def _gather_rows(env: LaunchEnv, strategy: str, device: torch.device, restart: int = 0) -> list[list[int]]:
+    """Every rank's ``(rank, world_size, local_rank, local_world_size, node_rank, strategy_crc, restart)``."""
     # zlib.crc32, not hash(): str hashes are salted per process (PYTHONHASHSEED).
     row = torch.tensor([env.rank, env.world_size, env.local_rank, env.local_world_size, env.node_rank,
-                        zlib.crc32(strategy.encode())], dtype=torch.int64, device=device)
+                        zlib.crc32(strategy.encode()), restart], dtype=torch.int64, device=device)
     rows = [torch.empty_like(row) for _ in range(dist.get_world_size())]
     dist.all_gather(rows, row)
     return [r.tolist() for r in rows]

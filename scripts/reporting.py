@@ -5,6 +5,8 @@ Other ranks get a ``RunLog`` that does nothing, so the training loop never branc
 from __future__ import annotations
 
 import csv
+import errno
+import io
 import json
 import os
 import tempfile
@@ -19,6 +21,18 @@ SUMMARY_KEYS = ("model", "strategy", "world_size", "steps", "final_loss", "eval"
 
 class OutputDirError(ValueError):
     """The output directory cannot be created or written: one line naming the path and the fix."""
+
+
+def write_failure(path: Path, e: OSError) -> OutputDirError:
+    """One line for a run output (metrics.csv, TensorBoard events, config/summary, curves) the filesystem
+    refused mid-run, e.g. a full disk: what failed, that the checkpoints are kept, and the fix."""
+    fix = {errno.ENOSPC: "free disk space or move --output-dir to a larger disk",
+           errno.EDQUOT: "free space within your disk quota or move --output-dir",
+           errno.EFBIG: "raise the file-size limit (ulimit -f)",
+           errno.EROFS: "make --output-dir writable",
+           errno.EACCES: "make --output-dir writable"}.get(e.errno, "check --output-dir")
+    return OutputDirError(f"could not write {path}: {e.strerror or e}; the checkpoints already written are intact: "
+                          f"{fix}, then rerun with --resume auto to continue from the latest one")
 
 
 def check_output_dir(path: Path) -> Path:
@@ -62,12 +76,16 @@ class RunLog:
             with open(self.csv_path, newline="") as f:
                 self.rows = [{k: _num(v) for k, v in r.items()} for r in csv.DictReader(f)]
         else:
-            with open(self.csv_path, "w", newline="") as f:
-                csv.DictWriter(f, FIELDS).writeheader()
+            try:
+                with open(self.csv_path, "w", newline="") as f:
+                    csv.DictWriter(f, FIELDS).writeheader()
+            except OSError as e:
+                raise write_failure(self.csv_path, e) from None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+            _quiet_tensorboard_thread()
 
     def log(self, step: int, **values: Any) -> None:
         if not self.enabled:
@@ -76,13 +94,24 @@ class RunLog:
         unknown = set(row) - set(FIELDS)
         if unknown:
             raise KeyError(f"metrics {sorted(unknown)} have no column in metrics.csv")
+        line = io.StringIO(newline="")
+        csv.DictWriter(line, FIELDS).writerow(row)
+        path = self.csv_path
+        try:
+            _append_whole(path, line.getvalue().encode())
+            if self._tb is not None:
+                path = Path(self._tb.get_logdir())
+                for k, v in row.items():
+                    if k not in ("step", "epoch") and isinstance(v, (int, float)):
+                        self._tb.add_scalar(("eval/" if k in EVAL_FIELDS else "train/") + k, v, step)
+                # TensorBoard writes from a thread and reports its error only at a later call: wait for this
+                # row's events here, so a full disk is seen at the row that hit it (and not at exit)
+                self._tb.flush()
+        except OSError as e:
+            self.enabled = False  # write nothing more; the caller stops the run
+            self._drop_tensorboard()
+            raise write_failure(path, e) from None
         self.rows.append(row)
-        with open(self.csv_path, "a", newline="") as f:
-            csv.DictWriter(f, FIELDS).writerow(row)
-        if self._tb is not None:
-            for k, v in row.items():
-                if k not in ("step", "epoch") and isinstance(v, (int, float)):
-                    self._tb.add_scalar(("eval/" if k in EVAL_FIELDS else "train/") + k, v, step)
 
     def curves(self, metric: str) -> Path | None:
         """curves.png: training loss and the eval metric against the step."""
@@ -108,8 +137,12 @@ class RunLog:
         b.set(xlabel="step", ylabel=metric, title=f"test {metric}")
         fig.tight_layout()
         path = self.dir / "curves.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        try:
+            fig.savefig(path, dpi=100)
+        except OSError as e:
+            raise write_failure(path, e) from None
+        finally:
+            plt.close(fig)
         return path
 
     def hparams(self, config: dict[str, Any], metrics: dict[str, Any]) -> None:
@@ -136,15 +169,66 @@ class RunLog:
 
     def close(self) -> None:
         if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+            tb, self._tb = self._tb, None
+            try:
+                tb.close()
+            except OSError as e:
+                raise write_failure(Path(tb.get_logdir()), e) from None
+
+    def _drop_tensorboard(self) -> None:
+        """Stop TensorBoard after a failed write without raising again (its thread re-raises on every call)."""
+        tb, self._tb = self._tb, None
+        if tb is not None:
+            try:
+                tb.close()
+            except OSError:
+                pass
+
+
+def _quiet_tensorboard_thread() -> None:
+    """TensorBoard's writer thread prints its traceback when a write fails, then hands the error to the next
+    call, where ``RunLog.log`` turns it into one line: drop that thread's print of an ``OSError``."""
+    import threading
+
+    previous = threading.excepthook
+    if getattr(previous, "_anytopo", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread":
+            return
+        previous(args)
+
+    hook._anytopo = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
+
+def _append_whole(path: Path, data: bytes) -> None:
+    """Append ``data`` to ``path`` whole or not at all: a write cut short (disk full) is truncated away, so
+    metrics.csv never ends in a torn row that a resumed run would read back."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError:
+            os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
 
 
 def _write_json(path: Path, value: Any) -> Path:
     """``value`` as indented strict JSON (no NaN), replacing ``path`` atomically."""
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(value, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(value, indent=2, allow_nan=False) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_failure(path, e) from None
     return path
 
 

@@ -448,13 +448,14 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 #
 # Restarts, preemption, the output-directory lock and per-step randomness. See docs/reliability.md.
 
-def resolve_resume(cfg: TrainConfig, manager: checkpoint.CheckpointManager, log) -> Path | None:
+def resolve_resume(cfg: TrainConfig, manager: checkpoint.CheckpointManager, log, restart: int) -> Path | None:
     """The checkpoint to resume, the same on every rank (rank 0 resolves, the others check they see it).
 
-    A torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) resumes the output directory's latest valid entry
-    without any flag, since torchrun relaunches the same argv; a first launch resumes only with --resume.
+    A torchrun restart (``restart`` > 0: ``DistInfo.restart``, agreed by every rank, as nodes' agents count
+    restarts differently) resumes the output directory's latest valid entry without any flag, since torchrun
+    relaunches the same argv; a first launch resumes only with --resume.
     """
-    attempt = launcher.restart_attempt()
+    attempt = restart
     try:
         if attempt > 0 and not cfg.eval_only:
             # this run's own newest entry; before its first save, what the first launch started from
@@ -605,7 +606,7 @@ class Trainer:
         cfg, info, log = self.cfg, self.info, self.log
         self.manager = checkpoint.CheckpointManager(self.out / "checkpoints", keep_last=cfg.keep_last,
                                                     every=cfg.save_every, sharded=cfg.save_sharded)
-        self.resume_path = resolve_resume(cfg, self.manager, log)
+        self.resume_path = resolve_resume(cfg, self.manager, log, info.restart)
         manifest = checkpoint.read_manifest(self.resume_path) if self.resume_path else None
         holds_entries = launcher.broadcast_object(bool(self.manager.entries()) if info.is_main else None, info)
         if self.resume_path is None and not cfg.eval_only and holds_entries:
@@ -789,6 +790,21 @@ class Trainer:
         model.train(was_training)
         return metric.compute(launcher.all_reduce_sum(sums, self.info).cpu())
 
+    def _log_row(self, step: int, **values: Any) -> None:
+        """Rank 0 appends a metrics row; if that write fails (a full disk), every rank stops with its line now,
+        before training on without a record (one 4-byte all-reduce per row; the message only on failure)."""
+        failed = None
+        try:
+            self.runlog.log(step, **values)
+        except OutputDirError as e:
+            failed = str(e)
+        if self.info.distributed:
+            flag = torch.tensor([float(failed is not None)], device=self.info.device)
+            if launcher.all_reduce_sum(flag, self.info).item():
+                failed = launcher.broadcast_object(failed, self.info)
+        if failed:
+            raise ConfigError(failed)
+
     def _global_mean(self, value: torch.Tensor) -> float:
         return (launcher.all_reduce_sum(value.detach().reshape(1).float(), self.info) / self.info.world_size).item()
 
@@ -860,7 +876,7 @@ class Trainer:
                     final_loss = self._global_mean(loss)
                     elapsed = time.perf_counter() - window_t
                     throughput = window_steps * cfg.batch_size / max(elapsed, 1e-9)
-                    self.runlog.log(self.step, epoch=epoch, loss=final_loss, lr=self.scheduler.get_last_lr()[0],
+                    self._log_row(self.step, epoch=epoch, loss=final_loss, lr=self.scheduler.get_last_lr()[0],
                                     throughput=round(throughput, 2),
                                     grad_norm=None if self.grad_norm is None else float(self.grad_norm))
                     if bar is not None:
@@ -875,7 +891,7 @@ class Trainer:
                 if last or self.step % self.steps_per_epoch == 0:
                     break
             metrics = self.evaluate()
-            self.runlog.log(self.step, epoch=epoch, **metrics)
+            self._log_row(self.step, epoch=epoch, **metrics)
             if self._is_new_best(metrics):  # the entry must hold exactly the weights just measured
                 if saved_at != self.step:
                     last_path, saved_at = self.save(epoch), self.step
@@ -991,7 +1007,7 @@ def cli(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         return main(args)
-    except (ConfigError, launcher.LaunchError, checkpoint.CheckpointError) as e:
+    except (ConfigError, OutputDirError, launcher.LaunchError, checkpoint.CheckpointError) as e:
         if args.debug:
             raise
         print(f"error: {checkpoint.errors.first_line(e)}", file=sys.stderr)

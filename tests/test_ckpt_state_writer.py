@@ -148,3 +148,72 @@ def test_files_and_folders_get_the_users_umask(tmp_path, mask):
     assert entry.stat().st_mode & 0o777 == 0o777 & ~mask
     for p in [*entry.iterdir(), single, tmp_path / "ckpt" / "latest"]:
         assert p.stat().st_mode & 0o777 == 0o666 & ~mask, p
+
+
+def test_ema_and_other_mappings_use_the_fast_files_and_round_trip(tmp_path, monkeypatch):
+    """An EMA (AveragedModel) state is an OrderedDict with the ``_metadata`` load_state_dict reads: it goes
+    into state.safetensors + state.json (no pickle) and comes back an OrderedDict, in order, with _metadata."""
+    from collections import OrderedDict, defaultdict
+
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    model, _, _ = _trained()
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    ema.update_parameters(model)
+    ema_sd = ema.state_dict()
+    assert type(ema_sd) is OrderedDict and ema_sd._metadata  # what torch hands the manager
+    odd = {"od": OrderedDict([("b", 1), ("a", (2, torch.tensor([3.0])))]), "od_int": OrderedDict([(2, "x"), (1, "y")]),
+           "dd": defaultdict(list, {"k": [1]})}
+
+    def no_pickle(*a, **k):
+        raise AssertionError("torch.save must not be used for an EMA state")
+
+    monkeypatch.setattr(torch, "save", no_pickle)
+    entry = CheckpointManager(tmp_path).save(1, {"model": model, "ema": ema_sd, "trainer": odd})
+    monkeypatch.undo()
+    assert sorted(p.name for p in entry.iterdir()) == ["manifest.json", "model.safetensors", STATE_JSON,
+                                                       STATE_TENSORS]
+    got = read_states(entry)
+    _same(got["ema"], ema_sd)
+    assert got["ema"]._metadata == ema_sd._metadata
+    _same(got["trainer"]["od"], odd["od"])
+    _same(got["trainer"]["od_int"], odd["od_int"])
+    assert type(got["trainer"]["dd"]) is dict and got["trainer"]["dd"] == {"k": [1]}  # JSON cannot name the factory
+    fresh = AveragedModel(_trained()[0], use_buffers=True)
+    fresh.load_state_dict(got["ema"])
+    _same(fresh.state_dict(), ema_sd)
+
+
+def test_optimizer_state_loads_by_index_when_groups_match_and_through_dcp_otherwise(monkeypatch):
+    """The restore fast path (no DCP name resolution) gives exactly DCP's result; regrouped params fall back."""
+    import torch.distributed.checkpoint.state_dict as dcp_sd
+
+    model, opt, _ = _trained()
+    saved = OptimizerState(model, opt).state_dict()
+    model_dcp, opt_dcp, _ = _trained()
+    for g in opt_dcp.param_groups:
+        g["lr"] = 7.0
+    dcp_sd.set_optimizer_state_dict(model_dcp, opt_dcp, saved)
+
+    def no_dcp(*a, **k):
+        raise AssertionError("matching groups must not need DCP's set_optimizer_state_dict")
+
+    model2, opt2, _ = _trained()
+    for g in opt2.param_groups:
+        g["lr"] = 7.0
+    monkeypatch.setattr(dcp_sd, "set_optimizer_state_dict", no_dcp)
+    OptimizerState(model2, opt2).load_state_dict(saved)
+    monkeypatch.undo()
+    _same(opt2.state_dict(), opt_dcp.state_dict())
+    _same(opt2.state_dict(), opt.state_dict())
+    # one group instead of two: names no longer match group by group, DCP regroups by name
+    model3, _, _ = _trained()
+    opt3 = torch.optim.AdamW(model3.parameters(), lr=1.0)
+    calls = []
+    real = dcp_sd.set_optimizer_state_dict
+    monkeypatch.setattr(dcp_sd, "set_optimizer_state_dict", lambda *a, **k: calls.append(1) or real(*a, **k))
+    OptimizerState(model3, opt3).load_state_dict(saved)
+    assert calls == [1]
+    live = dict(model.named_parameters())
+    for n, p in model3.named_parameters():
+        assert torch.equal(opt3.state[p]["exp_avg"], opt.state[live[n]]["exp_avg"]), n

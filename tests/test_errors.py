@@ -31,18 +31,23 @@ FAST = ["--model", "mlp", "--data", "digits", "--num-samples", "400", "--batch-s
 FSIZE_LIMIT = 40_000  # bytes: above metrics/config/manifest files, below the MLP's weight and state files
 
 
-def _limit_file_size() -> None:
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # inherited through exec: writes fail with EFBIG instead
-    resource.setrlimit(resource.RLIMIT_FSIZE, (FSIZE_LIMIT, FSIZE_LIMIT))
+def _limit_file_size(limit: int = FSIZE_LIMIT):
+    def preexec() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # inherited through exec: writes fail with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return preexec
 
 
-def train(args: list[str], *, torchrun: int = 0, full_disk: bool = False, timeout: int = 240):
+def train(args: list[str], *, torchrun: int = 0, full_disk: bool | int = False, timeout: int = 240,
+          fast: list[str] = FAST):
+    """``full_disk``: True for FSIZE_LIMIT, or a limit in bytes."""
     cmd = [sys.executable, TRAIN]
     if torchrun:
         cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={torchrun}", f"--master_port={free_port()}",
                TRAIN, "--strategy", "ddp"]
-    return subprocess.run(cmd + FAST + args, cwd=REPO, env=child_env(), capture_output=True, text=True,
-                          timeout=timeout, preexec_fn=_limit_file_size if full_disk else None)
+    limit = FSIZE_LIMIT if full_disk is True else full_disk
+    return subprocess.run(cmd + fast + args, cwd=REPO, env=child_env(), capture_output=True, text=True,
+                          timeout=timeout, preexec_fn=_limit_file_size(limit) if limit else None)
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +188,44 @@ def test_disk_full_stops_every_rank_with_one_line(run4, tmp_path):
             and "still points to step-4" in e, e
     assert "exitcode  : 2" in proc.stderr or "exitcode: 2" in proc.stderr or len(errors) == 2, proc.stderr[-3000:]
     _assert_disk_full_kept(out, before)
+
+
+# A 4-unit MLP: every checkpoint file stays under 4 KiB, so the run log is what fills the "disk" first
+TINY = [a for a in FAST if a != "--no-tensorboard"] + ["--model-arg", "hidden=4", "--epochs", "10",
+                                                       "--max-steps", "100", "--save-every", "10"]
+
+
+def _assert_log_full_kept(out: Path, proc: subprocess.CompletedProcess) -> None:
+    """Stopped before the end; the newest entry verifies and restores; metrics.csv holds whole rows only."""
+    mgr = CheckpointManager(out / "checkpoints")
+    latest = mgr.latest()  # sha256 of every file checked
+    assert latest is not None and latest.name != "step-100", proc.stderr[-2000:]
+    assert checkpoint.load_state_dict(latest)
+    text = (out / "metrics.csv").read_bytes()
+    assert text.endswith(b"\r\n") and all(row.count(b",") == 11 for row in text.splitlines()), text[-300:]
+
+
+def test_full_disk_while_writing_tensorboard_events_stops_with_one_line(tmp_path):
+    out = tmp_path / "out"
+    proc = train(["--output-dir", str(out)], full_disk=8192, fast=TINY)
+    assert_ends_in_one_error(proc, f"could not write {out / 'tensorboard'}: File too large", "ulimit -f",
+                             "checkpoints already written are intact", "--resume auto")
+    _assert_log_full_kept(out, proc)
+
+
+@pytest.mark.timeout(300)
+def test_full_disk_while_appending_metrics_stops_every_rank_with_one_line(tmp_path):
+    out = tmp_path / "out"
+    proc = train(["--no-tensorboard", "--output-dir", str(out)], torchrun=2, full_disk=4096, fast=TINY)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    # both ranks stop at the same row (rank 0's failure is all-reduced); torchrun may cut the second line
+    assert 1 <= len(errors) <= 2, proc.stderr[-3000:]
+    for e in errors:
+        assert e.startswith(f"error: could not write {out / 'metrics.csv'}: File too large") and "ulimit -f" in e, e
+    assert f'File "{TRAIN}"' not in proc.stderr, proc.stderr[-3000:]
+    assert "exitcode  : 2" in proc.stderr or "exitcode: 2" in proc.stderr or len(errors) == 2, proc.stderr[-3000:]
+    _assert_log_full_kept(out, proc)
 
 
 # --------------------------------------------------------------------------------- CLI

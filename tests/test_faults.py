@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -97,11 +98,58 @@ def test_each_restart_attempt_sees_only_its_own_store_keys(monkeypatch):
     env = launcher.env.read_env({"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                                  "MASTER_PORT": str(server.port)})
     views = []
-    for attempt in ("0", "1"):
-        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", attempt)
-        views.append(_attempt_store(env, timedelta(seconds=5)))
+    for count in ("0", "0"):  # a restart the agent did not count (a membership change) gets new keys too
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", count)
+        views.append(_attempt_store(env, timedelta(seconds=5))[0])
     views[0].set("rank_0", "address of a process that is gone")
     assert not views[1].check(["rank_0"]) and views[0].check(["rank_0"])
+
+
+def test_ranks_agree_on_the_attempt_whatever_their_agents_counted(monkeypatch):
+    """Each round's ranks get one attempt number, new to the store, even when their TORCHELASTIC_RESTART_COUNT
+    differ (agents of several nodes) and when a follower arrives before rank 0 next to a dead round's tokens."""
+    import threading
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from launcher.dist import _agree_attempt
+
+    server = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    timeout = timedelta(seconds=20)
+
+    def rank(r: int, world: int, got: dict, delay: float = 0.0) -> None:
+        time.sleep(delay)
+        client = dist.TCPStore("127.0.0.1", server.port, is_master=False, timeout=timeout)
+        env = types.SimpleNamespace(rank=r, world_size=world, master_addr="127.0.0.1", master_port=server.port)
+        attempt, serving = _agree_attempt(client, env, timeout)
+        got[r] = attempt
+        if serving is None:
+            client.set(f"joined/{attempt}/{r}", "1")
+        else:  # rank 0 answers until the group is formed, while its store client blocks as init_process_group's
+            client.wait([f"joined/{attempt}/{q}" for q in range(1, world)], timedelta(seconds=10))
+            serving.set()
+
+    def round_(world: int, delays: dict[int, float]) -> dict[int, int]:
+        got: dict[int, int] = {}
+        threads = [threading.Thread(target=rank, args=(r, world, got, delays.get(r, 0.0))) for r in range(world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert len(got) == world, got
+        return got
+
+    server.append("anytopo/hello", "tokenofadeadroundnobodyanswered;")
+    first = round_(3, {0: 0.3})  # followers first: they must wait for THIS round's rank 0
+    second = round_(2, {0: 0.3})  # a node gone: a smaller world, rank 0 late again
+    third = round_(2, {1: 0.3})
+    for got in (first, second, third):
+        assert len(set(got.values())) == 1, got
+    assert [first[0], second[0], third[0]] == [1, 2, 3]
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # a fresh store per round: no prefix needed
+    assert _agree_attempt(server, types.SimpleNamespace(rank=1, world_size=2), timeout) == (0, None)
 
 
 # ------------------------------------------------------------------------------------ real launches
@@ -117,6 +165,53 @@ def test_torchrun_restart_forms_the_process_group_again():
                            env=child_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=90)
         assert p.returncode == 0, p.stdout[-1500:] + p.stderr[-2500:]
         assert all(f"attempt 1 rank {r} formed the group: 2" in p.stdout for r in (0, 1)), p.stdout
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("share_store", [True, False], ids=["agent-store", "store-per-round"])
+def test_nodes_whose_agents_counted_restarts_differently_form_one_group(tmp_path, share_store):
+    """Two agents (c10d, one worker each): a's worker fails, b's idles; a's agent counts the restart, b's does
+    not (membership change). The next round must form the group although its ranks' counts differ, and
+    both see restart 1 (the agreed value train.py resumes on). With TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 as well."""
+    port = free_port()
+    env = child_env(PYTHONPATH=str(REPO), ANYTOPO_TEST_MARK=str(tmp_path / "mark"))
+    if not share_store:
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    procs = {}
+    for node, host in (("b", False), ("a", True)):
+        cmd = [str(BIN / "torchrun"), "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+               f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=counts", "--max-restarts=1", "--monitor-interval=0.1",
+               f"--rdzv_conf={faults.RDZV_CONF},is_host={str(host).lower()}", str(REPO / "tests" / "_elastic_worker.py")]
+        procs[node] = subprocess.Popen(cmd, cwd=REPO, env={**env, "ANYTOPO_TEST_NODE": node}, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        time.sleep(0.5)
+    outs = {}
+    for node, p in procs.items():
+        try:
+            outs[node] = p.communicate(timeout=120)[0]
+        except subprocess.TimeoutExpired:
+            for q in procs.values():
+                os.killpg(q.pid, signal.SIGKILL)
+            raise AssertionError("the second round never formed its group: "
+                                 + " | ".join(ln for o in outs.values() for ln in o.splitlines()[-5:]))
+    assert procs["a"].returncode == procs["b"].returncode == 0, outs
+    assert "node a count 1 restart 1" in outs["a"] and "node b count 0 restart 1" in outs["b"], outs
+    assert all(o.count("formed the group: 2") == 2 for o in outs.values()), outs
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_torchrun_restart_onto_a_smaller_world_resumes_at_the_same_sample(tmp_path):
+    """Two agents (--nnodes=1:2), one SIGKILLed with its worker after the first checkpoint: the other
+    re-forms a world of 1, logs 'restart 1: resuming from step-K' and finishes with the uninterrupted world-2
+    run's per-step losses and final weights within 1e-5 relative (same samples at every step)."""
+    import random
+
+    ref = faults.reference(tmp_path, 120, faults.SHRINK_ARGS, "reference-nodropout")
+    r = faults.trial_shrink(tmp_path, 0, ref, random.Random(0), 120)
+    assert r["ok"] is True, (r, (tmp_path / "shrink-0-staying.log").read_text()[-3000:])
+    assert r["final_world_size"] == 1 and r["max_rel_loss_diff"] <= 1e-5 and r["max_rel_diff"] <= 1e-5
 
 
 @pytest.mark.multiproc
