@@ -120,7 +120,8 @@ class TrainConfig:
                                      "saved in each entry and as ema.pth, evaluated beside the model")
     augment: str = option("none", "train-split augmentation (imagefolder/segfolder), seeded per sample and epoch",
                           choices=list(AUGMENTS))
-    compile: bool = option(False, "torch.compile the bare model before wrapping (checkpoints stay canonical)")
+    compile: bool = option(False, "torch.compile the bare model before wrapping (fsdp: each unit after sharding); "
+                                  "checkpoints stay canonical")
     clip_grad: float | None = option(None, "clip the global gradient norm to this value")
     aux_weight: float = option(0.01, "weight of the auxiliary loss on the features of models built with aux_output=True")
     strategy: str = option("single", "how the processes share the work", choices=launcher.STRATEGIES)
@@ -637,9 +638,11 @@ class Trainer:
         model = model.to(self.dtype)  # before compile and wrapping: every copy (DDP, EMA, optimizer) is in this dtype
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        if cfg.compile:
-            model.compile()  # in place: same class and keys, so checkpoints stay canonical (see compile_model)
+        if cfg.compile and info.strategy != "fsdp":
+            model.compile()  # in place: same class and keys, so checkpoints stay canonical
         self.model = launcher.wrap_model(model, info, sync_bn=cfg.sync_bn, param_dtype=AMP_DTYPES.get(cfg.amp))
+        if cfg.compile and info.strategy == "fsdp":
+            compile_fsdp_units(self.model)
         self.bare = checkpoint.unwrap(self.model)
         self.ema = build_ema(self.bare, cfg.ema) if cfg.ema else None
         launcher.seed_everything(cfg.seed, rank=info.rank)  # per-rank streams for dropout etc.
@@ -922,6 +925,19 @@ def build_ema(bare: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedMo
     for p in ema.parameters():
         p.requires_grad_(False)
     return ema
+
+
+def compile_fsdp_units(model: nn.Module) -> None:
+    """--compile under fsdp: compile the forward of each FSDP unit below the root, after fully_shard.
+
+    Compiling the whole module before fully_shard (what ddp gets) compiles nothing useful here: FSDP's
+    all-gather/reshard hooks are dynamo-disabled, so every unit call breaks the graph and the model runs eagerly
+    (checked with TORCH_LOGS=graph_code). Compiling each unit's ``forward`` leaves the hooks outside, as
+    torchtitan's per-block compile does; the root's own ops (e.g. a ResNet's stem and head) stay eager. Only the
+    bound method is replaced: classes and state-dict keys do not change."""
+    for m in model.modules():
+        if m is not model and launcher.is_fsdp(m):
+            m.forward = torch.compile(m.forward)
 
 
 @torch.no_grad()
