@@ -171,6 +171,7 @@ def test_compile_keeps_checkpoints_canonical(tmp_path):
     (["--augment", "basic"], "--augment basic needs image files"),
     (["--resume", "best"], "--resume best: "),
     (["--ema", "0.9", "--strategy", "fsdp"], "--ema with --strategy fsdp is not supported"),
+    (["--dtype", "float64", "--amp", "bf16"], "--dtype float64 with --amp bf16"),
 ])
 def test_bad_feature_input_is_one_line_and_exit_2(tmp_path, args, message):
     proc = run([*MLP, "--output-dir", str(tmp_path / "o"), *args], expect=2)
