@@ -102,9 +102,9 @@ class SyncBatchNorm(_BatchNorm):
         c = self.num_features
         shape = [1, c] + [1] * (input.dim() - 2)
         dims = [0] + list(range(2, input.dim()))
-        x = input.float()
+        x = input if input.dtype == torch.float64 else input.float()  # float32 at least (autocast), float64 kept
         # pass 1: per-channel sum and element count -> the global mean
-        count = torch.full((1,), float(x.numel() // c), device=x.device)
+        count = torch.full((1,), float(x.numel() // c), device=x.device, dtype=x.dtype)
         total = all_reduce_sum_differentiable(torch.cat([x.sum(dims), count]), self.process_group)
         n = total[c].detach()
         if float(n) <= 1:
@@ -116,7 +116,7 @@ class SyncBatchNorm(_BatchNorm):
         var = all_reduce_sum_differentiable((xc * xc).sum(dims), self.process_group) / n
         y = xc * torch.rsqrt(var + self.eps).view(shape)
         if self.weight is not None:
-            y = y * self.weight.view(shape).float() + self.bias.view(shape).float()
+            y = y * self.weight.view(shape).to(x.dtype) + self.bias.view(shape).to(x.dtype)
         if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
                 unbiased = var.detach() * (n / (n - 1))

@@ -49,6 +49,7 @@ import tasks  # noqa: E402
 from reporting import OutputDirError, RunLog, check_output_dir  # noqa: E402
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"float32": torch.float32, "float64": torch.float64}  # --dtype
 AUGMENTS = data.AUGMENTS  # (TrainConfig's field `data` shadows the module inside the class body)
 
 
@@ -109,6 +110,9 @@ class TrainConfig:
     amp: str | None = option(None, "autocast dtype (fp16 uses a GradScaler); default: accelerate's setting, else none",
                              choices=["bf16", "fp16", "none"])
     channels_last: bool = option(False, "NHWC memory format for model and inputs")
+    dtype: str = option("float32", "dtype of the weights, inputs and loss; float64 is for exact parity checks across "
+                                   "topologies (float32 rounding grows along an ill-conditioned trajectory; README)",
+                        choices=list(DTYPES))
     sync_bn: bool = option(False, "BatchNorm over the global batch under ddp (torch's SyncBatchNorm on CUDA, "
                                   "launcher.syncbn over gloo elsewhere)")
     # -- features (issue 12): see the "features" section below
@@ -116,7 +120,8 @@ class TrainConfig:
                                      "saved in each entry and as ema.pth, evaluated beside the model")
     augment: str = option("none", "train-split augmentation (imagefolder/segfolder), seeded per sample and epoch",
                           choices=list(AUGMENTS))
-    compile: bool = option(False, "torch.compile the bare model before wrapping (checkpoints stay canonical)")
+    compile: bool = option(False, "torch.compile the bare model before wrapping (fsdp: each unit after sharding); "
+                                  "checkpoints stay canonical")
     clip_grad: float | None = option(None, "clip the global gradient norm to this value")
     aux_weight: float = option(0.01, "weight of the auxiliary loss on the features of models built with aux_output=True")
     strategy: str = option("single", "how the processes share the work", choices=launcher.STRATEGIES)
@@ -164,6 +169,9 @@ class TrainConfig:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
         if self.ema is not None and not 0.0 < self.ema < 1.0:
             raise ConfigError(f"--ema {self.ema} is outside (0, 1): use a decay such as 0.999")
+        if self.dtype != "float32" and self.amp != "none":
+            raise ConfigError(f"--dtype {self.dtype} with --amp {self.amp}: autocast would compute in {self.amp} "
+                              "anyway; use --amp none with --dtype float64")
         if self.ema is not None and self.strategy == "fsdp":
             raise ConfigError("--ema with --strategy fsdp is not supported yet (the EMA copy would be sharded): "
                               "use --strategy ddp, or drop --ema")
@@ -627,11 +635,15 @@ class Trainer:
         weights = models.parse_model_args(cfg.model_args).get("weights")  # --model-arg weights=PATH
         if weights is not None:
             checkpoint.load_pretrained(model, weights, skippable_prefixes=getattr(model, "replaced_prefixes", ()))
+        self.dtype = DTYPES[cfg.dtype]
+        model = model.to(self.dtype)  # before compile and wrapping: every copy (DDP, EMA, optimizer) is in this dtype
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        if cfg.compile:
-            model.compile()  # in place: same class and keys, so checkpoints stay canonical (see compile_model)
+        if cfg.compile and info.strategy != "fsdp":
+            model.compile()  # in place: same class and keys, so checkpoints stay canonical
         self.model = launcher.wrap_model(model, info, sync_bn=cfg.sync_bn, param_dtype=AMP_DTYPES.get(cfg.amp))
+        if cfg.compile and info.strategy == "fsdp":
+            compile_fsdp_units(self.model)
         self.bare = checkpoint.unwrap(self.model)
         self.ema = build_ema(self.bare, cfg.ema) if cfg.ema else None
         launcher.seed_everything(cfg.seed, rank=info.rank)  # per-rank streams for dropout etc.
@@ -709,7 +721,7 @@ class Trainer:
 
     def _to_device(self, images: torch.Tensor, targets: torch.Tensor) -> Batch:
         dev = self.info.device
-        images = images.to(dev, non_blocking=True)
+        images = images.to(dev, dtype=self.dtype if images.is_floating_point() else None, non_blocking=True)
         if self.cfg.channels_last and images.dim() == 4:
             images = images.contiguous(memory_format=torch.channels_last)
         return Batch(images, targets.to(dev, non_blocking=True))
@@ -726,16 +738,17 @@ class Trainer:
     def _loss(self, batch: Batch) -> torch.Tensor:
         with self._autocast():
             logits, features = self._forward(self.model, batch.images)
-            loss = self.task.loss_fn(logits.float(), batch.targets)
+            wide = torch.promote_types(self.dtype, torch.float32)  # float32 under autocast, float64 with --dtype float64
+            loss = self.task.loss_fn(logits.to(wide), batch.targets)
             if features is not None:
                 # auxiliary objective on the returned features: an L2 activation penalty
-                loss = loss + self.cfg.aux_weight * features.float().pow(2).mean()
+                loss = loss + self.cfg.aux_weight * features.to(wide).pow(2).mean()
         return loss
 
     def train_step(self, batch: Batch) -> torch.Tensor:
         accum = self.cfg.grad_accum
         seed_step(self.cfg, self.info, self.step)
-        total = torch.zeros((), device=self.info.device)
+        total = torch.zeros((), device=self.info.device, dtype=torch.promote_types(self.dtype, torch.float32))
         for i, (x, y) in enumerate(zip(batch.images.chunk(accum), batch.targets.chunk(accum))):
             last = i == accum - 1
             sync = nullcontext() if last or not isinstance(self.model, nn.parallel.DistributedDataParallel) \
@@ -806,7 +819,7 @@ class Trainer:
             raise ConfigError(failed)
 
     def _global_mean(self, value: torch.Tensor) -> float:
-        return (launcher.all_reduce_sum(value.detach().reshape(1).float(), self.info) / self.info.world_size).item()
+        return (launcher.all_reduce_sum(value.detach().reshape(1).double(), self.info) / self.info.world_size).item()
 
     def save(self, epoch: int) -> Path:
         self.trainer_state.update(step=self.step, epoch=epoch, global_batch=self.cfg.batch_size, seed=self.cfg.seed,
@@ -928,6 +941,19 @@ def build_ema(bare: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedMo
     for p in ema.parameters():
         p.requires_grad_(False)
     return ema
+
+
+def compile_fsdp_units(model: nn.Module) -> None:
+    """--compile under fsdp: compile the forward of each FSDP unit below the root, after fully_shard.
+
+    Compiling the whole module before fully_shard (what ddp gets) compiles nothing useful here: FSDP's
+    all-gather/reshard hooks are dynamo-disabled, so every unit call breaks the graph and the model runs eagerly
+    (checked with TORCH_LOGS=graph_code). Compiling each unit's ``forward`` leaves the hooks outside, as
+    torchtitan's per-block compile does; the root's own ops (e.g. a ResNet's stem and head) stay eager. Only the
+    bound method is replaced: classes and state-dict keys do not change."""
+    for m in model.modules():
+        if m is not model and launcher.is_fsdp(m):
+            m.forward = torch.compile(m.forward)
 
 
 @torch.no_grad()

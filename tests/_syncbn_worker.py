@@ -18,6 +18,47 @@ import launcher  # noqa: E402
 from launcher.syncbn import convert_sync_batchnorm  # noqa: E402
 
 
+def rel_gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest |a - b| relative to the largest |b| of the tensor."""
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+def resnet_step(rank: int, world: int) -> dict[str, float]:
+    """One DDP step of ResNet-18 (small stem) with SyncBatchNorm on an equal share of a global batch of 24, in
+    float64, against the same model with plain BatchNorm on the whole batch in this process: the parameter
+    gradients (after DDP's averaging), the running statistics and the eval logits. float64 makes a wrong
+    formula (a missing term in the backward, the variance over the local count, a 1/W too many) stand out
+    from summation-order rounding by ten orders of magnitude."""
+    import models
+    from torch.nn.parallel import DistributedDataParallel
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return models.build_model("resnet18", num_classes=10, in_channels=1, small_input=True).double()
+
+    ref, mine = build(), DistributedDataParallel(convert_sync_batchnorm(build()))
+    plain = DistributedDataParallel(build())  # the control: per-rank BatchNorm statistics
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(24, 1, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 10, (24,), generator=g)
+    share = 24 // world
+    lo = rank * share
+    nn.functional.cross_entropy(ref(x), y).backward()
+    nn.functional.cross_entropy(mine(x[lo:lo + share]), y[lo:lo + share]).backward()  # DDP averages over ranks
+    nn.functional.cross_entropy(plain(x[lo:lo + share]), y[lo:lo + share]).backward()
+    plain_grad = max(rel_gap(p.grad, q.grad) for p, q in zip(plain.module.parameters(), ref.parameters()))
+    bare = mine.module
+    grads = max(rel_gap(p.grad, q.grad) for p, q in zip(bare.parameters(), ref.parameters()))
+    buffers = max(rel_gap(p.double(), q.double()) for (k, p), (_, q) in zip(bare.state_dict().items(),
+                                                                             ref.state_dict().items())
+                  if "running" in k)
+    bare.eval()
+    ref.eval()
+    with torch.no_grad():
+        logits = rel_gap(bare(x), ref(x))
+    return {"grad": grads, "running": buffers, "eval": logits, "plain_grad": plain_grad}
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -60,6 +101,7 @@ def main() -> None:
     mine.eval()
     ref.eval()
     report["eval"] = (mine(x_mine) - ref(x_mine)).abs().max().item()
+    report["resnet"] = resnet_step(rank, world)
     reports = [None] * world
     dist.all_gather_object(reports, report)  # one line from rank 0: ranks' prints would interleave
     if rank == 0:
