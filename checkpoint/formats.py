@@ -518,6 +518,9 @@ def _read_directory(path: Path, *, ema: bool, allow_pickle: bool) -> Source:
         if isinstance(manifest, dict) and manifest.get("format") == FORMAT_TAG and manifest.get("sharded"):
             from ._sharded import read_sharded  # one file per rank (CheckpointManager(sharded=True))
 
+            if ema:  # its rank files hold the model's weights only; silently loading those would be wrong
+                raise CheckpointError(f"{path}: a sharded entry holds the model's weights only, no EMA weights "
+                                      "(--ema is refused with fsdp); drop ema / --ema")
             tensors = read_sharded(path, manifest)
             files = [path / n for n in manifest["sharded"]["files"]]
             return Source(path, "anytopo-sharded-ranks", dict(tensors), manifest, {}, files,

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
 import checkpoint
 import launcher
@@ -57,8 +57,10 @@ def main() -> int:
             opt.step()
             checkpoint.save(model, out / "model.safetensors", metadata={"model": name, "step": 1})
             ref = get_model_state_dict(model, options=FULL)
+            ref_optim = get_optimizer_state_dict(model, opt, options=FULL)  # torch's full gather: the reference
             if rank == 0:
                 torch.save(ref, out / "ref.pt")
+                torch.save(ref_optim, out / "ref-optim.pt")
             mgr = checkpoint.CheckpointManager(out / "mgr")
             comps = {"model": model, "optimizer": checkpoint.OptimizerState(model, opt)}
             mgr.save(1, comps)
@@ -82,11 +84,21 @@ def main() -> int:
             if rank == 0:
                 torch.save(got, out / f"loaded-w{world}.pt")
                 (out / f"report-w{world}.txt").write_text(str(report))
+            # the sharded entry (written by 2 ranks, read by 3), AdamW state included: into FSDP and into DDP
             fresh = launcher.wrap_model(build(name, seed=8), info)
-            report = checkpoint.load(out / "sharded" / "step-2", fresh)  # written by 2 ranks, read by 3
+            opt = torch.optim.AdamW(fresh.parameters(), lr=0.05)
+            mgr = checkpoint.CheckpointManager(out / "sharded")
+            mgr.restore(out / "sharded" / "step-2", {"model": fresh, "optimizer": checkpoint.OptimizerState(fresh, opt)})
             got = get_model_state_dict(fresh, options=FULL)
+            got_optim = get_optimizer_state_dict(fresh, opt, options=FULL)
+            ddp = nn.parallel.DistributedDataParallel(build(name, seed=9))
+            ddp_opt = torch.optim.AdamW(ddp.parameters(), lr=0.05)
+            ddp_state = checkpoint.OptimizerState(ddp, ddp_opt)
+            mgr.restore(out / "sharded" / "step-2", {"model": ddp, "optimizer": ddp_state})
             if rank == 0:
                 torch.save(got, out / f"sharded-loaded-w{world}.pt")
+                torch.save(got_optim, out / f"sharded-optim-w{world}.pt")
+                torch.save(ddp_state.state_dict(), out / f"ddp-optim-w{world}.pt")
         dist.barrier()
     return 0
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import checkpoint
+import models
 from conftest import BIN, REPO, child_env, free_port
 
 pytestmark = pytest.mark.multiproc
@@ -30,6 +31,12 @@ def torchrun(script: str, *args: object, nproc: int, expect: int = 0, timeout: i
     else:
         assert proc.returncode != 0, proc.stderr[-2000:]
     return proc
+
+
+BUILD_SINGLE = {  # the worker's models (tests/_fsdp_worker.py BUILD), for one-process loads here
+    "mlp": lambda: models.build_model("mlp", in_features=12, hidden=10, num_classes=5),
+    "resnet18": lambda: models.build_model("resnet18", num_classes=10, in_channels=1, small_input=True),
+}
 
 
 def assert_exact(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
@@ -65,6 +72,21 @@ def test_save_from_fsdp_x2_is_torchs_full_state_and_loads_into_fsdp_x3(tmp_path,
     assert sorted(p.name for p in entry.glob("rank-*")) == ["rank-00000-of-00002.safetensors",
                                                              "rank-00001-of-00002.safetensors"]
     assert_exact(checkpoint.load_state_dict(entry, verify=True), saved)
+    # its AdamW moments were written by each rank into its own file (never gathered), and come back equal to
+    # torch's full gather at world 3 under FSDP, under DDP, and in one process
+    from safetensors import safe_open
+
+    for r in (0, 1):
+        with safe_open(str(entry / f"rank-{r:05d}-of-00002.safetensors"), "pt") as f:
+            assert any(k.startswith("~state/optimizer/state/") and k.endswith("/exp_avg") for k in f.keys()), r
+    with safe_open(str(entry / "state.safetensors"), "pt") as f:
+        assert not any("exp_avg" in k for k in f.keys())
+    ref_optim = torch.load(tmp_path / "ref-optim.pt", weights_only=True)
+    assert_optim_exact(torch.load(tmp_path / "sharded-optim-w3.pt", weights_only=True), ref_optim)
+    assert_optim_exact(torch.load(tmp_path / "ddp-optim-w3.pt", weights_only=True), ref_optim)
+    single = checkpoint.OptimizerState(net := BUILD_SINGLE[model](), torch.optim.AdamW(net.parameters(), lr=0.05))
+    checkpoint.CheckpointManager(entry.parent).restore(entry, {"model": net, "optimizer": single})
+    assert_optim_exact(single.state_dict(), ref_optim)
     if model == "resnet18":  # BatchNorm: whose statistics were saved
         assert manifest["topology"]["buffers"]["from_rank"] == 0
         assert "buffers (BatchNorm statistics): rank 0's copy" in report
@@ -75,16 +97,33 @@ def test_save_from_fsdp_x2_is_torchs_full_state_and_loads_into_fsdp_x3(tmp_path,
             assert all(failures.values()), (rank, failures)
             assert all(str(tmp_path / "a-file") in msg for msg in failures.values())
         assert "rank 0 failed" in json.loads((tmp_path / "fail.rank1.json").read_text())["ddp"]
-        sharded_bad_input(tmp_path / "sharded", saved)
+        sharded_bad_input(tmp_path / "sharded", saved, ref_optim)
 
 
-def sharded_bad_input(root: Path, saved: dict[str, torch.Tensor]) -> None:
+def assert_optim_exact(got: dict, want: dict) -> None:
+    """Name-keyed optimizer states equal bit for bit (every moment and step), param groups alike."""
+    assert sorted(got["state"]) == sorted(want["state"])
+    for name, entry in want["state"].items():
+        assert sorted(got["state"][name]) == sorted(entry), name
+        for k, v in entry.items():
+            assert torch.equal(torch.as_tensor(got["state"][name][k]), torch.as_tensor(v)), (name, k)
+    assert [sorted(g["params"]) for g in got["param_groups"]] == [sorted(g["params"]) for g in want["param_groups"]]
+
+
+def sharded_bad_input(root: Path, saved: dict[str, torch.Tensor], ref_optim: dict) -> None:
     entry = root / "step-2"
     cli = [sys.executable, "-m", "checkpoint"]
     conv = subprocess.run([*cli, "convert", str(entry), str(root / "one.safetensors")], cwd=REPO, env=child_env(),
                           capture_output=True, text=True, timeout=120)
     assert conv.returncode == 0, conv.stderr
     assert_exact(checkpoint.load_state_dict(root / "one.safetensors"), saved)
+    # to a directory the entry stays one: the rank files' optimizer moments are written whole into its state
+    conv = subprocess.run([*cli, "convert", str(entry), str(root.parent / "whole")], cwd=REPO, env=child_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert conv.returncode == 0, conv.stderr
+    from checkpoint._states import read_states
+
+    assert_optim_exact(read_states(root.parent / "whole")["optimizer"], ref_optim)
     # a corrupted rank file (same size): latest() falls back to the previous entry; load with verify names it
     rank1 = entry / "rank-00001-of-00002.safetensors"
     data = bytearray(rank1.read_bytes())
