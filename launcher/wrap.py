@@ -46,6 +46,7 @@ def wrap_model(model: nn.Module, info: DistInfo, *, sync_bn: bool = False,
         find_unused_parameters, static_graph: passed to ``DistributedDataParallel``.
         param_dtype: ``fsdp`` only: compute dtype of the gathered parameters (``--amp bf16|fp16``), as FSDP's
             ``MixedPrecisionPolicy(param_dtype=..., reduce_dtype=float32)``; sharded weights stay float32.
+            BatchNorm layers become units of their own that compute in float32 (their running statistics are).
 
     Returns:
         The module to train (the bare model for ``single``).
@@ -98,6 +99,13 @@ def _fully_shard(model: nn.Module, param_dtype: torch.dtype | None) -> nn.Module
     kwargs = {}
     if param_dtype is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        # BatchNorm keeps float32 parameters, like its float32 running statistics: its own unit computing in
+        # float32 (inputs cast up, as autocast does for BatchNorm); a bf16 weight beside float32 running
+        # stats is refused by batch_norm on CPU ("expected scalar type BFloat16 but found Float")
+        fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+        for norm in [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m is not model]:
+            if any(p.requires_grad for p in norm.parameters(recurse=False)):
+                fully_shard(norm, mp_policy=fp32)
     units = _fsdp_units(model)
     for unit in units:
         fully_shard(unit, **kwargs)

@@ -43,8 +43,24 @@ def try_save(fn) -> str | None:
     return None
 
 
+def load_entry(entry: Path, out: Path, info) -> None:
+    """The model train.py saved in ``entry`` (built from its manifest), sharded at this world size, loaded."""
+    manifest = checkpoint.read_manifest(entry)
+    model = launcher.wrap_model(models.build_model(manifest["model"], **manifest["model_options"]), info)
+    report = checkpoint.load(entry, model)
+    got = get_model_state_dict(model, options=FULL)
+    if info.rank == 0:
+        torch.save(got, out / f"entry-loaded-w{info.world_size}.pt")
+        (out / f"entry-report-w{info.world_size}.txt").write_text(str(report))
+
+
 def main() -> int:
     mode, name, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    if mode == "load-entry":  # name: a train.py entry
+        with launcher.distributed("fsdp") as info:
+            load_entry(Path(name), out, info)
+            dist.barrier()
+        return 0
     with launcher.distributed("fsdp") as info:
         rank, world = info.rank, info.world_size
         model = launcher.wrap_model(build(name, seed=0 if mode == "save" else 7), info)

@@ -153,9 +153,15 @@ MLP = ["--model", "mlp", "--data", "digits", "--num-samples", "400", "--batch-si
 
 def train(kind: str, out: Path, *extra: str, nproc: int = 1, expect: int = 0) -> subprocess.CompletedProcess:
     args = [*MLP, "--output-dir", str(out), *extra]
-    if kind == "python":
-        proc = subprocess.run([sys.executable, TRAIN, *args], cwd=REPO, env=child_env(), capture_output=True,
-                              text=True, timeout=240)
+    if kind in ("python", "accelerate"):
+        cmd = [sys.executable, TRAIN]
+        env = child_env()
+        if kind == "accelerate":  # accelerate launch on CPU, the strategy given to train.py as for torchrun
+            cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(nproc), "--num_machines",
+                   "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+                   TRAIN]
+            env = child_env(ACCELERATE_USE_CPU="1")
+        proc = subprocess.run([*cmd, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
         assert proc.returncode == expect, proc.stderr[-4000:]
         return proc
     return torchrun(TRAIN, *args, "--strategy", kind, nproc=nproc, expect=expect)
@@ -202,14 +208,16 @@ def losses(out: Path) -> dict[int, float]:
 
 @pytest.mark.timeout(420)
 def test_train_fsdp_x2_resumes_under_ddp_x3_single_and_fsdp_x3_on_the_same_losses(tmp_path):
-    """A run moves FSDP x2 -> DDP x3 -> one process -> FSDP x3, two steps each; every step's loss matches
+    """A run moves FSDP x2 (accelerate launch) -> DDP x3 -> one process -> FSDP x3, two steps each; every step's loss matches
     the uninterrupted single-process run (the MLP has no batch statistics; AdamW moments carry over)."""
     train("python", tmp_path / "straight")
     straight = losses(tmp_path / "straight")
     assert sorted(straight) == list(range(1, 9))
     a, b, c, d = (tmp_path / n for n in "abcd")
-    train("fsdp", a, "--save-sharded", nproc=2)  # one file per rank; read back by ddp x3 below
+    # FSDP under accelerate launch (CPU), one file per rank; read back by ddp x3 below
+    train("accelerate", a, "--strategy", "fsdp", "--save-sharded", nproc=2)
     assert checkpoint.read_manifest(a / "checkpoints" / "step-2")["topology"]["strategy"] == "fsdp"
+    assert checkpoint.read_manifest(a / "checkpoints" / "step-2")["topology"]["launcher"] == "accelerate"
     assert checkpoint.read_manifest(a / "checkpoints" / "step-2")["sharded"]["world_size"] == 2
     train("ddp", b, "--resume", str(a / "checkpoints" / "step-2"), nproc=3)
     train("python", c, "--resume", str(b / "checkpoints" / "step-4"))
@@ -237,3 +245,39 @@ def test_a_save_that_cannot_be_written_fails_every_rank_with_exit_2(tmp_path):
     procs = each_rank(["--strategy", "fsdp", "--output-dir", str(out), "--max-steps", "2"], world=2)
     assert_one_line_error_on_every_rank(procs, "could not write checkpoint", "rank 0 failed")
     assert (out / "checkpoints").read_text().startswith("a regular file")
+
+
+@pytest.mark.timeout(400)
+def test_unet_fsdp_bf16_trains_saves_float32_says_whose_bn_buffers_and_loads_at_world_3(tmp_path):
+    """U-Net (BatchNorm) under --strategy fsdp --amp bf16 at world 2: it trains, its entry is float32 canonical
+    (MixedPrecisionPolicy computes in bf16, the sharded weights stay float32), the manifest says the ranks' BN
+    statistics differed at the mid-epoch save and that rank 0's were kept, and the entry loads into FSDP x3
+    equal to torch's get_model_state_dict(full)."""
+    out = tmp_path / "unet"
+    proc = torchrun(TRAIN, "--strategy", "fsdp", "--amp", "bf16", "--model", "unet", "--model-arg", "base_width=4",
+                    "--data", "shapes:48", "--image-size", "16", "--batch-size", "8", "--max-steps", "3",
+                    "--save-every", "2", "--keep-last", "0", "--log-every", "1", "--no-progress", "--no-tensorboard",
+                    "--output-dir", str(out), nproc=2)
+    assert "fsdp" in proc.stderr + proc.stdout
+    got = losses(out)
+    assert sorted(got) == [1, 2, 3] and all(v == v and 0 < v < 100 for v in got.values()), got
+    entry = out / "checkpoints" / "step-2"
+    manifest = checkpoint.read_manifest(entry)
+    assert manifest["topology"]["strategy"] == "fsdp" and manifest["dtypes"].keys() <= {"float32", "int64"}
+    # each rank normalised its own half of the batch: the replicas differed, rank 0's copy is the saved one
+    assert manifest["topology"]["buffers"] == {"from_rank": 0, "identical_on_all_ranks": False, "world_size": 2}
+    saved = checkpoint.load_state_dict(entry)
+    assert all(v.dtype in (torch.float32, torch.int64) for v in saved.values())
+    torchrun(WORKER, "load-entry", entry, tmp_path, nproc=3)
+    assert_exact(torch.load(tmp_path / "entry-loaded-w3.pt", weights_only=True), saved)
+    report = (tmp_path / "entry-report-w3.txt").read_text()
+    assert "ranks differed; kept rank 0 of 2 ranks" in report and "loaded into: fsdp x3" in report
+
+
+def test_a_sharded_entry_asked_for_ema_refuses_in_one_line(tmp_path):
+    net = models.build_model("mlp", in_features=12, hidden=10, num_classes=5)
+    entry = checkpoint.CheckpointManager(tmp_path, sharded=True).save(1, {"model": net})
+    assert checkpoint.load(entry, net).loaded == len(net.state_dict())
+    for call in (lambda: checkpoint.load(entry, net, ema=True), lambda: checkpoint.load_state_dict(entry, ema=True)):
+        with pytest.raises(checkpoint.CheckpointError, match="no EMA weights.*drop ema / --ema"):
+            call()
