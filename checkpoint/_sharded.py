@@ -321,12 +321,29 @@ def describe_layout(model: "nn.Module") -> str | None:
 SHARD_FILE = "rank-{rank:05d}-of-{world:05d}.safetensors"
 
 
+def tied_keys(sd: Mapping[str, "torch.Tensor"]) -> dict[str, str]:
+    """alias -> stored key for entries that are the same tensor object (tied parameters: one Parameter, or
+    one DTensor under FSDP2, registered under several names); the first key in sorted order is stored.
+    Decided from object identity, so every rank decides alike."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for k in sorted(sd):
+        if sd[k].numel():
+            aliases.update({k: first[id(sd[k])]} if id(sd[k]) in first else {})
+            first.setdefault(id(sd[k]), k)
+    return aliases
+
+
 def rank_entries(sd: Mapping[str, "torch.Tensor"], rank: int) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
-    """This rank's (key, local tensor source) list and its pieces table {key: [global offset, local shape]}."""
+    """This rank's (key, local tensor source) list and its pieces table {key: [global offset, local shape]}.
+    Tied entries (``tied_keys``) are written once, under their stored key."""
     from ._safetensors_io import InMemory
 
     entries, pieces = [], {}
+    aliases = tied_keys(sd)
     for k in sorted(sd):
+        if k in aliases:
+            continue
         t = sd[k].detach()
         layout = shard_layout(t)
         if layout is None:

@@ -178,8 +178,8 @@ class CheckpointManager:
 
     def __init__(self, directory: str | Path, *, keep_last: int | None = 3, every: int | None = None,
                  sharded: bool = False):
-        """``sharded``: every rank writes its own shards (FSDP2 parameters) to its own file in parallel, plus one
-        manifest listing them with sha256; such entries load into any layout and world size like the others
+        """``sharded``: every rank writes its own shards (FSDP2 parameters, and an ``OptimizerState``'s moments via
+        ``local_state_dict``: never gathered) to its own file in parallel, plus one manifest listing them with sha256; such entries load into any layout and world size like the others
         (default False: one canonical file written by rank 0)."""
         self.directory = Path(directory)
         self.keep_last = keep_last
@@ -287,8 +287,9 @@ class CheckpointManager:
                     info["buffers"] = buffers
                 if any(_sharded.shard_layout(v) is not None for v in sd.values()):
                     info["sharded_state_dict"] = True
-                manifest = build_manifest({k: InMemory(v.detach()) for k, v in sd.items()}, {}, info,
-                                          {**(metadata or {}), "step": step})
+                aliases = _sharded.tied_keys(sd)  # tied weights: stored once, re-tied on load
+                manifest = build_manifest({k: InMemory(v.detach()) for k, v in sd.items() if k not in aliases},
+                                          aliases, info, {**(metadata or {}), "step": step})
                 manifest["topology"]["world_size"] = world
                 manifest.update(kind="entry", components=sorted(components), layout="sharded",
                                 sharded={"world_size": world, "files": [rep["name"] for rep in reports],

@@ -90,7 +90,24 @@ def _fsdp_units(model: nn.Module) -> list[nn.Module]:
     if not blocks:
         blocks = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
                   and m is not model]
+    blocks = [b for b in blocks if _self_contained(model, b)]
     return list(reversed(blocks))  # modules() is pre-order: reversed puts children before their parents
+
+
+def _self_contained(model: nn.Module, unit: nn.Module) -> bool:
+    """Whether no parameter of ``unit`` is also held by a module outside it. A tied weight (an output layer
+    sharing the embedding's Parameter) split across two FSDP units becomes two DTensors: the tie is silently
+    lost. Such a unit is left to the enclosing one (the root), which shards the shared Parameter once."""
+    names = {id(m): n for n, m in model.named_modules()}
+    prefix = names[id(unit)]
+    mine = {id(p) for p in unit.parameters()}
+    for name, m in model.named_modules():
+        if name == prefix or name.startswith(prefix + "."):
+            continue
+        if any(id(p) in mine for p in m.parameters(recurse=False)):
+            _log.info("fsdp: %s shares a parameter with %s (tied): sharded with the enclosing unit", prefix, name)
+            return False
+    return True
 
 
 def _fully_shard(model: nn.Module, param_dtype: torch.dtype | None) -> nn.Module:

@@ -30,6 +30,25 @@ BUILD = {  # uneven on purpose: hidden 10 and 5 classes at world 2 and 3
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
+class Tied(nn.Module):
+    """A language-model-like head: the output layer shares the embedding's Parameter (10 rows: uneven at 3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 6)
+        self.body = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.body(self.emb(x))))
+
+
+def tied(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return Tied()
+
+
 def build(name: str, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     return BUILD[name][0]()
@@ -94,6 +113,16 @@ def main() -> int:
                 "manager": try_save(lambda: checkpoint.CheckpointManager(blocker / "ckpts").save(2, comps)),
             }
             (out / f"fail.rank{rank}.json").write_text(json.dumps(failures))
+            if name == "mlp":  # tied weights under FSDP (file and sharded entry); torch's DCP of the sharded model
+                t = launcher.wrap_model(tied(3), info)
+                checkpoint.save(t, out / "tied.safetensors")
+                checkpoint.CheckpointManager(out / "tied-sharded", sharded=True).save(1, {"model": t})
+                tied_ref = get_model_state_dict(t, options=FULL)
+                if rank == 0:
+                    torch.save(tied_ref, out / "tied-ref.pt")
+                import torch.distributed.checkpoint as dcp
+
+                dcp.save(get_model_state_dict(model), checkpoint_id=str(out / "dcp"))
         else:
             report = checkpoint.load(out / "model.safetensors", model)
             got = get_model_state_dict(model, options=FULL)
@@ -111,6 +140,19 @@ def main() -> int:
             ddp_opt = torch.optim.AdamW(ddp.parameters(), lr=0.05)
             ddp_state = checkpoint.OptimizerState(ddp, ddp_opt)
             mgr.restore(out / "sharded" / "step-2", {"model": ddp, "optimizer": ddp_state})
+            if name == "mlp":
+                for src in ("tied.safetensors", "tied-sharded/step-1"):
+                    t = launcher.wrap_model(tied(4), info)
+                    checkpoint.load(out / src, t)
+                    assert t.head.weight is t.emb.weight, "load untied the shared Parameter"
+                    t_full = get_model_state_dict(t, options=FULL)
+                    if rank == 0:
+                        torch.save(t_full, out / f"tied-loaded-w{world}-{src.split('/')[0]}.pt")
+                fresh_dcp = launcher.wrap_model(build(name, seed=10), info)
+                checkpoint.load(out / "dcp", fresh_dcp)  # each rank: only the DCP chunks overlapping its shard
+                dcp_full = get_model_state_dict(fresh_dcp, options=FULL)
+                if rank == 0:
+                    torch.save(dcp_full, out / f"dcp-loaded-w{world}.pt")
             if rank == 0:
                 torch.save(got, out / f"sharded-loaded-w{world}.pt")
                 torch.save(got_optim, out / f"sharded-optim-w{world}.pt")

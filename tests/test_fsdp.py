@@ -98,6 +98,43 @@ def test_save_from_fsdp_x2_is_torchs_full_state_and_loads_into_fsdp_x3(tmp_path,
             assert all(str(tmp_path / "a-file") in msg for msg in failures.values())
         assert "rank 0 failed" in json.loads((tmp_path / "fail.rank1.json").read_text())["ddp"]
         sharded_bad_input(tmp_path / "sharded", saved, ref_optim)
+        tied_and_dcp(tmp_path, saved)
+
+
+def tied_and_dcp(root: Path, saved: dict[str, torch.Tensor]) -> None:
+    """Tied weights saved from FSDP x2 are stored once (file and sharded entry) and load tied at world 3 and in
+    one process; a DCP folder saved by 2 ranks loads into FSDP x3 exactly, each block read from the chunks
+    that overlap it only."""
+    ref = torch.load(root / "tied-ref.pt", weights_only=True)
+    for src, loaded in (("tied.safetensors", "tied.safetensors"), ("tied-sharded/step-1", "tied-sharded")):
+        manifest = checkpoint.read_manifest(root / src)
+        assert manifest["aliases"] == {"head.weight": "emb.weight"}, src
+        assert_exact(torch.load(root / f"tied-loaded-w3-{loaded}.pt", weights_only=True), ref)
+        sd = checkpoint.load_state_dict(root / src)
+        assert sd["head.weight"] is sd["emb.weight"] and torch.equal(sd["emb.weight"], ref["emb.weight"])
+    from safetensors import safe_open
+
+    with safe_open(str(root / "tied.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == ["body.bias", "body.weight", "emb.weight"]
+    for r in (0, 1):
+        with safe_open(str(root / "tied-sharded" / "step-1" / f"rank-{r:05d}-of-00002.safetensors"), "pt") as f:
+            assert "head.weight" not in f.keys() and "emb.weight" in f.keys()
+    assert_exact(torch.load(root / "dcp-loaded-w3.pt", weights_only=True), saved)
+    # rows 5..9 of the 10-row hidden layer are rank 1's chunk at world 2: DCP is asked for that chunk only
+    from checkpoint.formats import read_source
+    from torch.distributed.checkpoint import FileSystemReader
+
+    asked: list = []
+    real = FileSystemReader.read_data
+    FileSystemReader.read_data = lambda self, plan, planner: (asked.extend(plan.items), real(self, plan, planner))[1]
+    try:
+        src = read_source(root / "dcp")
+        block = torch.empty(5, 12)
+        src.tensors["1.weight"].read_block(block, (5, 12), (5, 0))
+    finally:
+        FileSystemReader.read_data = real
+    assert torch.equal(block, saved["1.weight"][5:])
+    assert len(asked) == 1 and list(asked[0].storage_offsets) == [0, 0] and list(asked[0].lengths) == [5, 12]
 
 
 def assert_optim_exact(got: dict, want: dict) -> None:
