@@ -178,9 +178,10 @@ class CheckpointManager:
 
     def __init__(self, directory: str | Path, *, keep_last: int | None = 3, every: int | None = None,
                  sharded: bool = False):
-        """``sharded``: every rank writes its own shards (FSDP2 parameters, and an ``OptimizerState``'s moments via
-        ``local_state_dict``: never gathered) to its own file in parallel, plus one manifest listing them with sha256; such entries load into any layout and world size like the others
-        (default False: one canonical file written by rank 0)."""
+        """``sharded``: every rank writes its own shards (FSDP2 parameters, and an ``OptimizerState``'s moments
+        via ``local_state_dict``: never gathered) to its own file in parallel, plus one manifest listing them
+        with sha256; such entries load into any layout and world size like the others (default False: one
+        canonical file written by rank 0)."""
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.every = every
