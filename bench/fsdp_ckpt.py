@@ -6,7 +6,8 @@ Save from FSDP at world 2: ours canonical (checkpoint.save, one file), ours shar
 sharded=True, one file per rank), torch's ``dcp.save`` of the sharded state dict, and
 ``get_model_state_dict(full_state_dict=True, cpu_offload=True)`` + ``safetensors.save_file`` on rank 0.
 Load into FSDP at world 2 and 3: ours from the canonical file, ours from the sharded entry, ``dcp.load``.
-Peak RSS growth is sampled from /proc/self/statm every 2 ms during each operation, above the RSS before it
+--optim adds two training-entry saves (weights + AdamW moments): ``CheckpointManager`` canonical (the moments
+gathered to rank 0) and sharded (each rank writes its own moments). Peak RSS growth is sampled from /proc/self/statm every 2 ms during each operation, above the RSS before it
 (the rank's shards are already resident). The default MLP (hidden 11000, 784 -> 11000 -> 11000 -> 10) is
 ~0.52 GB of float32 weights; --mlp-hidden 16000 gives ~1.07 GB.
 """
@@ -100,6 +101,16 @@ def worker(args) -> None:
                 sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
                 if rank == 0:
                     safetensors.torch.save_file(sd, str(work / f"full-{r}.safetensors"))
+            if args.optim:  # a training entry: weights + AdamW moments (2x the weights), canonical vs sharded
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+                x = torch.randn(4, 3, 64, 64) if args.model == "resnet152" else torch.randn(4, 784)
+                model(x).float().sum().backward()
+                opt.step()
+                comps = {"model": model, "optimizer": checkpoint.OptimizerState(model, opt)}
+                run("entry canonical+AdamW", lambda r: checkpoint.CheckpointManager(work / "mgr-full", keep_last=1)
+                    .save(r + 1, comps))
+                run("entry sharded+AdamW", lambda r: checkpoint.CheckpointManager(work / "mgr-opt", sharded=True,
+                                                                                 keep_last=1).save(r + 1, comps))
             run("ours canonical", lambda r: checkpoint.save(model, work / "canonical.safetensors"))
             run("ours sharded", lambda r: checkpoint.CheckpointManager(work / "mgr", sharded=True, keep_last=1)
                 .save(r + 1, {"model": model}))
@@ -126,7 +137,7 @@ def worker(args) -> None:
 def launch(args, phase: str, world: int, work: Path) -> list[dict]:
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={world}",
            __file__, "--worker", "--phase", phase, "--dir", str(work), "--model", args.model,
-           "--mlp-hidden", str(args.mlp_hidden), "--rounds", str(args.rounds)]
+           "--mlp-hidden", str(args.mlp_hidden), "--rounds", str(args.rounds)] + (["--optim"] if args.optim else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3000)
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -140,6 +151,8 @@ def main() -> int:
     p.add_argument("--model", choices=["mlp", "resnet152"], default="mlp")
     p.add_argument("--mlp-hidden", type=int, default=11000)
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--optim", action="store_true", help="also save training entries with AdamW state "
+                   "(canonical: moments gathered on rank 0; sharded: each rank writes its own)")
     p.add_argument("--dir", default=None)
     p.add_argument("--worker", action="store_true")
     p.add_argument("--phase", default="save")
@@ -162,11 +175,14 @@ def main() -> int:
         base = "dcp.save" if phase.startswith("save") else "dcp.load"
         t_base = sorted(max(r["results"][base][i][0] for r in rows) for i in range(args.rounds))[args.rounds // 2]
         for name in names:
+            if name not in rows[0]["results"] or base not in rows[0]["results"]:
+                continue
             ts = sorted(max(r["results"][name][i][0] for r in rows) for i in range(args.rounds))
             t = ts[args.rounds // 2]
             growth = max(g for r in rows for _, g in r["results"][name])
             shard = max(r["shard_bytes"] for r in rows)
-            print(f"{phase:8s} {name:24s} {t:7.2f} s  {t / t_base:5.2f}x {base:8s}  peak RSS +{growth / 1e6:7.0f} MB "
+            rank0 = max(g for _, g in rows[0]["results"][name])
+            print(f"{phase:8s} {name:24s} {t:7.2f} s  rank 0 +{rank0 / 1e6:6.0f} MB  {t / t_base:5.2f}x {base:8s}  peak RSS +{growth / 1e6:7.0f} MB "
                   f"= {growth / ckpt:4.2f}x ckpt (shard {shard / 1e6:.0f} MB)")
     return 0
 

@@ -6,6 +6,7 @@ Public API:
 - ``load(path, model, *, strict=True, device=None, ema=False, allow_pickle=False) -> LoadReport``
 - ``load_pretrained(model, path, *, skippable_prefixes=()) -> LoadReport`` (strict but for replaced modules)
 - ``unwrap(model)``, ``inspect(path)``, ``read_manifest(path)``
+- ``buffer_agreement(model)``: whether the ranks' buffer replicas (BatchNorm statistics) agree (collective)
 - ``CheckpointManager(directory, keep_last=k)`` with ``OptimizerState`` for name-keyed optimizer state
 - CLI: ``python -m checkpoint`` / ``anytopo-ckpt`` (inspect, convert, diff, verify)
 
@@ -27,7 +28,7 @@ from .errors import CheckpointError
 __version__ = "0.1.0"
 
 _EXPORTS = {  # public name -> private submodule that defines it
-    "CheckpointManager": "manager", "LoadReport": "_load", "OptimizerState": "manager", "Restored": "manager",
+    "CheckpointManager": "manager", "LoadReport": "_load", "buffer_agreement": "_sharded", "OptimizerState": "manager", "Restored": "manager",
     "inspect": "describe", "load": "_load", "load_pretrained": "_pretrained", "load_state_dict": "_load",
     "read_manifest": "formats",
     "save": "_save", "select_prune": "manager", "should_save": "manager", "unwrap": "_unwrap",
@@ -37,6 +38,7 @@ __all__ = ["CheckpointError", *sorted(_EXPORTS)]
 if TYPE_CHECKING:
     from ._load import LoadReport, load, load_state_dict
     from ._pretrained import load_pretrained
+    from ._sharded import buffer_agreement
     from ._save import save
     from ._unwrap import unwrap
     from .describe import inspect

@@ -321,12 +321,29 @@ def describe_layout(model: "nn.Module") -> str | None:
 SHARD_FILE = "rank-{rank:05d}-of-{world:05d}.safetensors"
 
 
+def tied_keys(sd: Mapping[str, "torch.Tensor"]) -> dict[str, str]:
+    """alias -> stored key for entries that are the same tensor object (tied parameters: one Parameter, or
+    one DTensor under FSDP2, registered under several names); the first key in sorted order is stored.
+    Decided from object identity, so every rank decides alike."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for k in sorted(sd):
+        if sd[k].numel():
+            aliases.update({k: first[id(sd[k])]} if id(sd[k]) in first else {})
+            first.setdefault(id(sd[k]), k)
+    return aliases
+
+
 def rank_entries(sd: Mapping[str, "torch.Tensor"], rank: int) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
-    """This rank's (key, local tensor source) list and its pieces table {key: [global offset, local shape]}."""
+    """This rank's (key, local tensor source) list and its pieces table {key: [global offset, local shape]}.
+    Tied entries (``tied_keys``) are written once, under their stored key."""
     from ._safetensors_io import InMemory
 
     entries, pieces = [], {}
+    aliases = tied_keys(sd)
     for k in sorted(sd):
+        if k in aliases:
+            continue
         t = sd[k].detach()
         layout = shard_layout(t)
         if layout is None:
@@ -418,8 +435,9 @@ class ShardedEntry:
             s.write_to(f)
 
 
-def read_sharded(directory, manifest: dict[str, Any]) -> dict[str, ShardedEntry]:
-    """The tensors of a sharded checkpoint directory, from its manifest and its rank files' headers."""
+def read_sharded(directory, manifest: dict[str, Any], table_name: str = "tensors") -> dict[str, ShardedEntry]:
+    """The tensors of a sharded checkpoint directory, from its manifest and its rank files' headers
+    (``table_name`` "states": the sharded optimizer-state tensors, keyed ``STATE_SHARD + path``)."""
     from pathlib import Path
 
     from ._safetensors_io import read_header
@@ -442,7 +460,7 @@ def read_sharded(directory, manifest: dict[str, Any]) -> dict[str, ShardedEntry]
                                   "or use an earlier checkpoint")
         headers.append(read_header(p)[0])
     out: dict[str, ShardedEntry] = {}
-    for key, info in (table.get("tensors") or {}).items():
+    for key, info in (table.get(table_name) or {}).items():
         pieces = []
         for index, offset, shape in info["pieces"]:
             s = headers[index].get(key)
@@ -452,3 +470,113 @@ def read_sharded(directory, manifest: dict[str, Any]) -> dict[str, ShardedEntry]
             pieces.append((s, tuple(offset), tuple(shape)))
         out[key] = ShardedEntry(key, tuple(info["shape"]), info["dtype"], pieces)
     return out
+
+
+# ---------------------------------------------------------------------------- sharded optimizer state
+#
+# In a sharded entry the optimizer state stays sharded too: each DTensor leaf of a component's state (AdamW's
+# exp_avg / exp_avg_sq of a sharded parameter) is written by every rank to its own rank file, under the key
+# ``STATE_SHARD + path in the state tree`` (model keys never start with '~'), and the state tree in state.json
+# holds ``{"__shard__": key}`` in its place; the manifest's "sharded" table lists each such tensor's global
+# shape and pieces under "states", exactly as for the model's tensors. No rank ever gathers the full state.
+# Reading puts a ``ShardedEntry`` where the placeholder was: an FSDP model reads only its own block of it
+# (``OptimizerState.load_state_dict``), any other layout reads the whole tensor.
+
+STATE_SHARD = "~state/"
+SHARD_REF = "__shard__"
+
+
+def split_state_shards(states: Any, path: str = "") -> tuple[Any, dict[str, "torch.Tensor"]]:
+    """``states`` with every DTensor leaf replaced by ``{SHARD_REF: key}``, and those DTensors by key.
+    Keys depend only on the tree's structure, so every rank names the same tensor alike."""
+    dt = dtensor_type()
+    found: dict[str, Any] = {}
+
+    def walk(node: Any, where: str) -> Any:
+        if dt is not None and isinstance(node, dt):
+            key = STATE_SHARD + where
+            found[key] = node
+            return {SHARD_REF: key}
+        if type(node) is dict:
+            return {k: walk(v, f"{where}/{k}" if where else str(k)) for k, v in node.items()}
+        if type(node) in (list, tuple):
+            return type(node)(walk(v, f"{where}/{i}") for i, v in enumerate(node))
+        return node
+
+    return walk(states, path), found
+
+
+def _is_ref(node: Any) -> bool:
+    return type(node) is dict and len(node) == 1 and isinstance(node.get(SHARD_REF), str)
+
+
+def attach_state_shards(directory, manifest: dict[str, Any], states: Any) -> Any:
+    """``states`` read from a sharded entry with each ``{SHARD_REF: key}`` replaced by its ``ShardedEntry``
+    (read lazily: whole, or only one rank's block). Unchanged for entries without sharded state."""
+    table = (manifest.get("sharded") or {}).get("states")
+    if not table:
+        return states
+    sources = read_sharded(directory, manifest, "states")
+
+    def walk(node: Any) -> Any:
+        if _is_ref(node):
+            key = node[SHARD_REF]
+            if key not in sources:
+                raise CheckpointError(f"{directory}: state.json names sharded tensor {key!r}, which the manifest "
+                                      "does not list; the entry is damaged, use an earlier checkpoint")
+            return sources[key]
+        if type(node) is dict:
+            return {k: walk(v) for k, v in node.items()}
+        if type(node) in (list, tuple):
+            return type(node)(walk(v) for v in node)
+        return node
+
+    return walk(states)
+
+
+def materialize_sources(node: Any) -> Any:
+    """``node`` with every ``ShardedEntry`` read whole (CPU tensors): the state any layout loads."""
+    if isinstance(node, ShardedEntry):
+        return node.read()
+    if type(node) is dict:
+        return {k: materialize_sources(v) for k, v in node.items()}
+    if type(node) in (list, tuple):
+        return type(node)(materialize_sources(v) for v in node)
+    return node
+
+
+def has_sources(node: Any) -> bool:
+    if isinstance(node, ShardedEntry):
+        return True
+    if type(node) is dict:
+        return any(has_sources(v) for v in node.values())
+    if type(node) in (list, tuple):
+        return any(has_sources(v) for v in node)
+    return False
+
+
+def local_optimizer_state(state: dict[str, Any], params: Mapping[str, "torch.Tensor"]) -> dict[str, Any]:
+    """A name-keyed optimizer state whose per-parameter tensors are ``ShardedEntry`` sources, as the sharded
+    state ``set_optimizer_state_dict`` takes for an FSDP model: each rank reads only its block of every
+    tensor shaped like its (DTensor) parameter and wraps it as a DTensor of that parameter's layout;
+    other tensors (AdamW's ``step``) are read whole."""
+    from torch.distributed.tensor import DTensor
+    import torch
+
+    out = dict(state)
+    per_param = {}
+    for name, entry in (state.get("state") or {}).items():
+        p = params.get(name)
+        layout = shard_layout(p) if p is not None else None
+        d = {}
+        for k, v in entry.items():
+            if isinstance(v, ShardedEntry) and layout is not None and tuple(v.shape) == tuple(p.shape):
+                local = torch.empty(layout[0], dtype=v.dtype)
+                v.read_block(local, *layout)
+                d[k] = DTensor.from_local(local.to(p.device), p.device_mesh, p.placements, run_check=False,
+                                          shape=p.shape, stride=p.stride())
+            else:
+                d[k] = materialize_sources(v)
+        per_param[name] = d
+    out["state"] = per_param
+    return materialize_sources(out)

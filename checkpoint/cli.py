@@ -230,6 +230,11 @@ def entry_states(src_path: Path, manifest: dict[str, Any], dst: Path, fmt: str |
     components = [c for c in manifest.get("components") or [] if c != "model"]
     if dst.suffix.lower() == ".safetensors" or dst.suffix.lower() in TORCH_SUFFIXES:
         return {}, components
+    if (manifest.get("sharded") or {}).get("states"):  # moments in the rank files: written whole, as any entry's
+        from ._sharded import attach_state_shards, materialize_sources
+        from ._states import read_states, state_files
+
+        return state_files(materialize_sources(attach_state_shards(src_path, manifest, read_states(src_path)))), []
 
     def copier(path: Path):
         def write(f) -> None:

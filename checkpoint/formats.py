@@ -448,9 +448,10 @@ def _read_dcp(directory: Path) -> Source:
         raise CheckpointError(f"{directory}: the DCP state holds no tensors (entries: {', '.join(sorted(items)[:8])}); "
                               "is this a checkpoint of model weights?")
 
-    def load_one(fqn: str, out: "torch.Tensor") -> None:
+    def load_one(fqn: str, out: "torch.Tensor", region: tuple[tuple[int, ...], tuple[int, ...]] | None = None) -> None:
         try:
-            dcp_load({fqn: out}, storage_reader=SafeReader(directory), no_dist=True)
+            planner = _dcp_region_planner(fqn, *region) if region is not None else None
+            dcp_load({fqn: out}, storage_reader=SafeReader(directory), planner=planner, no_dist=True)
         except CheckpointError:
             raise
         except (KeyboardInterrupt, SystemExit):
@@ -500,6 +501,11 @@ class DCPTensor:
             return out
         return t
 
+    def read_block(self, dst: "torch.Tensor", shape: tuple, offset: tuple) -> None:
+        """Fill ``dst`` with the block at ``offset`` of ``shape`` (one FSDP rank's shard): DCP reads only the
+        saved chunks that overlap it and copies the overlap (a DCP saved by N ranks: about 1/N of the tensor)."""
+        self._load(self.fqn, dst, (tuple(offset), tuple(shape)))
+
     def identity(self) -> object:
         return id(self)
 
@@ -507,6 +513,27 @@ class DCPTensor:
         from ._safetensors_io import _byte_view
 
         f.write(_byte_view(self.read()))
+
+
+def _dcp_region_planner(fqn: str, offset: tuple[int, ...], shape: tuple[int, ...]):
+    """A DCP load planner whose only target is the block ``offset``/``shape`` of ``fqn`` (the state dict holds
+    a tensor of that block's shape): DCP's resharding (``create_read_items_for_chunk_list``) then asks the
+    reader only for the saved chunks that overlap the block."""
+    import torch
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.planner import LoadPlan
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    class RegionPlanner(DefaultLoadPlanner):
+        def create_local_plan(self) -> LoadPlan:
+            chunk = ChunkStorageMetadata(offsets=torch.Size(offset), sizes=torch.Size(shape))
+            return LoadPlan(create_read_items_for_chunk_list(fqn, self.metadata.state_dict_metadata[fqn], [chunk]))
+
+        def lookup_tensor(self, index):  # the target is the block itself (read items index it by block offset)
+            return self.state_dict[index.fqn]
+
+    return RegionPlanner()
 
 
 # ------------------------------------------------------------------------------------------ dispatch
@@ -518,9 +545,12 @@ def _read_directory(path: Path, *, ema: bool, allow_pickle: bool) -> Source:
         if isinstance(manifest, dict) and manifest.get("format") == FORMAT_TAG and manifest.get("sharded"):
             from ._sharded import read_sharded  # one file per rank (CheckpointManager(sharded=True))
 
-            tensors = read_sharded(path, manifest)
+            if ema:  # its rank files hold the model's weights only; silently loading those would be wrong
+                raise CheckpointError(f"{path}: a sharded entry holds the model's weights only, no EMA weights "
+                                      "(--ema is refused with fsdp); drop ema / --ema")
+            tensors = _with_aliases(read_sharded(path, manifest), manifest)  # tied: one source, several keys
             files = [path / n for n in manifest["sharded"]["files"]]
-            return Source(path, "anytopo-sharded-ranks", dict(tensors), manifest, {}, files,
+            return Source(path, "anytopo-sharded-ranks", tensors, manifest, {}, files,
                           [f"assembled from {len(files)} rank files (world {manifest['sharded']['world_size']})"])
         if isinstance(manifest, dict) and manifest.get("format") == FORMAT_TAG:
             weights = manifest.get("weights")

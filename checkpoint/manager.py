@@ -82,10 +82,12 @@ class OptimizerState:
     wrapping changes (DDP <-> DP <-> single <-> compiled) and parameter-group regrouping. Built on
     ``torch.distributed.checkpoint.state_dict.get/set_optimizer_state_dict``.
 
-    For a sharded model (FSDP2) the state is gathered to full tensors on rank 0 (the writer; other ranks
-    get an empty dict) and loaded from full tensors into each rank's shards, so it is the same name-keyed
-    state a single process or DDP saves and loads: runs move between FSDP, DDP and one process at any
-    world size with their AdamW moments intact.
+    For a sharded model (FSDP2) ``state_dict`` gathers full tensors on rank 0 (the writer; other ranks
+    get an empty dict) and ``load_state_dict`` takes full tensors into each rank's shards, so it is the same
+    name-keyed state a single process or DDP saves and loads: runs move between FSDP, DDP and one process at
+    any world size with their AdamW moments intact. ``local_state_dict`` is the state a sharded entry writes:
+    each rank's own shards (DTensors), never gathered; ``load_state_dict`` also takes that state back as read
+    from such an entry (each FSDP rank reading only its own block).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
@@ -98,11 +100,31 @@ class OptimizerState:
         model = unwrap(self.model)
         return get_optimizer_state_dict(model, self.optimizer, options=self._options(model, saving=True))
 
+    def local_state_dict(self) -> dict[str, Any]:
+        """This rank's part of the state, never gathered: DTensor moments for a sharded model (what
+        ``CheckpointManager(sharded=True)`` writes rank by rank); ``state_dict()`` for any other model."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        from ._sharded import is_sharded_state
+
+        model = unwrap(self.model)
+        if not is_sharded_state(dict(model.named_parameters())):
+            return self.state_dict()
+        return get_optimizer_state_dict(model, self.optimizer)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        from ._sharded import has_sources, is_sharded_state, local_optimizer_state, materialize_sources
 
         model = unwrap(self.model)
         options = self._options(model, saving=False)
+        if has_sources(state):  # read from a sharded entry: tensors still on disk
+            params = dict(model.named_parameters())
+            if is_sharded_state(params):  # each rank reads its own block, loaded as sharded state
+                state, options = local_optimizer_state(state, params), StateDictOptions(full_state_dict=False)
+            else:
+                state = materialize_sources(state)
         if options is None and self._load_by_index(model, state):
             return
         set_optimizer_state_dict(model, self.optimizer, state, options=options)
@@ -183,9 +205,10 @@ class CheckpointManager:
 
     def __init__(self, directory: str | Path, *, keep_last: int | None = 3, every: int | None = None,
                  sharded: bool = False):
-        """``sharded``: every rank writes its own shards (FSDP2 parameters) to its own file in parallel, plus one
-        manifest listing them with sha256; such entries load into any layout and world size like the others
-        (default False: one canonical file written by rank 0)."""
+        """``sharded``: every rank writes its own shards (FSDP2 parameters, and an ``OptimizerState``'s moments
+        via ``local_state_dict``: never gathered) to its own file in parallel, plus one manifest listing them
+        with sha256; such entries load into any layout and world size like the others (default False: one
+        canonical file written by rank 0)."""
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.every = every
@@ -208,8 +231,7 @@ class CheckpointManager:
                 raise CheckpointError(f"component {name!r} is a bare optimizer (index-keyed state); "
                                       "wrap it as OptimizerState(model, optimizer)")
         # Every rank asks (state_dict() may be collective); only the writer copies tensors to CPU, as it writes.
-        states = {name: comp.state_dict() if hasattr(comp, "state_dict") and not isinstance(comp, dict) else comp
-                  for name, comp in components.items() if name != MODEL_COMPONENT}
+        states = {name: self._state_of(comp) for name, comp in components.items() if name != MODEL_COMPONENT}
         path = self.directory / entry_name(step)
 
         def write(entries, aliases, info) -> None:  # on the writer only, while a sharded model is gathered
@@ -223,6 +245,15 @@ class CheckpointManager:
         else:
             write_collectively(components[MODEL_COMPONENT], write, path)
         return path
+
+    def _state_of(self, comp: Any) -> Any:
+        """A component's state to save: a sharded entry takes each rank's own part where the component
+        offers one (``OptimizerState.local_state_dict``), so no rank gathers the full optimizer state."""
+        if isinstance(comp, dict) or not hasattr(comp, "state_dict"):
+            return comp
+        if self.sharded and hasattr(comp, "local_state_dict"):
+            return comp.local_state_dict()
+        return comp.state_dict()
 
     def _save_sharded(self, path: Path, step: int, components: Mapping[str, Any], states: dict[str, Any],
                       metadata: Mapping[str, Any] | None) -> None:
@@ -249,10 +280,11 @@ class CheckpointManager:
                 error = CheckpointError(self._write_failure(path, e)) if isinstance(e, OSError) else e
         tmp = _sharded.broadcast_from_writer(tmp)
         sd = model.state_dict(keep_vars=True)
+        states, state_shards = _sharded.split_state_shards(states)  # sharded optimizer moments: per rank too
         mine: dict[str, Any] = {}
         if tmp is not None:
             try:
-                entries, pieces = _sharded.rank_entries(sd, rank)
+                entries, pieces = _sharded.rank_entries({**sd, **state_shards}, rank)
                 name = _sharded.SHARD_FILE.format(rank=rank, world=world)
                 with atomic_file(Path(tmp) / name) as f:
                     write_file(f, entries, {"format": "pt", "anytopo_rank": f"{rank}/{world}"})
@@ -270,10 +302,11 @@ class CheckpointManager:
                 if failed:
                     raise CheckpointError(f"rank {failed[0][0]} could not write its shard file ({failed[0][1]})")
                 table: dict[str, Any] = {}
+                state_table: dict[str, Any] = {}
                 for r, rep in enumerate(reports):
                     for key, (offset, shape) in rep["pieces"].items():
-                        t = sd[key]
-                        entry = table.setdefault(key, {"shape": list(t.shape), "dtype": CODE_OF_NAME[dtype_name(t.dtype)],
+                        t, where = (sd[key], table) if key in sd else (state_shards[key], state_table)
+                        entry = where.setdefault(key, {"shape": list(t.shape), "dtype": CODE_OF_NAME[dtype_name(t.dtype)],
                                                        "pieces": []})
                         entry["pieces"].append([r, offset, shape])
                 info = {"wrappers": describe_wrapping(components[MODEL_COMPONENT]),
@@ -282,12 +315,13 @@ class CheckpointManager:
                     info["buffers"] = buffers
                 if any(_sharded.shard_layout(v) is not None for v in sd.values()):
                     info["sharded_state_dict"] = True
-                manifest = build_manifest({k: InMemory(v.detach()) for k, v in sd.items()}, {}, info,
-                                          {**(metadata or {}), "step": step})
+                aliases = _sharded.tied_keys(sd)  # tied weights: stored once, re-tied on load
+                manifest = build_manifest({k: InMemory(v.detach()) for k, v in sd.items() if k not in aliases},
+                                          aliases, info, {**(metadata or {}), "step": step})
                 manifest["topology"]["world_size"] = world
                 manifest.update(kind="entry", components=sorted(components), layout="sharded",
                                 sharded={"world_size": world, "files": [rep["name"] for rep in reports],
-                                         "tensors": table})
+                                         "tensors": table, **({"states": state_table} if state_table else {})})
                 files = {rep["name"]: {"bytes": rep["bytes"], "sha256": rep["sha256"]} for rep in reports}
                 for name, data in state_files(states).items():
                     with atomic_file(Path(tmp) / name, sha256=True) as f:
@@ -565,15 +599,22 @@ class CheckpointManager:
         result = Restored(path, manifest.get("step", report.step), manifest.get("epoch", report.epoch), report,
                           restored=[MODEL_COMPONENT], manifest=manifest)
         states = (read_states(path) if entry else None) or {}
+        if manifest.get("sharded"):  # sharded optimizer moments: sources read whole or by each rank's block
+            from ._sharded import attach_state_shards, materialize_sources
+
+            states = attach_state_shards(path, manifest, states)
         for name, comp in components.items():
             if name == MODEL_COMPONENT:
                 continue
             if name not in states:
                 result.absent.append(name)
                 continue
+            state = states[name]
+            if manifest.get("sharded") and not isinstance(comp, OptimizerState):
+                state = materialize_sources(state)
             if isinstance(comp, dict):
-                result.states[name] = states[name]
+                result.states[name] = state
             else:
-                comp.load_state_dict(states[name])
+                comp.load_state_dict(state)
             result.restored.append(name)
         return result

@@ -46,6 +46,7 @@ def wrap_model(model: nn.Module, info: DistInfo, *, sync_bn: bool = False,
         find_unused_parameters, static_graph: passed to ``DistributedDataParallel``.
         param_dtype: ``fsdp`` only: compute dtype of the gathered parameters (``--amp bf16|fp16``), as FSDP's
             ``MixedPrecisionPolicy(param_dtype=..., reduce_dtype=float32)``; sharded weights stay float32.
+            BatchNorm layers become units of their own that compute in float32 (their running statistics are).
 
     Returns:
         The module to train (the bare model for ``single``).
@@ -89,7 +90,24 @@ def _fsdp_units(model: nn.Module) -> list[nn.Module]:
     if not blocks:
         blocks = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
                   and m is not model]
+    blocks = [b for b in blocks if _self_contained(model, b)]
     return list(reversed(blocks))  # modules() is pre-order: reversed puts children before their parents
+
+
+def _self_contained(model: nn.Module, unit: nn.Module) -> bool:
+    """Whether no parameter of ``unit`` is also held by a module outside it. A tied weight (an output layer
+    sharing the embedding's Parameter) split across two FSDP units becomes two DTensors: the tie is silently
+    lost. Such a unit is left to the enclosing one (the root), which shards the shared Parameter once."""
+    names = {id(m): n for n, m in model.named_modules()}
+    prefix = names[id(unit)]
+    mine = {id(p) for p in unit.parameters()}
+    for name, m in model.named_modules():
+        if name == prefix or name.startswith(prefix + "."):
+            continue
+        if any(id(p) in mine for p in m.parameters(recurse=False)):
+            _log.info("fsdp: %s shares a parameter with %s (tied): sharded with the enclosing unit", prefix, name)
+            return False
+    return True
 
 
 def _fully_shard(model: nn.Module, param_dtype: torch.dtype | None) -> nn.Module:
@@ -98,6 +116,13 @@ def _fully_shard(model: nn.Module, param_dtype: torch.dtype | None) -> nn.Module
     kwargs = {}
     if param_dtype is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        # BatchNorm keeps float32 parameters, like its float32 running statistics: its own unit computing in
+        # float32 (inputs cast up, as autocast does for BatchNorm); a bf16 weight beside float32 running
+        # stats is refused by batch_norm on CPU ("expected scalar type BFloat16 but found Float")
+        fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+        for norm in [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m is not model]:
+            if any(p.requires_grad for p in norm.parameters(recurse=False)):
+                fully_shard(norm, mp_policy=fp32)
     units = _fsdp_units(model)
     for unit in units:
         fully_shard(unit, **kwargs)

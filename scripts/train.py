@@ -828,6 +828,9 @@ class Trainer:
                     "topology": {"strategy": self.info.strategy, "world_size": self.info.world_size,
                                  "device_type": self.info.device.type, "launcher": self.info.launcher},
                     "data": self.cfg.data, "config": self.cfg.to_dict()}
+        buffers = checkpoint.buffer_agreement(self.bare)  # before the sync: did the ranks' replicas differ?
+        if buffers is not None:  # the manifest (and load report) says so, not the post-sync "identical"
+            metadata["topology"]["buffers"] = buffers
         launcher.sync_buffers(self.bare, self.info)  # rank 0's BN statistics: the copy the checkpoint holds
         path = self.manager.save(self.step, self.components, metadata=metadata)
         if self.ema is not None:

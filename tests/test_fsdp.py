@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import checkpoint
+import models
 from conftest import BIN, REPO, child_env, free_port
 
 pytestmark = pytest.mark.multiproc
@@ -30,6 +31,12 @@ def torchrun(script: str, *args: object, nproc: int, expect: int = 0, timeout: i
     else:
         assert proc.returncode != 0, proc.stderr[-2000:]
     return proc
+
+
+BUILD_SINGLE = {  # the worker's models (tests/_fsdp_worker.py BUILD), for one-process loads here
+    "mlp": lambda: models.build_model("mlp", in_features=12, hidden=10, num_classes=5),
+    "resnet18": lambda: models.build_model("resnet18", num_classes=10, in_channels=1, small_input=True),
+}
 
 
 def assert_exact(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
@@ -65,6 +72,21 @@ def test_save_from_fsdp_x2_is_torchs_full_state_and_loads_into_fsdp_x3(tmp_path,
     assert sorted(p.name for p in entry.glob("rank-*")) == ["rank-00000-of-00002.safetensors",
                                                              "rank-00001-of-00002.safetensors"]
     assert_exact(checkpoint.load_state_dict(entry, verify=True), saved)
+    # its AdamW moments were written by each rank into its own file (never gathered), and come back equal to
+    # torch's full gather at world 3 under FSDP, under DDP, and in one process
+    from safetensors import safe_open
+
+    for r in (0, 1):
+        with safe_open(str(entry / f"rank-{r:05d}-of-00002.safetensors"), "pt") as f:
+            assert any(k.startswith("~state/optimizer/state/") and k.endswith("/exp_avg") for k in f.keys()), r
+    with safe_open(str(entry / "state.safetensors"), "pt") as f:
+        assert not any("exp_avg" in k for k in f.keys())
+    ref_optim = torch.load(tmp_path / "ref-optim.pt", weights_only=True)
+    assert_optim_exact(torch.load(tmp_path / "sharded-optim-w3.pt", weights_only=True), ref_optim)
+    assert_optim_exact(torch.load(tmp_path / "ddp-optim-w3.pt", weights_only=True), ref_optim)
+    single = checkpoint.OptimizerState(net := BUILD_SINGLE[model](), torch.optim.AdamW(net.parameters(), lr=0.05))
+    checkpoint.CheckpointManager(entry.parent).restore(entry, {"model": net, "optimizer": single})
+    assert_optim_exact(single.state_dict(), ref_optim)
     if model == "resnet18":  # BatchNorm: whose statistics were saved
         assert manifest["topology"]["buffers"]["from_rank"] == 0
         assert "buffers (BatchNorm statistics): rank 0's copy" in report
@@ -75,16 +97,70 @@ def test_save_from_fsdp_x2_is_torchs_full_state_and_loads_into_fsdp_x3(tmp_path,
             assert all(failures.values()), (rank, failures)
             assert all(str(tmp_path / "a-file") in msg for msg in failures.values())
         assert "rank 0 failed" in json.loads((tmp_path / "fail.rank1.json").read_text())["ddp"]
-        sharded_bad_input(tmp_path / "sharded", saved)
+        sharded_bad_input(tmp_path / "sharded", saved, ref_optim)
+        tied_and_dcp(tmp_path, saved)
 
 
-def sharded_bad_input(root: Path, saved: dict[str, torch.Tensor]) -> None:
+def tied_and_dcp(root: Path, saved: dict[str, torch.Tensor]) -> None:
+    """Tied weights saved from FSDP x2 are stored once (file and sharded entry) and load tied at world 3 and in
+    one process; a DCP folder saved by 2 ranks loads into FSDP x3 exactly, each block read from the chunks
+    that overlap it only."""
+    ref = torch.load(root / "tied-ref.pt", weights_only=True)
+    for src, loaded in (("tied.safetensors", "tied.safetensors"), ("tied-sharded/step-1", "tied-sharded")):
+        manifest = checkpoint.read_manifest(root / src)
+        assert manifest["aliases"] == {"head.weight": "emb.weight"}, src
+        assert_exact(torch.load(root / f"tied-loaded-w3-{loaded}.pt", weights_only=True), ref)
+        sd = checkpoint.load_state_dict(root / src)
+        assert sd["head.weight"] is sd["emb.weight"] and torch.equal(sd["emb.weight"], ref["emb.weight"])
+    from safetensors import safe_open
+
+    with safe_open(str(root / "tied.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == ["body.bias", "body.weight", "emb.weight"]
+    for r in (0, 1):
+        with safe_open(str(root / "tied-sharded" / "step-1" / f"rank-{r:05d}-of-00002.safetensors"), "pt") as f:
+            assert "head.weight" not in f.keys() and "emb.weight" in f.keys()
+    assert_exact(torch.load(root / "dcp-loaded-w3.pt", weights_only=True), saved)
+    # rows 5..9 of the 10-row hidden layer are rank 1's chunk at world 2: DCP is asked for that chunk only
+    from checkpoint.formats import read_source
+    from torch.distributed.checkpoint import FileSystemReader
+
+    asked: list = []
+    real = FileSystemReader.read_data
+    FileSystemReader.read_data = lambda self, plan, planner: (asked.extend(plan.items), real(self, plan, planner))[1]
+    try:
+        src = read_source(root / "dcp")
+        block = torch.empty(5, 12)
+        src.tensors["1.weight"].read_block(block, (5, 12), (5, 0))
+    finally:
+        FileSystemReader.read_data = real
+    assert torch.equal(block, saved["1.weight"][5:])
+    assert len(asked) == 1 and list(asked[0].storage_offsets) == [0, 0] and list(asked[0].lengths) == [5, 12]
+
+
+def assert_optim_exact(got: dict, want: dict) -> None:
+    """Name-keyed optimizer states equal bit for bit (every moment and step), param groups alike."""
+    assert sorted(got["state"]) == sorted(want["state"])
+    for name, entry in want["state"].items():
+        assert sorted(got["state"][name]) == sorted(entry), name
+        for k, v in entry.items():
+            assert torch.equal(torch.as_tensor(got["state"][name][k]), torch.as_tensor(v)), (name, k)
+    assert [sorted(g["params"]) for g in got["param_groups"]] == [sorted(g["params"]) for g in want["param_groups"]]
+
+
+def sharded_bad_input(root: Path, saved: dict[str, torch.Tensor], ref_optim: dict) -> None:
     entry = root / "step-2"
     cli = [sys.executable, "-m", "checkpoint"]
     conv = subprocess.run([*cli, "convert", str(entry), str(root / "one.safetensors")], cwd=REPO, env=child_env(),
                           capture_output=True, text=True, timeout=120)
     assert conv.returncode == 0, conv.stderr
     assert_exact(checkpoint.load_state_dict(root / "one.safetensors"), saved)
+    # to a directory the entry stays one: the rank files' optimizer moments are written whole into its state
+    conv = subprocess.run([*cli, "convert", str(entry), str(root.parent / "whole")], cwd=REPO, env=child_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert conv.returncode == 0, conv.stderr
+    from checkpoint._states import read_states
+
+    assert_optim_exact(read_states(root.parent / "whole")["optimizer"], ref_optim)
     # a corrupted rank file (same size): latest() falls back to the previous entry; load with verify names it
     rank1 = entry / "rank-00001-of-00002.safetensors"
     data = bytearray(rank1.read_bytes())
@@ -114,9 +190,15 @@ MLP = ["--model", "mlp", "--data", "digits", "--num-samples", "400", "--batch-si
 
 def train(kind: str, out: Path, *extra: str, nproc: int = 1, expect: int = 0) -> subprocess.CompletedProcess:
     args = [*MLP, "--output-dir", str(out), *extra]
-    if kind == "python":
-        proc = subprocess.run([sys.executable, TRAIN, *args], cwd=REPO, env=child_env(), capture_output=True,
-                              text=True, timeout=240)
+    if kind in ("python", "accelerate"):
+        cmd = [sys.executable, TRAIN]
+        env = child_env()
+        if kind == "accelerate":  # accelerate launch on CPU, the strategy given to train.py as for torchrun
+            cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(nproc), "--num_machines",
+                   "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+                   TRAIN]
+            env = child_env(ACCELERATE_USE_CPU="1")
+        proc = subprocess.run([*cmd, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
         assert proc.returncode == expect, proc.stderr[-4000:]
         return proc
     return torchrun(TRAIN, *args, "--strategy", kind, nproc=nproc, expect=expect)
@@ -163,14 +245,16 @@ def losses(out: Path) -> dict[int, float]:
 
 @pytest.mark.timeout(420)
 def test_train_fsdp_x2_resumes_under_ddp_x3_single_and_fsdp_x3_on_the_same_losses(tmp_path):
-    """A run moves FSDP x2 -> DDP x3 -> one process -> FSDP x3, two steps each; every step's loss matches
+    """A run moves FSDP x2 (accelerate launch) -> DDP x3 -> one process -> FSDP x3, two steps each; every step's loss matches
     the uninterrupted single-process run (the MLP has no batch statistics; AdamW moments carry over)."""
     train("python", tmp_path / "straight")
     straight = losses(tmp_path / "straight")
     assert sorted(straight) == list(range(1, 9))
     a, b, c, d = (tmp_path / n for n in "abcd")
-    train("fsdp", a, "--save-sharded", nproc=2)  # one file per rank; read back by ddp x3 below
+    # FSDP under accelerate launch (CPU), one file per rank; read back by ddp x3 below
+    train("accelerate", a, "--strategy", "fsdp", "--save-sharded", nproc=2)
     assert checkpoint.read_manifest(a / "checkpoints" / "step-2")["topology"]["strategy"] == "fsdp"
+    assert checkpoint.read_manifest(a / "checkpoints" / "step-2")["topology"]["launcher"] == "accelerate"
     assert checkpoint.read_manifest(a / "checkpoints" / "step-2")["sharded"]["world_size"] == 2
     train("ddp", b, "--resume", str(a / "checkpoints" / "step-2"), nproc=3)
     train("python", c, "--resume", str(b / "checkpoints" / "step-4"))
@@ -198,3 +282,39 @@ def test_a_save_that_cannot_be_written_fails_every_rank_with_exit_2(tmp_path):
     procs = each_rank(["--strategy", "fsdp", "--output-dir", str(out), "--max-steps", "2"], world=2)
     assert_one_line_error_on_every_rank(procs, "could not write checkpoint", "rank 0 failed")
     assert (out / "checkpoints").read_text().startswith("a regular file")
+
+
+@pytest.mark.timeout(400)
+def test_unet_fsdp_bf16_trains_saves_float32_says_whose_bn_buffers_and_loads_at_world_3(tmp_path):
+    """U-Net (BatchNorm) under --strategy fsdp --amp bf16 at world 2: it trains, its entry is float32 canonical
+    (MixedPrecisionPolicy computes in bf16, the sharded weights stay float32), the manifest says the ranks' BN
+    statistics differed at the mid-epoch save and that rank 0's were kept, and the entry loads into FSDP x3
+    equal to torch's get_model_state_dict(full)."""
+    out = tmp_path / "unet"
+    proc = torchrun(TRAIN, "--strategy", "fsdp", "--amp", "bf16", "--model", "unet", "--model-arg", "base_width=4",
+                    "--data", "shapes:48", "--image-size", "16", "--batch-size", "8", "--max-steps", "3",
+                    "--save-every", "2", "--keep-last", "0", "--log-every", "1", "--no-progress", "--no-tensorboard",
+                    "--output-dir", str(out), nproc=2)
+    assert "fsdp" in proc.stderr + proc.stdout
+    got = losses(out)
+    assert sorted(got) == [1, 2, 3] and all(v == v and 0 < v < 100 for v in got.values()), got
+    entry = out / "checkpoints" / "step-2"
+    manifest = checkpoint.read_manifest(entry)
+    assert manifest["topology"]["strategy"] == "fsdp" and manifest["dtypes"].keys() <= {"float32", "int64"}
+    # each rank normalised its own half of the batch: the replicas differed, rank 0's copy is the saved one
+    assert manifest["topology"]["buffers"] == {"from_rank": 0, "identical_on_all_ranks": False, "world_size": 2}
+    saved = checkpoint.load_state_dict(entry)
+    assert all(v.dtype in (torch.float32, torch.int64) for v in saved.values())
+    torchrun(WORKER, "load-entry", entry, tmp_path, nproc=3)
+    assert_exact(torch.load(tmp_path / "entry-loaded-w3.pt", weights_only=True), saved)
+    report = (tmp_path / "entry-report-w3.txt").read_text()
+    assert "ranks differed; kept rank 0 of 2 ranks" in report and "loaded into: fsdp x3" in report
+
+
+def test_a_sharded_entry_asked_for_ema_refuses_in_one_line(tmp_path):
+    net = models.build_model("mlp", in_features=12, hidden=10, num_classes=5)
+    entry = checkpoint.CheckpointManager(tmp_path, sharded=True).save(1, {"model": net})
+    assert checkpoint.load(entry, net).loaded == len(net.state_dict())
+    for call in (lambda: checkpoint.load(entry, net, ema=True), lambda: checkpoint.load_state_dict(entry, ema=True)):
+        with pytest.raises(checkpoint.CheckpointError, match="no EMA weights.*drop ema / --ema"):
+            call()
