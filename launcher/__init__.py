@@ -21,7 +21,7 @@ from .dist import (STRATEGIES, DistInfo, all_gather_object, all_reduce_sum, broa
                    restart_attempt, setup, teardown)
 from .errors import LaunchError
 from .log import get_logger
-from .preempt import PREEMPTED_EXIT_CODE, Preemption, parse_signal
+from .preempt import PREEMPTED_EXIT_CODE, Preemption, agree_flags, parse_signal
 from .sampling import EvalSampler, TrainSampler, per_rank_batch
 from .seed import derive_seed, seed_everything
 from .wrap import is_fsdp, sync_buffers, unsharded, wrap_model
@@ -34,6 +34,7 @@ __all__ = [
     "Preemption",
     "LaunchError",
     "TrainSampler",
+    "agree_flags",
     "all_gather_object",
     "all_reduce_sum",
     "broadcast_object",
