@@ -336,13 +336,12 @@ def _limit_file_size() -> None:
 @pytest.mark.timeout(420)
 def test_a_failed_background_write_stops_both_ranks_at_the_next_step(tmp_path):
     out = tmp_path / "out"
-    proc = _train(["--max-steps", "7", "--save-every", "7", "--async-save", "--output-dir", str(out)], torchrun=2)
+    proc = _train(["--epochs", "6", "--max-steps", "11", "--async-save", "--output-dir", str(out)], torchrun=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpts = out / "checkpoints"
-    before = {p.name: p.read_bytes() for p in (ckpts / "step-7").iterdir()}
-    # the save of step 14 fails in the background (EFBIG); the next flush would come with the end of the epoch
-    # at step 20 (evaluation, best entry), the next save at step 21
-    proc = _train(["--epochs", "6", "--save-every", "7", "--async-save", "--resume", "auto", "--output-dir",
+    before = {p.name: p.read_bytes() for p in (ckpts / "step-11").iterdir()}
+    # the save of step 12 fails in the background (EFBIG); the next save, which would flush it, is at step 16
+    proc = _train(["--epochs", "6", "--save-every", "4", "--async-save", "--resume", "auto", "--output-dir",
                    str(out)], torchrun=2, preexec=_limit_file_size, timeout=300)
     assert proc.returncode != 0
     workers = proc.stderr.split("torch/distributed/elastic")[0]  # what the ranks printed, before the agent's report
@@ -351,11 +350,11 @@ def test_a_failed_background_write_stops_both_ranks_at_the_next_step(tmp_path):
     # every rank raises the writer's own line; torchrun SIGTERMs the group when the first rank exits, which
     # can cut the other's print short: at least one, and all the same
     assert 1 <= len(errors) <= 2 and len(set(errors)) == 1, proc.stderr[-3000:]
-    assert errors[0] == (f"error: could not write checkpoint {ckpts / 'step-14'}: File too large; `latest` still "
-                         "points to step-7, intact; raise the file-size limit (ulimit -f) or save elsewhere"), errors
+    assert errors[0] == (f"error: could not write checkpoint {ckpts / 'step-12'}: File too large; `latest` still "
+                         "points to step-11, intact; raise the file-size limit (ulimit -f) or save elsewhere"), errors
     assert "exitcode  : 2" in proc.stderr or "exitcode: 2" in proc.stderr, proc.stderr[-3000:]
-    # stopped at a step boundary soon after step 14, not at the end of the epoch (step 20, which flushes too)
-    assert 14 < max(_losses(out)) < 20, max(_losses(out))
-    assert {p.name: p.read_bytes() for p in (ckpts / "step-7").iterdir()} == before
+    # stopped at a step boundary soon after step 12, not at the next save (step 16, which would flush it too)
+    assert 12 < max(_losses(out)) < 16, max(_losses(out))
+    assert {p.name: p.read_bytes() for p in (ckpts / "step-11").iterdir()} == before
     manager_module._VERIFIED.clear()
-    assert read_pointer(ckpts / "latest") == "step-7" and CheckpointManager(ckpts).latest() == ckpts / "step-7"
+    assert read_pointer(ckpts / "latest") == "step-11" and CheckpointManager(ckpts).latest() == ckpts / "step-11"
