@@ -46,10 +46,13 @@ class BufferPool:
     def __init__(self) -> None:
         self._buffers: list[tuple[torch.Tensor, bool]] = []  # (buffer, pinned): is_pinned() costs ~30 us a call
         self._next = 0
+        self._dst: list[torch.Tensor] = []
+        self._src: list[torch.Tensor] = []
         self.allocated = 0  # buffers allocated so far (reuse shows as this not growing)
 
     def start(self) -> None:
         self._next = 0
+        self._dst, self._src = [], []
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype, *, pin: bool) -> torch.Tensor:
         import torch
@@ -69,16 +72,25 @@ class BufferPool:
         return buf
 
     def copy(self, src: torch.Tensor) -> torch.Tensor:
-        """``src``'s values in the next buffer (CPU, contiguous). A copy from CUDA is only *enqueued*:
-        call ``synchronize`` before the buffer is read."""
+        """The next buffer, which ``finish`` fills with ``src``'s values (CPU, contiguous)."""
         src = src.detach()
         buf = self.take(src.shape, src.dtype, pin=src.is_cuda)
-        buf.copy_(src, non_blocking=src.is_cuda)
+        self._dst.append(buf)
+        self._src.append(src)
         return buf
 
+    def finish(self) -> None:
+        """Copy every source taken since ``start`` into its buffer: one ``_foreach_copy_`` call (no Python
+        per tensor), asynchronous DMA from CUDA into pinned buffers, then one synchronize."""
+        import torch
 
-def _needs_sync(tensors: list[torch.Tensor]) -> bool:
-    return any(t.is_cuda for t in tensors)
+        if not self._dst:
+            return
+        cuda = any(t.is_cuda for t in self._src)
+        torch._foreach_copy_(self._dst, self._src, non_blocking=cuda)
+        if cuda:
+            torch.cuda.synchronize()
+        self._dst, self._src = [], []
 
 
 def snapshot_entries(entries: dict[str, TensorSource], pool: BufferPool) -> dict[str, InMemory]:
@@ -88,21 +100,16 @@ def snapshot_entries(entries: dict[str, TensorSource], pool: BufferPool) -> dict
     other sources (an FSDP parameter gathered from its shards, which is collective) are read into the
     buffer. Returns the same keys, in the same order, over the buffers.
     """
-    import torch
-
     pool.start()
     out: dict[str, InMemory] = {}
-    cuda = False
     for k, e in entries.items():
         if type(e) is InMemory:
-            cuda |= e.tensor.is_cuda
             out[k] = InMemory(pool.copy(e.tensor))
         else:
             buf = pool.take(tuple(e.shape), e.dtype, pin=False)
             e.read(out=buf)
             out[k] = InMemory(buf)
-    if cuda:
-        torch.cuda.synchronize()
+    pool.finish()
     return out
 
 
@@ -113,13 +120,11 @@ def snapshot_tree(obj: Any, pool: BufferPool) -> Any:
     import torch
 
     pool.start()
-    seen_cuda: list[bool] = []
 
     def walk(x: Any) -> Any:
         if isinstance(x, torch.Tensor):
             if type(x) is not torch.Tensor or x.layout != torch.strided:
                 return x.detach().clone()  # rare (a sparse or subclass tensor): copied, not pooled
-            seen_cuda.append(x.is_cuda)
             return pool.copy(x)
         if type(x) in (dict, OrderedDict):
             return type(x)((k, walk(v)) for k, v in x.items())
@@ -132,8 +137,7 @@ def snapshot_tree(obj: Any, pool: BufferPool) -> Any:
         return copy.deepcopy(x)
 
     out = walk(obj)
-    if any(seen_cuda):
-        torch.cuda.synchronize()
+    pool.finish()
     return out
 
 

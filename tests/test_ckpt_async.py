@@ -358,3 +358,21 @@ def test_a_failed_background_write_stops_both_ranks_at_the_next_step(tmp_path):
     assert {p.name: p.read_bytes() for p in (ckpts / "step-11").iterdir()} == before
     manager_module._VERIFIED.clear()
     assert read_pointer(ckpts / "latest") == "step-11" and CheckpointManager(ckpts).latest() == ckpts / "step-11"
+
+
+def test_optimizer_state_renamed_by_itself_equals_torch_helper():
+    """OptimizerState builds the name-keyed state itself after torch's helper named the parameters once (the
+    helper's cost was most of a snapshot's overhead); the result must be exactly the helper's."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    run = Run()
+    state = OptimizerState(run.model, run.opt)
+    first, second = state.state_dict(), state.state_dict()
+    assert state._names is not None  # the second call took the fast path
+    want = get_optimizer_state_dict(run.model, run.opt)
+    for got in (first, second):
+        assert list(got) == list(want) and got["param_groups"] == want["param_groups"]
+        assert list(got["state"]) == list(want["state"])
+        assert all(got["state"][k][n] is want["state"][k][n] for k in want["state"] for n in want["state"][k])
+    run.opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})  # groups changed: the helper again
+    assert state._renamed_state_dict() is None
