@@ -835,6 +835,11 @@ class Trainer:
         flag = torch.tensor([float(better and self.info.is_main)], device=self.info.device)
         return bool(launcher.all_reduce_sum(flag, self.info).item())
 
+    def _flush_saves(self) -> None:
+        """--async-save: wait for the save in flight; every rank raises the writer's line if it failed."""
+        if self.cfg.async_save:
+            self.manager.flush()
+
     def _at_step_boundary(self, epoch: int, saved_at: int | None, last_path: Path | None) -> None:
         """The ranks agree, in ONE all-reduce, on whether any received a preemption signal and whether the
         writer's background save failed; a failure stops every rank with the writer's line, a signal with a
@@ -854,7 +859,7 @@ class Trainer:
         The checkpoint is durable before the exit: a save just started in the background is flushed, and the
         preemption's own save is synchronous (it first waits for one still in flight)."""
         if saved_at == self.step:
-            self.manager.flush()
+            self._flush_saves()
             path = last_path
         else:
             path = self.save(epoch, blocking=True)
@@ -907,7 +912,7 @@ class Trainer:
             if self._is_new_best(metrics):  # the entry must hold exactly the weights just measured
                 if saved_at != self.step:
                     last_path, saved_at = self.save(epoch), self.step
-                self.manager.flush()  # --async-save: the entry must be on disk before `best` names it
+                self._flush_saves()  # the entry must be on disk before `best` names it
                 self.manager.update_best(self.step, self.best_metric, metrics[self.best_metric], mode="max")
             self.log.info("epoch %d step %d: %s", epoch,
                           self.step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -918,7 +923,7 @@ class Trainer:
             last_path = self.resume_path  # nothing trained: the resumed checkpoint is the final one
         elif saved_at != self.step:
             last_path = self.save(epoch=max(0, epoch - 1))
-        self.manager.flush()  # --async-save: the final entry is durable and `latest` before the run reports it
+        self._flush_saves()  # the final entry is durable and `latest` before the run reports it
         if not metrics:  # resumed at the end: still report the model's quality
             metrics = self.evaluate()
         return final_loss, metrics, last_path

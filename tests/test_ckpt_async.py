@@ -376,3 +376,29 @@ def test_optimizer_state_renamed_by_itself_equals_torch_helper():
         assert all(got["state"][k][n] is want["state"][k][n] for k in want["state"] for n in want["state"][k])
     run.opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})  # groups changed: the helper again
     assert state._renamed_state_dict() is None
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("save_every", [1, 3])
+def test_preemption_with_async_saves_leaves_the_stopping_step_durable(tmp_path, save_every):
+    """SIGTERM with --async-save: the checkpoint of the step the ranks stop at is durable and `latest` before
+    exit 143, whether it was just saved in the background (flushed) or is saved then (synchronously)."""
+    import re
+    import signal
+
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, TRAIN, *MLP, "--epochs", "50", "--save-every", str(save_every),
+                             "--async-save", "--output-dir", str(out)], cwd=REPO, env=child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(_losses(out) if (out / "metrics.csv").is_file() else {}) <= 4:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    m = re.search(r"preempted \(SIGTERM\) at step (\d+): checkpoint (\S+) written", err)
+    assert m and "Traceback" not in err, err[-2000:]
+    step = int(m.group(1))
+    ckpts = out / "checkpoints"
+    manager_module._VERIFIED.clear()
+    assert read_pointer(ckpts / "latest") == f"step-{step}" and CheckpointManager(ckpts).latest() == ckpts / f"step-{step}"
