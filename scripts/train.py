@@ -1030,7 +1030,9 @@ def cli(argv: list[str] | None = None) -> int:
     except (ConfigError, launcher.LaunchError, checkpoint.CheckpointError) as e:
         if args.debug:
             raise
-        print(f"error: {checkpoint.errors.first_line(e)}", file=sys.stderr)
+        # one write of the whole line: ranks under torchrun share the stream, and print() writes the newline
+        # separately, so two ranks' lines could run together
+        sys.stderr.write(f"error: {checkpoint.errors.first_line(e)}\n")
         return 2
 
 
