@@ -350,9 +350,10 @@ def test_a_failed_background_write_stops_both_ranks_at_the_next_step(tmp_path):
               for e in line.split("error: ") if e.strip()]  # (two ranks' lines may still meet in the pipe)
     # every rank raises the writer's own line; torchrun SIGTERMs the group when the first rank exits, which
     # can cut the other's print short: at least one, and all the same
-    assert 1 <= len(errors) <= 2 and len(set(errors)) == 1, proc.stderr[-3000:]
-    assert errors[0] == (f"error: could not write checkpoint {ckpts / 'step-12'}: File too large; `latest` still "
-                         "points to step-11, intact; raise the file-size limit (ulimit -f) or save elsewhere"), errors
+    want = (f"error: could not write checkpoint {ckpts / 'step-12'}: File too large; `latest` still points to "
+            "step-11, intact; raise the file-size limit (ulimit -f) or save elsewhere")
+    # ... and a line cut short by that SIGTERM is a beginning of the same line
+    assert 1 <= len(errors) <= 2 and want in errors and all(want.startswith(e) for e in errors), proc.stderr[-3000:]
     assert "exitcode  : 2" in proc.stderr or "exitcode: 2" in proc.stderr, proc.stderr[-3000:]
     # stopped at a step boundary soon after step 12, not at the next save (step 16, which would flush it too)
     assert 12 < max(_losses(out)) < 16, max(_losses(out))
