@@ -355,8 +355,9 @@ def test_a_failed_background_write_stops_both_ranks_at_the_next_step(tmp_path):
     # ... and a line cut short by that SIGTERM is a beginning of the same line
     assert 1 <= len(errors) <= 2 and want in errors and all(want.startswith(e) for e in errors), proc.stderr[-3000:]
     assert "exitcode  : 2" in proc.stderr or "exitcode: 2" in proc.stderr, proc.stderr[-3000:]
-    # stopped at a step boundary soon after step 12, not at the next save (step 16, which would flush it too)
-    assert 12 < max(_losses(out)) < 16, max(_losses(out))
+    # stopped at a step boundary from step 12's own (the write can fail within that step's all-reduce) on, not at
+    # the next save (step 16, which would flush it too)
+    assert 12 <= max(_losses(out)) < 16, max(_losses(out))
     assert {p.name: p.read_bytes() for p in (ckpts / "step-11").iterdir()} == before
     manager_module._VERIFIED.clear()
     assert read_pointer(ckpts / "latest") == "step-11" and CheckpointManager(ckpts).latest() == ckpts / "step-11"
