@@ -12,14 +12,18 @@
       checkpoint" otherwise;
     - the next save cleans every temp the kill left (``.step-*`` dirs, ``.latest.*.tmp``).
     Target: 0 unloadable, 0 lost, over 100 kills.
+(a, async) the same with asynchronous saves (``async_save=True``): the child saves, then changes the state
+    in place as training would while the background thread writes, then flushes; kills land in the
+    snapshot, in the background write and in the flush. "Completed" means the flush had returned. The
+    entry ``latest`` names must hold the snapshot (the step's values), never the state changed after it.
 (d) **disk full**: the same state saved into a small tmpfs mount whose free space runs out somewhere in
     the second save (sizes drawn at random, so the failure lands in different files), and under
     RLIMIT_FSIZE (EFBIG) with random limits. Each trial must end in one ``CheckpointError`` line that
     names the fix, with the first entry intact and ``latest``, and no temp left. tmpfs trials need root
     and mount rights; they are reported as not run otherwise.
 
-    .venv/bin/python bench/faults_save.py --quick    # ~10 kills + 4 disk-full trials (run by make test)
-    .venv/bin/python bench/faults_save.py            # 100 kills + 20 disk-full trials
+    .venv/bin/python bench/faults_save.py --quick    # 10 + 5 async kills + 4 disk-full trials (run by make test)
+    .venv/bin/python bench/faults_save.py            # 100 + 100 async kills + 20 disk-full trials
 
 Prints the counts and writes bench/results/faults_save.json; exits 1 if any target is missed.
 """
@@ -73,14 +77,28 @@ class State:
                 "trainer": self.trainer}
 
 
-def save_in_child(mgr: CheckpointManager, state: State, step: int) -> int:
-    """Fork; the child saves ``step`` and exits 0. Returns the child's pid."""
+def save_in_child(mgr: CheckpointManager, state: State, step: int, *, background: bool = False,
+                  signal_fd: int | None = None) -> int:
+    """Fork; the child saves ``step`` and exits 0. Returns the child's pid.
+
+    ``background``: the child saves asynchronously (``async_save=True``), writes one byte to ``signal_fd``
+    when ``save`` has returned (the write is then in flight in the background thread), changes the state in
+    place as training would (so an entry holding anything but the snapshot fails the check), then flushes;
+    exit 0 means the flush returned, i.e. the entry is durable and ``latest``."""
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         code = 1
         try:
             state.stamp(step)
-            mgr.save(step, state.components())
+            if background:
+                mgr = CheckpointManager(mgr.directory, keep_last=mgr.keep_last, async_save=True)
+                mgr.save(step, state.components())
+                if signal_fd is not None:
+                    os.write(signal_fd, b"s")
+                state.stamp(-step)  # training goes on while the entry is written
+                mgr.flush()
+            else:
+                mgr.save(step, state.components())
             code = 0
         finally:
             os._exit(code)
@@ -113,34 +131,42 @@ def temps(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
 
 
-def kills(n: int, work: Path, rng: random.Random) -> dict[str, Any]:
-    directory = work / "kills"
+def kills(n: int, work: Path, rng: random.Random, *, background: bool = False) -> dict[str, Any]:
+    """Property (a); ``background``: with asynchronous saves (kills land in the snapshot, in the background
+    write while training changes the state, and in the flush)."""
+    directory = work / ("kills-async" if background else "kills")
     mgr = CheckpointManager(directory, keep_last=3)
     state = State()
     # calibrate: the duration of an uninterrupted save (median of 3)
     durations = []
     for step in (1, 2, 3):
         t = time.perf_counter()
-        pid = save_in_child(mgr, state, step)
+        pid = save_in_child(mgr, state, step, background=background)
         _, status = os.waitpid(pid, 0)
         durations.append(time.perf_counter() - t)
         assert os.waitstatus_to_exitcode(status) == 0
     save_s = sorted(durations)[1]
     last_done, step = 3, 3
-    unloadable = lost = completed_before_kill = left_temps = uncleaned = 0
+    unloadable = lost = completed_before_kill = left_temps = uncleaned = in_flight = 0
     problems: list[str] = []
     delays = []
     for _ in range(n):
         step += 1
         delay = rng.uniform(0, 1.25 * save_s)
         delays.append(delay)
-        pid = save_in_child(mgr, state, step)
+        r, w = os.pipe()
+        pid = save_in_child(mgr, state, step, background=background, signal_fd=w)
+        os.close(w)
         time.sleep(delay)
         os.kill(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
+        with os.fdopen(r, "rb") as f:
+            returned = f.read() == b"s"  # save() had returned: the background write was under way
         if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
             last_done = step
             completed_before_kill += 1
+        elif returned:
+            in_flight += 1
         if temps(directory):
             left_temps += 1
         got, problem = check(directory, last_done)
@@ -150,10 +176,11 @@ def kills(n: int, work: Path, rng: random.Random) -> dict[str, Any]:
             lost += not problem.startswith("unloadable")
     # one clean save at the end must remove every temp any kill left
     step += 1
-    pid = save_in_child(mgr, state, step)
+    pid = save_in_child(mgr, state, step, background=background)
     _, status = os.waitpid(pid, 0)
     uncleaned = len(temps(directory))
-    return {"kills": n, "save_s": save_s, "delay_max_s": max(delays) if delays else 0,
+    return {"kills": n, "background": background, "killed_while_writing_in_background": in_flight if background else None,
+            "save_s": save_s, "delay_max_s": max(delays) if delays else 0,
             "completed_before_kill": completed_before_kill, "kills_that_left_temps": left_temps,
             "temps_after_next_save": uncleaned, "unloadable_latest": unloadable, "lost_completed": lost,
             "problems": problems[:10], "entry_bytes": sum(p.stat().st_size for p in (directory / f"step-{step}").iterdir())}
@@ -248,13 +275,16 @@ def disk_full(n: int, work: Path, rng: random.Random) -> dict[str, Any]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="10 kills and 2+2 disk-full trials")
+    ap.add_argument("--quick", action="store_true", help="10 kills, 5 async kills and 2+2 disk-full trials")
     ap.add_argument("--kills", type=int, default=None)
+    ap.add_argument("--async-kills", type=int, default=None,
+                    help="kills of asynchronous saves (default 100; --quick: 5)")
     ap.add_argument("--disk-trials", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tmp-dir", default=None, help="scratch directory (default: a temp dir under bench/results)")
     args = ap.parse_args()
     n_kills = args.kills or (10 if args.quick else 100)
+    n_async = args.async_kills if args.async_kills is not None else (5 if args.quick else 100)
     n_disk = args.disk_trials or (2 if args.quick else 10)
     torch.set_num_threads(1)
     rng = random.Random(args.seed)
@@ -267,6 +297,9 @@ def main() -> int:
         t = time.perf_counter()
         result["kills"] = kills(n_kills, work, rng)
         result["kills"]["wall_s"] = round(time.perf_counter() - t, 1)
+        t = time.perf_counter()
+        result["kills_async"] = kills(n_async, work, rng, background=True)
+        result["kills_async"]["wall_s"] = round(time.perf_counter() - t, 1)
         t = time.perf_counter()
         result["disk_full"] = disk_full(n_disk, work, rng)
         result["disk_full"]["wall_s"] = round(time.perf_counter() - t, 1)
@@ -281,6 +314,14 @@ def main() -> int:
           f"left temps, {k['temps_after_next_save']} remained after the next save")
     for p in k["problems"]:
         print("    " + p)
+    ka = result["kills_async"]
+    print(f"(a, async) {ka['kills']} SIGKILLs during asynchronous saves (save + flush {ka['save_s']:.3f} s, delays "
+          f"0-{ka['delay_max_s']:.3f} s; {ka['killed_while_writing_in_background']} while the background write was in "
+          f"flight and training had changed the state): {ka['unloadable_latest']} unloadable latest, "
+          f"{ka['lost_completed']} completed checkpoints lost; {ka['completed_before_kill']} flushes had returned, "
+          f"{ka['kills_that_left_temps']} kills left temps, {ka['temps_after_next_save']} remained after the next save")
+    for p in ka["problems"]:
+        print("    " + p)
     for name in ("rlimit_fsize", "tmpfs"):
         x = d[name]
         print(f"(d) disk full, {name}: {x['trials']} trials, {x['failed']} failed"
@@ -293,6 +334,7 @@ def main() -> int:
         print("    e.g. " + d["tmpfs"]["lines"][0])
     write_result("faults_save_quick" if args.quick else "faults_save", result)
     ok = (k["unloadable_latest"] == 0 and k["lost_completed"] == 0 and k["temps_after_next_save"] == 0
+          and ka["unloadable_latest"] == 0 and ka["lost_completed"] == 0 and ka["temps_after_next_save"] == 0
           and d["rlimit_fsize"]["failed"] == 0 and d["tmpfs"]["failed"] == 0)
     print("targets: " + ("met" if ok else "MISSED"))
     return 0 if ok else 1

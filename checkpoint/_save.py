@@ -187,8 +187,12 @@ def parse_size(size: int | str | None) -> int | None:
     return int(float(m.group(1)) * base ** power)
 
 
-def canonical_state(obj: nn.Module | Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """CPU, contiguous tensors under bare keys, plus what was learned about the source (for the manifest)."""
+def canonical_state(obj: nn.Module | Mapping[str, torch.Tensor], *,
+                    to_cpu: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """CPU, contiguous tensors under bare keys, plus what was learned about the source (for the manifest).
+
+    ``to_cpu=False`` leaves each tensor where and as it is (detached): for a caller that copies them into
+    buffers of its own (the asynchronous save's snapshot), so a GPU tensor is not copied twice."""
     import torch
     from torch import nn
 
@@ -219,6 +223,9 @@ def canonical_state(obj: nn.Module | Mapping[str, torch.Tensor]) -> tuple[dict[s
     out: dict[str, torch.Tensor] = {}
     for k, v in sd.items():
         t = v.detach()
+        if not to_cpu:
+            out[k] = t
+            continue
         if not t.is_cpu:
             t = t.cpu()
         out[k] = t if t.is_contiguous() else t.contiguous()
@@ -519,9 +526,11 @@ def save(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], path: str 
     return path
 
 
-def write_collectively(obj: nn.Module | Mapping[str, torch.Tensor], write, path: Path) -> None:
+def write_collectively(obj: nn.Module | Mapping[str, torch.Tensor], write, path: Path, *,
+                       to_cpu: bool = True) -> None:
     """Run ``write(entries, aliases, info)`` on the writer (global rank 0) with ``obj``'s canonical tensors;
-    every rank must call this. A sharded model (FSDP2, DTensors) is gathered tensor by tensor while the
+    every rank must call this (``to_cpu=False``: an unsharded model's tensors are handed over where they
+    are, see ``canonical_state``). A sharded model (FSDP2, DTensors) is gathered tensor by tensor while the
     writer writes, every rank taking part in each gather; then all ranks learn the writer's outcome and
     raise if it failed (``_sharded.agree``), so no rank reports a checkpoint that was not written.
     """
@@ -555,7 +564,7 @@ def write_collectively(obj: nn.Module | Mapping[str, torch.Tensor], write, path:
         plan.drain()
     elif is_writer():
         try:
-            sd_cpu, found = canonical_state(obj)
+            sd_cpu, found = canonical_state(obj, to_cpu=to_cpu)
             unique, aliases = dedupe(sd_cpu)
             write({k: InMemory(t) for k, t in unique.items()}, aliases, {**found, **info})
         except Exception as e:  # noqa: BLE001

@@ -93,12 +93,46 @@ class OptimizerState:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         self.model = model
         self.optimizer = optimizer
+        self._names: tuple[tuple[int, ...], list[str]] | None = None  # (param ids in group order, their names)
 
     def state_dict(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         model = unwrap(self.model)
-        return get_optimizer_state_dict(model, self.optimizer, options=self._options(model, saving=True))
+        options = self._options(model, saving=True)
+        if options is None:
+            fast = self._renamed_state_dict()
+            if fast is not None:
+                return fast
+        sd = get_optimizer_state_dict(model, self.optimizer, options=options)
+        if options is None:
+            self._learn_names(sd)
+        return sd
+
+    def _ids(self) -> tuple[int, ...]:
+        return tuple(id(p) for group in self.optimizer.param_groups for p in group["params"])
+
+    def _learn_names(self, sd: dict[str, Any]) -> None:
+        """Remember the name torch's helper gave each parameter (it knows every wrapper's naming), so the next
+        calls can rename ``optimizer.state_dict()`` themselves: the helper costs ~15 ms a call on ResNet-18,
+        most of a snapshot's overhead over its bare copy (bench/ckpt_stall.py)."""
+        names = [n for group in sd.get("param_groups", []) for n in group.get("params", [])]
+        ids = self._ids()
+        self._names = (ids, names) if len(names) == len(ids) and len(set(names)) == len(names) else None
+
+    def _renamed_state_dict(self) -> dict[str, Any] | None:
+        """What ``get_optimizer_state_dict`` returns for an unsharded model (the optimizer's own state_dict,
+        indices replaced by parameter names, same order), built from the names it gave last time; None when
+        they are not known for the current parameter groups, or the state is still empty (torch's helper then
+        initialises it)."""
+        if self._names is None or not self.optimizer.state or self._names[0] != self._ids():
+            return None
+        names = self._names[1]
+        sd = self.optimizer.state_dict()
+        sd["state"] = {names[pid]: v for pid, v in sd["state"].items()}
+        for group in sd["param_groups"]:
+            group["params"] = [names[pid] for pid in group["params"]]
+        return sd
 
     def local_state_dict(self) -> dict[str, Any]:
         """This rank's part of the state, never gathered: DTensor moments for a sharded model (what
@@ -204,25 +238,40 @@ class CheckpointManager:
     """
 
     def __init__(self, directory: str | Path, *, keep_last: int | None = 3, every: int | None = None,
-                 sharded: bool = False):
+                 sharded: bool = False, async_save: bool = False):
         """``sharded``: every rank writes its own shards (FSDP2 parameters, and an ``OptimizerState``'s moments
         via ``local_state_dict``: never gathered) to its own file in parallel, plus one manifest listing them
         with sha256; such entries load into any layout and world size like the others (default False: one
-        canonical file written by rank 0)."""
+        canonical file written by rank 0).
+
+        ``async_save``: ``save`` returns once the entry's state is snapshotted into reused CPU buffers (pinned
+        for CUDA tensors); the writer writes files, fsyncs, renames, moves ``latest`` and prunes in one
+        background thread. At most one save is in flight (a new save waits for the previous one). A failed
+        background write is reported by ``failure()`` (no waiting) and raised by ``flush()`` on every rank,
+        or by the next ``save`` (see ``checkpoint/_async.py``). Not with ``sharded`` (every rank writes)."""
+        if sharded and async_save:
+            raise CheckpointError("async_save with sharded=True is not supported (every rank writes its own file, "
+                                  "which needs collectives after the write): use one or the other")
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.every = every
         self.sharded = sharded
+        self.async_save = async_save
+        self._background: Any = None  # _async.BackgroundWriter, on the writer, from the first asynchronous save
 
     def should_save(self, step: int, *, last: bool = False) -> bool:
         return should_save(step, self.every, last=last)
 
     # -- writing
 
-    def save(self, step: int, components: Mapping[str, Any], *, metadata: Mapping[str, Any] | None = None) -> Path:
+    def save(self, step: int, components: Mapping[str, Any], *, metadata: Mapping[str, Any] | None = None,
+             blocking: bool | None = None) -> Path:
         """Write entry ``step-{step}`` atomically, then move ``latest`` to it, then prune.
 
-        Every rank must call this (component state_dicts may be collective); rank 0 writes.
+        Every rank must call this (component state_dicts may be collective); rank 0 writes. ``blocking``
+        (default: not ``async_save``) False returns once the state is snapshotted and leaves the writing to
+        the background thread (``flush()`` waits for it); True writes before returning. Either way a save
+        still in flight is waited for first, and if it failed this save raises its error instead.
         """
         if MODEL_COMPONENT not in components or not isinstance(components[MODEL_COMPONENT], nn.Module):
             raise CheckpointError("components need a 'model' entry holding the nn.Module to save")
@@ -230,17 +279,32 @@ class CheckpointManager:
             if isinstance(comp, torch.optim.Optimizer):
                 raise CheckpointError(f"component {name!r} is a bare optimizer (index-keyed state); "
                                       "wrap it as OptimizerState(model, optimizer)")
+        background = not (blocking if blocking is not None else not self.async_save)
+        if background and self.sharded:
+            raise CheckpointError("a background save of a sharded manager is not supported: save with blocking=True")
+        if background or self.async_save:
+            # the save in flight must end first (its buffers are reused), and if it failed every rank stops
+            # here with the writer's own line (flush is collective; so is save)
+            self.flush()
         # Every rank asks (state_dict() may be collective); only the writer copies tensors to CPU, as it writes.
         states = {name: self._state_of(comp) for name, comp in components.items() if name != MODEL_COMPONENT}
         path = self.directory / entry_name(step)
 
         def write(entries, aliases, info) -> None:  # on the writer only, while a sharded model is gathered
+            previous = self._background.take_failure() if self._background is not None else None
+            if previous:  # the save before this one failed in the background: say so, write nothing more
+                raise CheckpointError(previous)
+            if background:
+                self._save_in_background(path, step, components, states, metadata, entries, aliases, info)
+                return
             try:
                 self._write_entry(path, step, components, states, metadata, entries, aliases, info)
             except OSError as e:
                 raise CheckpointError(self._write_failure(path, e)) from None
 
-        if self.sharded:
+        if background:
+            write_collectively(components[MODEL_COMPONENT], write, path, to_cpu=False)
+        elif self.sharded:
             self._save_sharded(path, step, components, states, metadata)
         else:
             write_collectively(components[MODEL_COMPONENT], write, path)
@@ -341,14 +405,83 @@ class CheckpointManager:
                 shutil.rmtree(tmp, ignore_errors=True)
         _sharded.agree(error, path)
 
+    # -- asynchronous saves (checkpoint/_async.py)
+
+    def _save_in_background(self, path: Path, step: int, components: Mapping[str, Any], states: dict[str, Any],
+                            metadata: Mapping[str, Any] | None, entries: dict[str, Any], aliases: dict[str, str],
+                            info: dict[str, Any]) -> None:
+        """The writer's part of an asynchronous save: snapshot now (this thread), write later (the background
+        thread). Runs inside ``write_collectively``, so a failing snapshot is told to every rank."""
+        from ._async import BackgroundWriter, snapshot_entries, snapshot_tree
+
+        if self._background is None:
+            self._background = BackgroundWriter()
+        bg = self._background
+        entries = snapshot_entries(entries, bg.model_pool)
+        states = snapshot_tree(states, bg.state_pool)
+        # built here, not in the thread: it reads the process group (the topology), which may be gone by then
+        manifest = self._entry_manifest(step, components, metadata, entries, aliases, info)
+
+        def job() -> None:
+            try:
+                self._commit_entry(path, step, manifest, entries, states)
+            except OSError as e:
+                raise CheckpointError(self._write_failure(path, e)) from None
+
+        bg.submit(str(path), job)
+
+    def failure(self) -> str | None:
+        """The one-line error of a background save that has FAILED, without waiting (None otherwise, and
+        on every rank but the writer). Non-collective: a training loop all-reduces it (see scripts/train.py)."""
+        return self._background.failure(wait=False) if self._background is not None else None
+
+    def in_flight(self) -> bool:
+        """Whether a background save is still being written (on the writer)."""
+        return self._background is not None and self._background.in_flight()
+
+    def wait(self) -> str | None:
+        """Wait for the save in flight (on this rank; non-collective) and return its error line, if it failed.
+        The outcome stays pending for ``flush``."""
+        return self._background.failure(wait=True) if self._background is not None else None
+
+    def flush(self) -> None:
+        """Wait for the background save in flight, then make every rank learn its outcome: if it failed, every
+        rank raises the same one-line CheckpointError (which names the entry, the cause, what was kept and the
+        fix). Every rank must call this. A no-op without asynchronous saves apart from that agreement."""
+        from . import _sharded
+
+        message = self._background.take_failure() if self._background is not None else None
+        dist = _sharded._dist()
+        if dist is not None and dist.get_world_size() > 1:
+            message = _sharded.broadcast_from_writer(message)
+            dist.barrier()  # nobody races ahead to tear the group down while a peer still receives
+        if message:
+            raise CheckpointError(message)
+
+    def _settle(self) -> None:
+        """Readers see the last save: wait for one in flight (its outcome stays pending for ``flush``)."""
+        if self._background is not None and not self._background.on_worker_thread():
+            self._background.wait()
+
     def _write_entry(self, path: Path, step: int, components: Mapping[str, Any], states: dict[str, Any],
                      metadata: Mapping[str, Any] | None, entries: dict[str, Any], aliases: dict[str, str],
                      info: dict[str, Any]) -> None:
         """The writer's part of ``save``: the entry directory (model, then states), the pointer, pruning."""
-        self._clean_temps()
+        self._commit_entry(path, step, self._entry_manifest(step, components, metadata, entries, aliases, info),
+                           entries, states)
+
+    @staticmethod
+    def _entry_manifest(step: int, components: Mapping[str, Any], metadata: Mapping[str, Any] | None,
+                        entries: dict[str, Any], aliases: dict[str, str], info: dict[str, Any]) -> dict[str, Any]:
         manifest = build_manifest(entries, aliases, info, {**(metadata or {}), "step": step})
         manifest["kind"] = "entry"
         manifest["components"] = sorted(components)
+        return manifest
+
+    def _commit_entry(self, path: Path, step: int, manifest: dict[str, Any], entries: dict[str, Any],
+                      states: dict[str, Any]) -> None:
+        """Files (written, fsynced, renamed into place), then ``latest``, then pruning: no collective here."""
+        self._clean_temps()
         write_directory(path, list(entries.items()), manifest, extra_files=state_files(states))
         atomic_write_text(self.directory / POINTER, entry_name(step) + "\n")
         self._prune(protect=step)
@@ -423,6 +556,7 @@ class CheckpointManager:
 
     def best(self) -> Path | None:
         """The entry ``best`` points to, if it verifies (sha256 of every file); else None."""
+        self._settle()
         record = self.best_record()
         if record is None:
             return None
@@ -435,6 +569,7 @@ class CheckpointManager:
 
     def entries(self) -> list[tuple[int, Path]]:
         """(step, path) of every entry with a readable manifest, oldest first. Step comes from the manifest."""
+        self._settle()
         out = []
         if not self.directory.is_dir():
             return out
@@ -464,6 +599,7 @@ class CheckpointManager:
     def latest(self) -> Path | None:
         """The entry ``latest`` points to if it verifies (sha256 of every file), else the newest entry
         that does; None when there is none."""
+        self._settle()
         pointer = self.directory / POINTER
         name = read_pointer(pointer)  # None for a missing, torn or binary pointer: fall back to the scan
         if name:
@@ -587,6 +723,7 @@ class CheckpointManager:
         components get ``load_state_dict``; plain-dict components come back in ``Restored.states``.
         Entries are sha256-verified once: not again when ``latest()`` just verified them.
         """
+        self._settle()
         path = self.resolve(path)
         entry = path.is_dir() and (path / MANIFEST).is_file()
         verified = entry and _verification_key(path) in _VERIFIED

@@ -24,7 +24,7 @@ from .dist import (STRATEGIES, DistInfo, all_gather_object, all_reduce_sum, broa
                    exit_process, restart_attempt, run_main, setup, teardown)
 from .errors import LaunchError
 from .log import get_logger
-from .preempt import PREEMPTED_EXIT_CODE, Preemption, parse_signal
+from .preempt import PREEMPTED_EXIT_CODE, Preemption, agree_flags, parse_signal
 from .sampling import EvalSampler, TrainSampler, per_rank_batch
 from .seed import derive_seed, seed_everything
 from .wrap import is_fsdp, sync_buffers, unsharded, wrap_model
@@ -37,6 +37,7 @@ __all__ = [
     "Preemption",
     "LaunchError",
     "TrainSampler",
+    "agree_flags",
     "all_gather_object",
     "all_reduce_sum",
     "broadcast_object",

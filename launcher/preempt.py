@@ -89,7 +89,14 @@ class Preemption:
 
     def agreed(self, info: DistInfo) -> bool:
         """Whether any rank received a signal: a collective, so every rank must call it at the same step."""
-        if not info.distributed:
-            return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=info.device)
-        return bool(all_reduce_sum(flag, info).item() > 0)
+        return agree_flags(info, self.requested)[0]
+
+
+def agree_flags(info: DistInfo, *flags: bool) -> list[bool]:
+    """For each flag, whether ANY rank set it: one all-reduce of ``len(flags)`` numbers, so a step boundary
+    can fold several stop reasons (a signal, a failed background write) into the one collective it already
+    does. A collective: every rank must call it at the same point with the same number of flags."""
+    if not info.distributed:
+        return [bool(f) for f in flags]
+    summed = all_reduce_sum(torch.tensor([1.0 if f else 0.0 for f in flags], device=info.device), info)
+    return [bool(v > 0) for v in summed.tolist()]

@@ -132,6 +132,9 @@ class TrainConfig:
     save_every: int | None = option(None, "save a checkpoint every N steps (and at the end)")
     keep_last: int = option(3, "checkpoints kept (0 keeps all)")
     save_sharded: bool = option(False, "every rank writes its own shard file (fsdp), plus one manifest")
+    async_save: bool = option(False, "write checkpoints in a background thread: training waits only for a copy of "
+                                     "the state to CPU; pending saves are flushed at exit and at preemption, and "
+                                     "a failed write stops every rank at the next step (exit 2)")
     resume: str | None = option(None, "a checkpoint entry, a run's checkpoints/ directory, any weights file, "
                                       "'auto' (latest) or 'best' (best by the task's metric)",
                                 metavar="PATH|auto|best")
@@ -182,6 +185,9 @@ class TrainConfig:
                 raise ConfigError(f"--preempt-signal: {e}") from None
         if self.dist_timeout is not None and self.dist_timeout <= 0:
             raise ConfigError(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
+        if self.async_save and self.save_sharded:
+            raise ConfigError("--async-save with --save-sharded is not supported (every rank writes its own file): "
+                              "drop one of them")
         if self.eval_only and not self.resume:
             raise ConfigError("--eval-only needs the checkpoint to evaluate: add --resume PATH")
 
@@ -613,7 +619,8 @@ class Trainer:
     def _build(self) -> None:
         cfg, info, log = self.cfg, self.info, self.log
         self.manager = checkpoint.CheckpointManager(self.out / "checkpoints", keep_last=cfg.keep_last,
-                                                    every=cfg.save_every, sharded=cfg.save_sharded)
+                                                    every=cfg.save_every, sharded=cfg.save_sharded,
+                                                    async_save=cfg.async_save)
         self.resume_path = resolve_resume(cfg, self.manager, log, info.restart)
         manifest = checkpoint.read_manifest(self.resume_path) if self.resume_path else None
         holds_entries = launcher.broadcast_object(bool(self.manager.entries()) if info.is_main else None, info)
@@ -821,7 +828,8 @@ class Trainer:
     def _global_mean(self, value: torch.Tensor) -> float:
         return (launcher.all_reduce_sum(value.detach().reshape(1).double(), self.info) / self.info.world_size).item()
 
-    def save(self, epoch: int) -> Path:
+    def save(self, epoch: int, *, blocking: bool | None = None) -> Path:
+        """Checkpoint the current step (in the background with --async-save unless ``blocking``)."""
         self.trainer_state.update(step=self.step, epoch=epoch, global_batch=self.cfg.batch_size, seed=self.cfg.seed,
                                   samples_seen=self.step * self.cfg.batch_size, world_size=self.info.world_size)
         metadata = {"model": self.model_name, "model_options": self.model_options, "epoch": epoch,
@@ -832,7 +840,7 @@ class Trainer:
         if buffers is not None:  # the manifest (and load report) says so, not the post-sync "identical"
             metadata["topology"]["buffers"] = buffers
         launcher.sync_buffers(self.bare, self.info)  # rank 0's BN statistics: the copy the checkpoint holds
-        path = self.manager.save(self.step, self.components, metadata=metadata)
+        path = self.manager.save(self.step, self.components, metadata=metadata, blocking=blocking)
         if self.ema is not None:
             failed = None
             if self.info.is_main:
@@ -859,9 +867,34 @@ class Trainer:
         flag = torch.tensor([float(better and self.info.is_main)], device=self.info.device)
         return bool(launcher.all_reduce_sum(flag, self.info).item())
 
+    def _flush_saves(self) -> None:
+        """--async-save: wait for the save in flight; every rank raises the writer's line if it failed."""
+        if self.cfg.async_save:
+            self.manager.flush()
+
+    def _at_step_boundary(self, epoch: int, saved_at: int | None, last_path: Path | None) -> None:
+        """The ranks agree, in ONE all-reduce, on whether any received a preemption signal and whether the
+        writer's background save failed; a failure stops every rank with the writer's line, a signal with a
+        checkpoint. No collective runs on the background thread (gloo collectives from two threads deadlock)."""
+        if self.preempt is None and not self.cfg.async_save:
+            return
+        failed = self.manager.failure() is not None  # the writer's, without waiting; False elsewhere
+        preempted, failed = launcher.agree_flags(self.info, self.preempt is not None and self.preempt.requested,
+                                                 failed)
+        if failed:
+            self.manager.flush()  # every rank raises the writer's one line (entry, cause, what was kept, fix)
+        if preempted:
+            self._stop_for_preemption(epoch, saved_at, last_path)
+
     def _stop_for_preemption(self, epoch: int, saved_at: int | None, last_path: Path | None) -> None:
-        """Every rank agreed on a signal at this step boundary: checkpoint it (unless just saved), then stop."""
-        path = last_path if saved_at == self.step else self.save(epoch)
+        """Every rank agreed on a signal at this step boundary: checkpoint it (unless just saved), then stop.
+        The checkpoint is durable before the exit: a save just started in the background is flushed, and the
+        preemption's own save is synchronous (it first waits for one still in flight)."""
+        if saved_at == self.step:
+            self._flush_saves()
+            path = last_path
+        else:
+            path = self.save(epoch, blocking=True)
         signals = self.preempt.received if self.preempt is not None else []
         self.log.warning("preempted (%s) at step %d: checkpoint %s written; exiting %d so that the launcher "
                          "restarts or requeues the run", ", ".join(signals) or "signal on another rank", self.step,
@@ -902,8 +935,8 @@ class Trainer:
                     bar.update(1)
                 if self.manager.should_save(self.step) and not last:
                     last_path, saved_at = self.save(epoch), self.step
-                if self.preempt is not None and not last and self.preempt.agreed(info):
-                    self._stop_for_preemption(epoch, saved_at, last_path)
+                if not last:
+                    self._at_step_boundary(epoch, saved_at, last_path)
                 if last or self.step % self.steps_per_epoch == 0:
                     break
             metrics = self.evaluate()
@@ -911,6 +944,7 @@ class Trainer:
             if self._is_new_best(metrics):  # the entry must hold exactly the weights just measured
                 if saved_at != self.step:
                     last_path, saved_at = self.save(epoch), self.step
+                self._flush_saves()  # the entry must be on disk before `best` names it
                 self.manager.update_best(self.step, self.best_metric, metrics[self.best_metric], mode="max")
             self.log.info("epoch %d step %d: %s", epoch,
                           self.step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -921,6 +955,7 @@ class Trainer:
             last_path = self.resume_path  # nothing trained: the resumed checkpoint is the final one
         elif saved_at != self.step:
             last_path = self.save(epoch=max(0, epoch - 1))
+        self._flush_saves()  # the final entry is durable and `latest` before the run reports it
         if not metrics:  # resumed at the end: still report the model's quality
             metrics = self.evaluate()
         return final_loss, metrics, last_path
@@ -1019,6 +1054,7 @@ def main(args: argparse.Namespace) -> int:
         except Preempted:
             return launcher.PREEMPTED_EXIT_CODE
         finally:
+            trainer.manager.wait()  # no background write outlives the run's lock (an error path: already told)
             trainer.runlog.close()
             if trainer.lock is not None:
                 trainer.lock.release()
@@ -1039,7 +1075,9 @@ def cli(argv: list[str] | None = None) -> int:
     except (ConfigError, OutputDirError, launcher.LaunchError, checkpoint.CheckpointError) as e:
         if args.debug:
             raise
-        print(f"error: {checkpoint.errors.first_line(e)}", file=sys.stderr)
+        # one write of the whole line: ranks under torchrun share the stream, and print() writes the newline
+        # separately, so two ranks' lines could run together
+        sys.stderr.write(f"error: {checkpoint.errors.first_line(e)}\n")
         return 2
 
 

@@ -1,0 +1,206 @@
+"""Asynchronous saves: snapshot on the calling thread, write in ONE background thread, at most one in flight.
+
+``CheckpointManager(..., async_save=True)`` (or ``save(..., blocking=False)``) splits a save in two:
+
+1. On the calling (training) thread, on every rank: everything collective (state_dict() calls, the FSDP
+   gathers, the agreement on buffers) and the writer's *snapshot*: every tensor of the entry is copied into
+   CPU buffers that are reused from one save to the next (pinned memory when the source is a CUDA tensor,
+   so the copy is a DMA), the non-tensor leaves are copied, and the manifest is built. After that, training
+   may change its parameters and optimizer state: what is written is the snapshot.
+2. In one background thread, on the writer only: the files (write, fsync, rename), then the ``latest``
+   pointer, then pruning. ``latest`` therefore moves only once the entry is durable.
+
+No collective ever runs on the background thread (gloo collectives from two threads of one process
+interleave and deadlock). The outcome of a background write is read by the training thread: the manager's
+``failure()`` peeks at it without waiting, so a training loop can fold "my background save failed" into a
+collective it already does at every step, and ``flush()`` waits for it and tells every rank.
+
+A new save first waits for the previous one (its buffers are the ones being written): at most one save is
+in flight, and entries are written in order.
+"""
+from __future__ import annotations
+
+import copy
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Callable
+
+from ._safetensors_io import InMemory, TensorSource
+from .errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+
+class BufferPool:
+    """CPU tensors reused across snapshots, matched by position in the snapshot's traversal order.
+
+    A snapshot takes buffers in the same order every time (the same model and optimizer give the same
+    tensors in the same order), so the i-th request reuses the i-th buffer when its shape and dtype match,
+    and a new one is allocated only when they do not (the first save, or a changed state). A buffer is
+    pinned (page-locked) when its source is a CUDA tensor: device-to-host copies into pinned memory are DMA
+    transfers that do not stage through pageable memory.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: list[tuple[torch.Tensor, bool]] = []  # (buffer, pinned): is_pinned() costs ~30 us a call
+        self._next = 0
+        self._dst: list[torch.Tensor] = []
+        self._src: list[torch.Tensor] = []
+        self.allocated = 0  # buffers allocated so far (reuse shows as this not growing)
+
+    def start(self) -> None:
+        self._next = 0
+        self._dst, self._src = [], []
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, *, pin: bool) -> torch.Tensor:
+        import torch
+
+        i = self._next
+        self._next += 1
+        if i < len(self._buffers):
+            buf, pinned = self._buffers[i]
+            if buf.shape == shape and buf.dtype == dtype and pinned == pin:
+                return buf
+        buf = torch.empty(shape, dtype=dtype, pin_memory=pin)
+        self.allocated += 1
+        if i < len(self._buffers):
+            self._buffers[i] = (buf, pin)
+        else:
+            self._buffers.append((buf, pin))
+        return buf
+
+    def copy(self, src: torch.Tensor) -> torch.Tensor:
+        """The next buffer, which ``finish`` fills with ``src``'s values (CPU, contiguous)."""
+        src = src.detach()
+        buf = self.take(src.shape, src.dtype, pin=src.is_cuda)
+        self._dst.append(buf)
+        self._src.append(src)
+        return buf
+
+    def finish(self) -> None:
+        """Copy every source taken since ``start`` into its buffer: one ``_foreach_copy_`` call (no Python
+        per tensor), asynchronous DMA from CUDA into pinned buffers, then one synchronize."""
+        import torch
+
+        if not self._dst:
+            return
+        cuda = any(t.is_cuda for t in self._src)
+        torch._foreach_copy_(self._dst, self._src, non_blocking=cuda)
+        if cuda:
+            torch.cuda.synchronize()
+        self._dst, self._src = [], []
+
+
+def snapshot_entries(entries: dict[str, TensorSource], pool: BufferPool) -> dict[str, InMemory]:
+    """The model's tensors (as handed over by ``write_collectively``) copied into ``pool``'s buffers.
+
+    ``InMemory`` sources are copied straight from where they are (a GPU tensor into a pinned buffer);
+    other sources (an FSDP parameter gathered from its shards, which is collective) are read into the
+    buffer. Returns the same keys, in the same order, over the buffers.
+    """
+    pool.start()
+    out: dict[str, InMemory] = {}
+    for k, e in entries.items():
+        if type(e) is InMemory:
+            out[k] = InMemory(pool.copy(e.tensor))
+        else:
+            buf = pool.take(tuple(e.shape), e.dtype, pin=False)
+            e.read(out=buf)
+            out[k] = InMemory(buf)
+    pool.finish()
+    return out
+
+
+def snapshot_tree(obj: Any, pool: BufferPool) -> Any:
+    """A copy of a nested state (dicts, lists, tuples; an optimizer's or a scheduler's ``state_dict()``, a
+    trainer's counters) whose tensors are in ``pool``'s buffers and whose other leaves are copies, so that
+    nothing training does afterwards reaches it."""
+    import torch
+
+    pool.start()
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            if type(x) is not torch.Tensor or x.layout != torch.strided:
+                return x.detach().clone()  # rare (a sparse or subclass tensor): copied, not pooled
+            return pool.copy(x)
+        if type(x) in (dict, OrderedDict):
+            return type(x)((k, walk(v)) for k, v in x.items())
+        if type(x) is list:
+            return [walk(v) for v in x]
+        if type(x) is tuple:
+            return tuple(walk(v) for v in x)
+        if x is None or type(x) in (bool, int, float, str, bytes):
+            return x
+        return copy.deepcopy(x)
+
+    out = walk(obj)
+    pool.finish()
+    return out
+
+
+class BackgroundWriter:
+    """One background thread that runs one job (a save's file writes) at a time, and remembers how the
+    last one ended. Only the writer rank has one. The executor's thread is joined at interpreter exit, so
+    a job submitted just before the program ends still completes."""
+
+    def __init__(self) -> None:
+        self._executor: ThreadPoolExecutor | None = None
+        self._future: Future | None = None
+        self._what: str = ""
+        self._thread: threading.Thread | None = None
+        self.model_pool = BufferPool()
+        self.state_pool = BufferPool()
+
+    def submit(self, what: str, job: Callable[[], None]) -> None:
+        """Run ``job`` in the background; the previous job must have been waited for (``take_failure``)."""
+        if self._future is not None:
+            raise CheckpointError("internal: a save was submitted while another is in flight")
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anytopo-ckpt")
+
+        def run() -> None:
+            self._thread = threading.current_thread()
+            job()
+
+        self._what = what
+        self._future = self._executor.submit(run)
+
+    def in_flight(self) -> bool:
+        return self._future is not None and not self._future.done()
+
+    def on_worker_thread(self) -> bool:
+        return self._thread is not None and threading.current_thread() is self._thread
+
+    def wait(self) -> None:
+        """Block until the job in flight (if any) has finished; its outcome is kept."""
+        if self._future is not None and not self.on_worker_thread():
+            try:
+                self._future.exception()
+            except BaseException:  # noqa: BLE001 -- a cancelled future; the outcome is read by failure()
+                pass
+
+    def failure(self, *, wait: bool) -> str | None:
+        """The finished job's error as one line (None: it succeeded, none ran, or it is still running and
+        ``wait`` is false). The outcome is kept until ``take_failure``."""
+        if self._future is None:
+            return None
+        if wait:
+            self.wait()
+        elif not self._future.done():
+            return None
+        error = self._future.exception()
+        if error is None:
+            return None
+        text = str(error).splitlines()[0] if str(error) else ""
+        if isinstance(error, CheckpointError):
+            return text
+        return f"could not write checkpoint {self._what} in the background: {type(error).__name__}: {text}"
+
+    def take_failure(self) -> str | None:
+        """Wait for the job in flight, forget it, and return its error line (None if it succeeded)."""
+        message = self.failure(wait=True)
+        self._future = None
+        return message
