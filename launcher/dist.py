@@ -16,6 +16,7 @@ fsdp        as ddp                             as ddp (parameters sharded by ``f
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
@@ -200,9 +201,10 @@ def exit_process(code: int | None = 0, *, skip_finalization: bool | None = None)
     succeeded. A core dump shows exactly that stack (ProcessGroupGloo::runLoop -> ~AsyncBarrierWork ->
     ~AsyncBroadcastWork -> ~TensorImpl -> gil_scoped_acquire -> PyThread_exit_thread). It struck about 1 run in
     10 of a two-rank DDP test worker on 2 loaded cores; no barrier or sleep closes the race, because nothing
-    in Python can wait for gloo's threads. So once a gloo group has existed (``skip_finalization=None``), stdio
-    and logging are flushed and the process ends with ``os._exit(code)``. Call it after every file the process
-    wrote is closed (``distributed()`` and the training loop close theirs); ``atexit`` handlers do not run.
+    in Python can wait for gloo's threads. So once a gloo group has existed (``skip_finalization=None``), this
+    does what a normal exit does while the interpreter is still whole -- waits for non-daemon threads (a
+    background checkpoint write among them), runs ``atexit`` handlers, flushes logging and stdio -- and then
+    ends the process with ``os._exit(code)`` instead of finalizing it.
     """
     if isinstance(code, bool) or not isinstance(code, int):
         code = 0 if code is None else 1
@@ -210,6 +212,13 @@ def exit_process(code: int | None = 0, *, skip_finalization: bool | None = None)
         skip_finalization = _Owned.gloo_used
     if not skip_finalization:
         sys.exit(code)
+    try:
+        # what Py_FinalizeEx does first: join non-daemon threads (and run threading's own exit hooks, which
+        # stop idle ThreadPoolExecutor workers), then atexit handlers
+        getattr(threading, "_shutdown", lambda: None)()
+        atexit._run_exitfuncs()
+    except BaseException:  # an exit hook failed: say so, and still end with the code main gave
+        sys.excepthook(*sys.exc_info())
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:

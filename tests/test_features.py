@@ -121,7 +121,9 @@ def test_ema_best_and_logging_in_a_run(tmp_path):
     assert best_step in [s for s, _ in mgr.entries()]
     # EMA weights: a component of every entry, and ema.pth in the layout checkpoint.load(ema=True) reads
     final = mgr.latest()
-    state = torch.load(final / "state.pth", weights_only=True)
+    from checkpoint._states import read_states
+    state = read_states(final)
+    assert not (final / "state.pth").exists()  # the EMA's OrderedDict goes into state.safetensors, no pickle
     ema_file = checkpoint.load_state_dict(out / "ema.pth", ema=True)
     assert set(ema_file) == {k.removeprefix("module.") for k in state["ema"] if k != "n_averaged"}
     for k, v in ema_file.items():
