@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.anytopo-installed
 
-.PHONY: install demo test bench bench-quick gpu-check clean
+.PHONY: install demo test test-slow bench bench-quick gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest
+
+# The long runs kept out of `make test` (README, "Tests"): minutes on 2 cores.
+test-slow: install
+	$(PY) -m pytest -m slow
 
 # Performance ratios, measured side by side (minutes; not part of `make test`). Results: bench/results/.
 bench: install

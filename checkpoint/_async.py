@@ -127,7 +127,10 @@ def snapshot_tree(obj: Any, pool: BufferPool) -> Any:
                 return x.detach().clone()  # rare (a sparse or subclass tensor): copied, not pooled
             return pool.copy(x)
         if type(x) in (dict, OrderedDict):
-            return type(x)((k, walk(v)) for k, v in x.items())
+            out = type(x)((k, walk(v)) for k, v in x.items())
+            if hasattr(x, "_metadata"):  # a Module.state_dict's versions, which its load_state_dict reads
+                out._metadata = copy.deepcopy(x._metadata)
+            return out
         if type(x) is list:
             return [walk(v) for v in x]
         if type(x) is tuple:

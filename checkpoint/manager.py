@@ -181,7 +181,12 @@ class OptimizerState:
                 return False
             for n in live_names:
                 index[n] = len(index)
-        if len(index) != sum(len(g["params"]) for g in groups) or not set(saved_state) <= set(index):
+        if len(index) != sum(len(g["params"]) for g in groups):
+            return False
+        # exactly the trainable parameters carry state, as torch's path requires: it drops saved state of a
+        # frozen parameter and refuses a trainable one without state; those cases take its path
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad and n in index}
+        if set(saved_state) != trainable:
             return False
         self.optimizer.load_state_dict({
             "state": {index[n]: v for n, v in saved_state.items()},

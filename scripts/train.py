@@ -32,7 +32,7 @@ import typing
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -812,18 +812,31 @@ class Trainer:
 
     def _log_row(self, step: int, **values: Any) -> None:
         """Rank 0 appends a metrics row; if that write fails (a full disk), every rank stops with its line now,
-        before training on without a record (one 4-byte all-reduce per row; the message only on failure)."""
-        failed = None
+        before training on without a record."""
+        self.agreed_write(lambda: self.runlog.log(step, **values))
+
+    def agreed_write(self, write: Callable[[], Any]) -> Any:
+        """Run ``write`` (rank 0's metrics, curves, summary: a no-op on the other ranks) and make every rank
+        learn whether it failed, so all stop together instead of the others waiting for rank 0 at their next
+        collective (one 4-byte all-reduce; the message is sent only on failure). A failed write
+        (``OutputDirError``) stops every rank with its one line; any other exception is re-raised on rank 0
+        with its traceback and named on the others."""
+        failed, error, result = None, None, None
         try:
-            self.runlog.log(step, **values)
+            result = write()
         except OutputDirError as e:
             failed = str(e)
+        except Exception as e:  # a bug: rank 0 shows its traceback, its peers must not hang meanwhile
+            failed, error = f"rank 0 failed while writing its outputs ({type(e).__name__}): see its traceback", e
         if self.info.distributed:
             flag = torch.tensor([float(failed is not None)], device=self.info.device)
             if launcher.all_reduce_sum(flag, self.info).item():
                 failed = launcher.broadcast_object(failed, self.info)
+        if error is not None:
+            raise error
         if failed:
             raise ConfigError(failed)
+        return result
 
     def _global_mean(self, value: torch.Tensor) -> float:
         return (launcher.all_reduce_sum(value.detach().reshape(1).double(), self.info) / self.info.world_size).item()
@@ -1046,18 +1059,25 @@ def main(args: argparse.Namespace) -> int:
             else:
                 final_loss, metrics, ckpt = trainer.fit()
                 steps = trainer.step
-                trainer.runlog.curves(trainer.task.primary)
-                trainer.runlog.hparams(cfg.to_dict(), {**metrics, "final_loss": final_loss})
-            summary = trainer.runlog.summary(model=trainer.model_name, strategy=info.strategy,
-                                             world_size=info.world_size, steps=steps, final_loss=final_loss,
-                                             eval=metrics, checkpoint=str(ckpt) if ckpt else None)
+
+            def outputs() -> Any:  # rank 0's files; every rank learns whether they were written
+                if not cfg.eval_only:
+                    trainer.runlog.curves(trainer.task.primary)
+                    trainer.runlog.hparams(cfg.to_dict(), {**metrics, "final_loss": final_loss})
+                return trainer.runlog.summary(model=trainer.model_name, strategy=info.strategy,
+                                              world_size=info.world_size, steps=steps, final_loss=final_loss,
+                                              eval=metrics, checkpoint=str(ckpt) if ckpt else None)
+
+            summary = trainer.agreed_write(outputs)
         except Preempted:
             return launcher.PREEMPTED_EXIT_CODE
         finally:
             trainer.manager.wait()  # no background write outlives the run's lock (an error path: already told)
-            trainer.runlog.close()
-            if trainer.lock is not None:
-                trainer.lock.release()
+            try:
+                trainer.runlog.close()
+            finally:
+                if trainer.lock is not None:
+                    trainer.lock.release()
         if info.is_main:
             log.info("%s: %s", "evaluated" if cfg.eval_only else "done",
                      ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))

@@ -148,6 +148,15 @@ def test_buffers_are_reused_across_saves_and_not_pinned_for_cpu_state(tmp_path):
     assert_same_tensors(CheckpointManager(tmp_path / "sync").save(2, run.components()), tmp_path / "step-2")
 
 
+def test_a_snapshot_keeps_a_module_state_dicts_versions():
+    # an EMA component's state is a Module.state_dict (an OrderedDict whose _metadata holds the versions its
+    # load_state_dict reads): the async snapshot must keep them, as the sync state writer does
+    state = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)).state_dict()
+    snap = _async.snapshot_tree({"ema": state}, _async.BufferPool())
+    assert list(snap["ema"]) == list(state)
+    assert snap["ema"]._metadata == state._metadata and snap["ema"]._metadata is not state._metadata
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned buffers are used for CUDA state only")
 def test_cuda_state_is_snapshotted_into_pinned_buffers(tmp_path):
     run = Run()

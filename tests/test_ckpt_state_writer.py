@@ -217,3 +217,30 @@ def test_optimizer_state_loads_by_index_when_groups_match_and_through_dcp_otherw
     live = dict(model.named_parameters())
     for n, p in model3.named_parameters():
         assert torch.equal(opt3.state[p]["exp_avg"], opt.state[live[n]]["exp_avg"]), n
+
+
+def test_optimizer_fast_load_refuses_what_torchs_path_refuses():
+    # saved with a frozen layer (no AdamW state for it), resumed with it trainable: torch's
+    # set_optimizer_state_dict refuses the missing state; the index fast path must not load it silently
+    import warnings
+
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    warnings.simplefilter("ignore")  # DCP's "no process group: one process" note
+    torch.manual_seed(0)
+    frozen = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    frozen[1].weight.requires_grad_(False)
+    opt = torch.optim.AdamW(frozen.parameters(), lr=0.1)
+    frozen(torch.randn(4, 2)).sum().backward()
+    opt.step()
+    saved = OptimizerState(frozen, opt).state_dict()
+    assert "1.weight" not in saved["state"]
+
+    def fresh():
+        m = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+        return m, torch.optim.AdamW(m.parameters(), lr=0.1)
+
+    with pytest.raises(RuntimeError, match="Missing optimizer state for parameter '1.weight'"):
+        set_optimizer_state_dict(*fresh(), saved)
+    with pytest.raises(RuntimeError, match="Missing optimizer state for parameter '1.weight'"):
+        OptimizerState(*fresh()).load_state_dict(saved)

@@ -85,6 +85,7 @@ def train(nproc: int, args: list[str]) -> None:
         torchrun(nproc, TRAIN, ["--strategy", "ddp", *args])
 
 
+@pytest.mark.slow  # ~80 s (13 processes, float64): `make test-slow`; make test keeps the one-step parity
 @pytest.mark.timeout(600)
 def test_resnet_trajectory_is_the_same_at_every_world_size_and_across_a_resume(tmp_path):
     runs = {}
