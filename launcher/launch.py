@@ -50,6 +50,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts of the worker group")
     p.add_argument("--join-timeout", type=float, default=120.0, metavar="S",
                    help="the longest any node waits for the others, at rendezvous and process-group start")
+    p.add_argument("--node-loss-timeout", type=float, default=9.0, metavar="S",
+                   help="c10d: a node silent this long (its agent died) is dropped from the next rendezvous round "
+                        "(torch's default 15 s); heartbeats every S/3 s")
+    p.add_argument("--last-call", type=float, default=10.0, metavar="S",
+                   help="elastic c10d (--nnodes N:M): once N nodes joined, wait this long for more before the "
+                        "round closes (torch's default 30 s); a node that comes later joins at the next restart")
     p.add_argument("--ifname", default=None, metavar="IFACE|auto",
                    help="pin gloo/NCCL to this interface (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME); auto: the "
                         "interface that routes to the master")
@@ -83,6 +89,10 @@ class LaunchConfig:
     engine: str = "torchrun"
     max_restarts: int = 0
     join_timeout: float = 120.0
+    node_loss_timeout: float = 9.0
+    """c10d: seconds without a heartbeat after which a node is dropped (keep_alive_interval x 3 attempts)."""
+    last_call: float = 10.0
+    """Elastic c10d: seconds the round stays open for more nodes once the minimum joined."""
     ifname: str | None = None
     forward_signals: tuple[str, ...] = ()
     gpus: int = 0
@@ -102,6 +112,11 @@ class LaunchConfig:
             raise LaunchError(f"--nproc-per-node {self.nproc_per_node} must be >= 1 (or auto)")
         if self.join_timeout <= 0:
             raise LaunchError(f"--join-timeout {self.join_timeout:g} must be > 0 seconds")
+        if self.node_loss_timeout < 3:
+            raise LaunchError(f"--node-loss-timeout {self.node_loss_timeout:g} must be >= 3 seconds (heartbeats go "
+                              "every S/3 s, in whole seconds)")
+        if self.last_call < 1:
+            raise LaunchError(f"--last-call {self.last_call:g} must be >= 1 second")
         if self.max_restarts < 0:
             raise LaunchError(f"--max-restarts {self.max_restarts} must be >= 0")
         if not 0 < self.master_port < 65536:
@@ -141,7 +156,8 @@ class LaunchConfig:
                    nproc_per_node=nproc, node_rank=node_rank, node_rank_given=args.node_rank is not None,
                    master_host=host, master_port=port, master_given=master is not None, rdzv=args.rdzv,
                    rdzv_id=args.rdzv_id, engine=args.engine, max_restarts=args.max_restarts,
-                   join_timeout=args.join_timeout, ifname=args.ifname,
+                   join_timeout=args.join_timeout, node_loss_timeout=args.node_loss_timeout,
+                   last_call=args.last_call, ifname=args.ifname,
                    forward_signals=tuple(_signal_name(s) for s in args.forward_signal), gpus=gpus)
 
 
@@ -184,6 +200,11 @@ def node_command(cfg: LaunchConfig, node_rank: int | None, *, ifname: str | None
     conf = f"join_timeout={cfg.join_s},timeout={store_s}"
     if cfg.rdzv == "c10d":
         conf += f",read_timeout={client_s}"
+        # torch's defaults (a dead node dropped after 3 x 5 s; a round kept open 30 s for more nodes) add ~45 s
+        # to every restart that follows a lost node; heartbeats are whole seconds (get_as_int)
+        conf += f",keep_alive_interval={max(1, int(cfg.node_loss_timeout // 3))},keep_alive_max_attempt=3"
+        if cfg.nnodes_min != cfg.nnodes_max:
+            conf += f",last_call_timeout={max(1, round(cfg.last_call))}"
     if cfg.rdzv == "c10d" and hosts_store is not None:
         conf += f",is_host={int(hosts_store)}"
     if cfg.engine == "accelerate":

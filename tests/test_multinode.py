@@ -99,7 +99,17 @@ def test_dry_run_prints_every_nodes_command(capsys):
         assert "--node-rank" not in cmd
         assert "--nnodes=2:4 --nproc-per-node=1 --rdzv-backend=c10d --rdzv-endpoint=10.0.0.5:29400 " \
                f"--rdzv-id=anytopo-10.0.0.5-29400 --rdzv-conf=join_timeout=120,timeout=120,read_timeout=48," \
-               f"is_host={is_host} " in cmd
+               f"keep_alive_interval=3,keep_alive_max_attempt=3,last_call_timeout=10,is_host={is_host} " in cmd
+    # a fixed node count under c10d has no last call; the node-loss wait is the user's, in whole seconds
+    assert launch.main(["--nnodes", "2", "--rdzv", "c10d", "--master", "10.0.0.5:29400", "--node-loss-timeout", "4",
+                        "--dry-run", TRAIN]) == 0
+    out = capsys.readouterr().out
+    assert "keep_alive_interval=1,keep_alive_max_attempt=3,is_host=" in out and "last_call" not in out
+    for bad, why in ((["--node-loss-timeout", "2"], "--node-loss-timeout 2 must be >= 3 seconds"),
+                     (["--last-call", "0"], "--last-call 0 must be >= 1 second")):
+        assert launch.main(["--nnodes", "1:2", "--rdzv", "c10d", "--master", "10.0.0.5:29400", *bad, "--dry-run",
+                            TRAIN]) == 2
+        assert why in capsys.readouterr().err
     assert launch.main(["--nnodes", "2", "--engine", "accelerate", "--master", "10.0.0.5:29400", "--dry-run",
                         TRAIN]) == 0
     acc = capsys.readouterr().out.splitlines()[3]
