@@ -11,9 +11,11 @@ import re
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
 import launcher.launch as launch
 from launcher import LaunchError
@@ -338,3 +340,22 @@ print("alive")
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=child_env(), capture_output=True, text=True,
                        timeout=50)
     assert p.returncode == 0 and p.stdout.strip() == "alive", (p.returncode, p.stderr[-2000:])
+
+
+def test_rendezvous_settings_reach_torchs_c10d_handler(capsys):
+    """The --rdzv-conf the launcher builds is read by torch's c10d handler as meant (an unknown or misspelt key
+    would be ignored silently): a dead node dropped after 3 heartbeats S/3 apart, the last call as given."""
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+    from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
+
+    assert launch.main(["--nnodes", "1:3", "--rdzv", "c10d", "--master", "10.0.0.5:29400", "--node-loss-timeout", "12",
+                        "--last-call", "4", "--join-timeout", "50", "--dry-run", TRAIN]) == 0
+    cmd = capsys.readouterr().out.splitlines()[1]
+    conf = dict(kv.split("=", 1) for kv in cmd.split("--rdzv-conf=")[1].split()[0].split(","))
+    params = RendezvousParameters(backend="c10d", endpoint="10.0.0.5:29400", run_id="t", min_nodes=1, max_nodes=3,
+                                  **conf)
+    store = dist.HashStore()
+    settings = create_handler(store, C10dRendezvousBackend(store, "t"), params)._settings
+    assert settings.keep_alive_interval == timedelta(seconds=4) and settings.keep_alive_max_attempt == 3
+    assert settings.timeout.last_call == timedelta(seconds=4) and settings.timeout.join == timedelta(seconds=50)
