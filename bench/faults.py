@@ -154,6 +154,27 @@ def reference(root: Path, timeout: float, model_args: list[str] = MODEL_ARGS, na
     return {"weights": final_weights(out), "losses": logged_steps(out), "to_first_step_s": to_first_step}
 
 
+def fresh_to_first_step(root: Path, ref: dict, n: int, timeout: float, model_args: list[str] = MODEL_ARGS) -> float:
+    """Median launch -> first step of ``n`` fresh launches (the reference run's and ``n - 1`` more, each stopped
+    after its first step): the denominator of the latency ratios, which one launch makes noisy (4.1-5.1 s)."""
+    samples = [ref["to_first_step_s"]]
+    for i in range(n - 1):
+        out = root / f"fresh-{len(model_args)}-{i}"
+        t0 = time.monotonic()
+        proc = torchrun(out, restarts=0, model_args=model_args)
+        if wait_for(lambda: rows_count(out) > 1, timeout):
+            samples.append(time.monotonic() - t0)
+        import psutil
+
+        for p in (psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)):
+            try:  # the workers too: torchrun starts them in sessions of their own
+                p.kill()
+            except psutil.Error:
+                pass
+        proc.wait()
+    return statistics.median(s for s in samples if s is not None)
+
+
 def trial_restart(root: Path, i: int, ref: dict, rng: random.Random, timeout: float) -> dict:
     """(b): SIGKILL one worker at a random moment after the first checkpoint; the restarted group must finish."""
     out = root / f"restart-{i}"
@@ -202,7 +223,7 @@ def _free_port() -> int:
 
 
 def trial_shrink(root: Path, i: int, ref: dict, rng: random.Random, timeout: float,
-                 env: dict[str, str] | None = None) -> dict:
+                 env: dict[str, str] | None = None, rdzv_conf: str = RDZV_CONF) -> dict:
     """(b'): two agents (--nnodes=1:2), one killed with its worker after the first checkpoint: the survivor
     re-forms a world of 1 and finishes from the checkpoint."""
     out = root / f"shrink-{i}"
@@ -210,7 +231,7 @@ def trial_shrink(root: Path, i: int, ref: dict, rng: random.Random, timeout: flo
 
     def agent(name: str, host: bool) -> subprocess.Popen:
         launch = ["--nnodes=1:2", "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
-                  f"--rdzv_id=shrink-{i}", f"--rdzv_conf={RDZV_CONF},is_host={str(host).lower()}"]
+                  f"--rdzv_id=shrink-{i}", f"--rdzv_conf={rdzv_conf},is_host={str(host).lower()}"]
         return torchrun(out, restarts=1, model_args=SHRINK_ARGS, launch=launch, log_name=f"{out.name}-{name}", env=env)
 
     # the agent that stays hosts the rendezvous (is_host); the other starts first so both join one round
@@ -235,14 +256,16 @@ def trial_shrink(root: Path, i: int, ref: dict, rng: random.Random, timeout: flo
     killed = time.monotonic()
     leaving.wait()
     log = out.parent / f"{out.name}-staying.log"
-    latency = None
+    latency = resumed_s = None
     if wait_for(lambda: "restart 1:" in log.read_text(), timeout, 0.01):
+        resumed_s = time.monotonic() - killed  # the new round formed, a worker started and chose its checkpoint
         rows = rows_count(out)
         if wait_for(lambda: rows_count(out) > rows, timeout, 0.01):
             latency = time.monotonic() - killed
     rc = finish(staying, timeout)
     text = log.read_text()
-    result.update(killed_after_step=steps_before, rc=rc, restart_latency_s=latency,
+    result.update(killed_after_step=steps_before, rc=rc, restart_latency_s=latency, to_resume_message_s=resumed_s,
+                  rdzv_conf=rdzv_conf,
                   resumed_message="restart 1: resuming from step-" in text)
     if steps_before >= TOTAL_STEPS - 1:
         return {**result, "why": "the run ended before the kill landed (not a trial)", "ok": None}
@@ -293,7 +316,7 @@ def trial_sigterm(root: Path, i: int, target: str, ref: dict, rng: random.Random
 
 
 def run(restart_trials: int, sigterm_trials: int, *, root: Path, seed: int = 0, timeout: float = 240,
-        shrink_trials: int = 0) -> dict:
+        shrink_trials: int = 0, rdzv_conf: str = RDZV_CONF, fresh_launches: int = 3) -> dict:
     rng = random.Random(seed)
     ref = reference(root, timeout) if restart_trials or sigterm_trials else {"to_first_step_s": None}
     restarts = [trial_restart(root, i, ref, rng, timeout) for i in range(restart_trials)]
@@ -302,11 +325,11 @@ def run(restart_trials: int, sigterm_trials: int, *, root: Path, seed: int = 0, 
     shrinks = []
     if shrink_trials:
         ref_shrink = reference(root, timeout, SHRINK_ARGS, "reference-nodropout")
-        shrinks = [trial_shrink(root, i, ref_shrink, rng, timeout) for i in range(shrink_trials)]
+        shrinks = [trial_shrink(root, i, ref_shrink, rng, timeout, rdzv_conf=rdzv_conf) for i in range(shrink_trials)]
         shrink_lat = [r["restart_latency_s"] for r in shrinks if r.get("ok") and r.get("restart_latency_s")]
-        shrink_fresh = ref_shrink["to_first_step_s"]
+        shrink_fresh = fresh_to_first_step(root, ref_shrink, fresh_launches, timeout, SHRINK_ARGS)
     lat = [r["restart_latency_s"] for r in restarts if r.get("ok") and r.get("restart_latency_s")]
-    fresh = ref["to_first_step_s"]
+    fresh = fresh_to_first_step(root, ref, fresh_launches, timeout) if restarts else ref["to_first_step_s"]
     return {
         "shrink": {"ok": sum(r["ok"] is True for r in shrinks), "trials": sum(r["ok"] is not None for r in shrinks),
                    "runs": shrinks,
@@ -329,6 +352,8 @@ def main() -> int:
     p.add_argument("--restarts", type=int, default=10)
     p.add_argument("--sigterms", type=int, default=10)
     p.add_argument("--shrinks", type=int, default=5, help="world-size change trials (two agents, one killed)")
+    p.add_argument("--rdzv-conf", default=RDZV_CONF,
+                   help="c10d rendezvous settings of the world-size change trials (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
@@ -336,7 +361,8 @@ def main() -> int:
     sys.path.insert(0, str(REPO))
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     with tempfile.TemporaryDirectory(prefix="anytopo-faults-") as tmp:
-        res = run(n_restart, n_term, root=Path(tmp), seed=args.seed, shrink_trials=n_shrink)
+        res = run(n_restart, n_term, root=Path(tmp), seed=args.seed, shrink_trials=n_shrink,
+                  rdzv_conf=args.rdzv_conf, fresh_launches=1 if args.quick else 3)
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     for r in res["restart"]["runs"] + res["sigterm"]["runs"] + res["shrink"]["runs"]:
         print(json.dumps(r))
