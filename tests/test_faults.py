@@ -238,7 +238,7 @@ def test_torchrun_restart_and_sigterm_trials(tmp_path):
     """bench/faults.py --quick: a SIGKILLed worker is restarted by torchrun and the run ends with the
     uninterrupted run's weights; SIGTERM to a worker and to torchrun checkpoints, exits 143, and
     --resume auto continues with the very same per-step losses."""
-    res = faults.run(1, 2, root=tmp_path, seed=0, timeout=240)
+    res = faults.run(1, 2, root=tmp_path, seed=0, timeout=240, fresh_launches=1)
     runs = res["restart"]["runs"] + res["sigterm"]["runs"]
     assert res["restart"]["ok"] == res["restart"]["trials"] == 1, runs
     assert res["sigterm"]["ok"] == res["sigterm"]["trials"] == 2, runs
