@@ -25,6 +25,7 @@ import os
 import pickle
 import struct
 import sys
+import warnings
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -85,8 +86,10 @@ class _TensorPickle(pickle.Unpickler):
         if module == "torch" and name.endswith("Storage"):
             import torch
 
-            cls = getattr(torch, name, None)
-            dtype = getattr(cls, "dtype", None)
+            with warnings.catch_warnings():  # the legacy storage classes warn that TypedStorage is deprecated
+                warnings.simplefilter("ignore")
+                cls = getattr(torch, name, None)
+                dtype = getattr(cls, "dtype", None)
             if isinstance(cls, type) and isinstance(dtype, torch.dtype):
                 return _StorageType(dtype)  # a marker; the storage class itself is never called
         raise pickle.UnpicklingError(f"{module}.{name} is not part of a plain tensor's data.pkl")
