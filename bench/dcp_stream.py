@@ -141,7 +141,8 @@ def main() -> int:
 
             print(f"{fmt_bytes(size)} DCP ({layers} x {args.hidden}^2, largest tensor {fmt_bytes(largest)}): "
                   f"inspect {cell('inspect')}; convert direct {cell('convert_direct')} vs DCP reader "
-                  f"{cell('convert_dcp-reader')} (same data sha256); load direct {cell('load_direct', 'peak_beyond_model')}"
+                  f"{cell('convert_dcp-reader')} (same data sha256); "
+                  f"load direct {cell('load_direct', 'peak_beyond_model')}"
                   f" vs DCP reader {cell('load_dcp-reader', 'peak_beyond_model')} above the built model; "
                   f"baseline import torch+checkpoint {fmt_bytes(base_rss)}", flush=True)
         finally:

@@ -141,7 +141,8 @@ def test_dcp_saved_by_two_ranks_reads_bit_for_bit_directly_and_through_dcps_read
     want = tensors()
     src = read_source(tmp_path / "dcp")
     for k in SHARDED:  # one saved chunk per rank, so blocks and whole reads combine two archives
-        assert [c.sizes[0] for c in src.tensors[k].chunks] == [len(p) for p in torch.chunk(torch.arange(want[k].shape[0]), 2)]
+        rows = [len(p) for p in torch.chunk(torch.arange(want[k].shape[0]), 2)]
+        assert [c.sizes[0] for c in src.tensors[k].chunks] == rows, k
     asked = _reader_asks(monkeypatch)
     _check_reads(src, want, tmp_path)
     assert asked == []
