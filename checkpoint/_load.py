@@ -176,6 +176,8 @@ def load(path: str | Path, model: nn.Module, *, strict: bool = True, device: str
                 continue
             if same_dtype and type(s) is TensorSlice and dst.is_cpu and dst.is_contiguous():
                 direct.setdefault(s.path, []).append((s, dst))
+            elif same_dtype and hasattr(s, "read_block") and dst.is_cpu and dst.is_contiguous():
+                s.read(out=dst)  # a DCP or rank-file source: straight into the parameter, no staging copy
             else:
                 dst.copy_(s.read())
         for file, items in direct.items():

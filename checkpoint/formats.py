@@ -424,8 +424,9 @@ def _read_dcp(directory: Path) -> Source:
         raise
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{directory}/.metadata: unreadable DCP metadata ({first_line(e)}); the checkpoint is damaged") from None
-    # Only .metadata is read here; each tensor is read on demand through DCP's reader (DCPTensor.read), one
-    # at a time, so inspect reads no data and load/convert hold one tensor beyond the model.
+    # Only .metadata is read here; each tensor is read on demand (DCPTensor), one at a time: its saved chunks'
+    # raw bytes straight from the .distcp files where their layout is proven (checkpoint/_dcp_stream.py),
+    # else through DCP's reader. inspect reads no data; load and convert hold no copy of a tensor.
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     items = getattr(md, "state_dict_metadata", {}) or {}
@@ -466,19 +467,29 @@ def _read_dcp(directory: Path) -> Source:
             raise CheckpointError(f"{directory}: could not read {fqn!r} from the DCP checkpoint ({first}); "
                                   "a data file is missing or damaged") from None
 
-    tensors = {name: DCPTensor(fqn, tuple(items[fqn].size), items[fqn].properties.dtype, load_one)
+    from ._dcp_stream import chunks_of, storage_index
+
+    storage = storage_index(md)
+    tensors = {name: DCPTensor(fqn, tuple(items[fqn].size), items[fqn].properties.dtype, load_one,
+                               chunks_of(directory, md, storage, fqn))
                for fqn, name in keys.items()}
     files = sorted(directory.glob("*.distcp"))
     return Source(directory, "dcp", tensors, None, other, files, notes)
 
 
 class DCPTensor:
-    """One tensor of a DCP folder, read through DCP's own reader when asked (``TensorSource``)."""
+    """One tensor of a DCP folder, read when asked (``TensorSource``).
 
-    __slots__ = ("fqn", "shape", "dtype", "_load")
+    Its saved chunks' bytes are copied straight from the ``.distcp`` files into the destination (a tensor's
+    memory by ``os.preadv``, an output file by ``os.copy_file_range``) when the block asked for is a run of
+    whole rows covered by chunks of whole rows whose archive layout is proven (``_dcp_stream.plan_rows``);
+    anything else goes through DCP's own reader (``_load``), which materialises each saved chunk it reads.
+    """
 
-    def __init__(self, fqn: str, shape: tuple[int, ...], dtype: "torch.dtype", load):
-        self.fqn, self.shape, self.dtype, self._load = fqn, shape, dtype, load
+    __slots__ = ("fqn", "shape", "dtype", "_load", "chunks")
+
+    def __init__(self, fqn: str, shape: tuple[int, ...], dtype: "torch.dtype", load, chunks=()):
+        self.fqn, self.shape, self.dtype, self._load, self.chunks = fqn, shape, dtype, load, list(chunks)
 
     @property
     def dtype_name(self) -> str:
@@ -491,28 +502,62 @@ class DCPTensor:
             n *= s
         return n
 
+    def _plan(self, shape: tuple, offset: tuple):
+        from ._dcp_stream import plan_rows
+
+        return plan_rows(self.chunks, self.dtype, tuple(self.shape), tuple(shape), tuple(offset))
+
     def read(self, out: "torch.Tensor | None" = None) -> "torch.Tensor":
         import torch
 
         t = torch.empty(self.shape, dtype=self.dtype) if out is None or not out.is_contiguous() else out
-        self._load(self.fqn, t)
+        self._fill(t, tuple(self.shape), (0,) * len(self.shape), whole=True)
         if out is not None and out is not t:
             out.copy_(t)
             return out
         return t
 
     def read_block(self, dst: "torch.Tensor", shape: tuple, offset: tuple) -> None:
-        """Fill ``dst`` with the block at ``offset`` of ``shape`` (one FSDP rank's shard): DCP reads only the
-        saved chunks that overlap it and copies the overlap (a DCP saved by N ranks: about 1/N of the tensor)."""
-        self._load(self.fqn, dst, (tuple(offset), tuple(shape)))
+        """Fill ``dst`` (CPU, contiguous) with the block at ``offset`` of ``shape`` (one FSDP rank's shard):
+        only the saved chunks that overlap it are read (a DCP saved by N ranks: about 1/N of the tensor), by
+        their byte ranges when the block and chunks are whole rows, else through DCP's reader."""
+        self._fill(dst, tuple(shape), tuple(offset), whole=False)
+
+    def _fill(self, dst: "torch.Tensor", shape: tuple, offset: tuple, *, whole: bool) -> None:
+        pieces = self._plan(shape, offset) if dst.is_cpu and dst.is_contiguous() else None
+        if pieces is None:
+            self._load(self.fqn, dst, None if whole else (offset, shape))
+            return
+        from ._safetensors_io import TensorSlice, read_slices
+
+        flat = dst.view(-1) if dst.dim() else dst.view(1)
+        row = flat.numel() // max(shape[0], 1) if shape else 1
+        by_file: dict[Path, list] = {}
+        for path, start, n, a, b in pieces:
+            if n:
+                by_file.setdefault(path, []).append((TensorSlice(path, start, n, "", ()), flat[a * row:b * row]))
+        for path, items in by_file.items():
+            read_slices(path, items)
 
     def identity(self) -> object:
         return id(self)
 
     def write_to(self, f) -> None:
-        from ._safetensors_io import _byte_view
+        """Append the tensor's bytes to ``f``: chunk by chunk file to file when the layout is proven (no copy
+        in memory), else the tensor read through DCP's reader."""
+        pieces = self._plan(tuple(self.shape), (0,) * len(self.shape))
+        if pieces is None:
+            from ._safetensors_io import _byte_view
 
-        f.write(_byte_view(self.read()))
+            f.write(_byte_view(self.read()))
+            return
+        from ._safetensors_io import copy_range
+
+        f.flush()
+        for path, start, n, _, _ in pieces:
+            if n:
+                with open(path, "rb", buffering=0) as src:
+                    copy_range(src.fileno(), f, start, n, path)
 
 
 def _dcp_region_planner(fqn: str, offset: tuple[int, ...], shape: tuple[int, ...]):

@@ -120,21 +120,29 @@ def tied_and_dcp(root: Path, saved: dict[str, torch.Tensor]) -> None:
         with safe_open(str(root / "tied-sharded" / "step-1" / f"rank-{r:05d}-of-00002.safetensors"), "pt") as f:
             assert "head.weight" not in f.keys() and "emb.weight" in f.keys()
     assert_exact(torch.load(root / "dcp-loaded-w3.pt", weights_only=True), saved)
-    # rows 5..9 of the 10-row hidden layer are rank 1's chunk at world 2: DCP is asked for that chunk only
+    # rows 5..9 of the 10-row hidden layer are rank 1's chunk at world 2: read straight from that chunk's bytes
+    # in its .distcp file (DCP's reader not asked); with that path off, DCP is asked for that chunk only
+    import checkpoint._dcp_stream as stream
     from checkpoint.formats import read_source
     from torch.distributed.checkpoint import FileSystemReader
 
-    asked: list = []
-    real = FileSystemReader.read_data
-    FileSystemReader.read_data = lambda self, plan, planner: (asked.extend(plan.items), real(self, plan, planner))[1]
-    try:
-        src = read_source(root / "dcp")
-        block = torch.empty(5, 12)
-        src.tensors["1.weight"].read_block(block, (5, 12), (5, 0))
-    finally:
-        FileSystemReader.read_data = real
-    assert torch.equal(block, saved["1.weight"][5:])
-    assert len(asked) == 1 and list(asked[0].storage_offsets) == [0, 0] and list(asked[0].lengths) == [5, 12]
+    real, real_offset = FileSystemReader.read_data, stream.chunk_data_offset
+    for direct in (True, False):
+        asked: list = []
+        FileSystemReader.read_data = lambda self, plan, planner: (asked.extend(plan.items), real(self, plan, planner))[1]
+        if not direct:
+            stream.chunk_data_offset = lambda *a, **k: None
+        try:
+            src = read_source(root / "dcp")
+            block = torch.empty(5, 12)
+            src.tensors["1.weight"].read_block(block, (5, 12), (5, 0))
+        finally:
+            FileSystemReader.read_data, stream.chunk_data_offset = real, real_offset
+        assert torch.equal(block, saved["1.weight"][5:])
+        if direct:
+            assert asked == []
+        else:
+            assert len(asked) == 1 and list(asked[0].storage_offsets) == [0, 0] and list(asked[0].lengths) == [5, 12]
 
 
 def assert_optim_exact(got: dict, want: dict) -> None:
