@@ -25,6 +25,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import launcher  # noqa: E402 -- after the repository is on the path (run as a script)
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -78,7 +82,6 @@ def worker(args) -> None:
                                                          set_model_state_dict)
 
     import checkpoint
-    import launcher
 
     work = Path(args.dir)
     with launcher.distributed("fsdp") as info:
