@@ -139,8 +139,8 @@ def _pwrite_all(fd: int, t: "torch.Tensor", offset: int) -> None:
         n = os.pwrite(fd, view[done:done + WRITEBACK_CHUNK], offset + done)
         if n <= 0:
             raise OSError(f"short write at byte {offset + done}")
-        if _sync_file_range is not None:  # start this piece's writeback now, as EarlyWriteback does
-            _sync_file_range(fd, offset + done, n, _SYNC_FILE_RANGE_WRITE)
+        if _sync_file_range is not None and n >= WRITEBACK_CHUNK:  # start a full piece's writeback now, as
+            _sync_file_range(fd, offset + done, n, _SYNC_FILE_RANGE_WRITE)  # EarlyWriteback does (not small ones)
         done += n
 
 
@@ -340,7 +340,8 @@ class _SharedFile:
         bad = [(r, o) for r, o in enumerate(outcomes) if o]
         if bad and not failed:
             rank, why = bad[0]
-            raise CheckpointError(f"rank {rank} could not write its part of {self.temp_path}: {why}")
+            # an OSError like the writer's own: the same "choose a writable location" advice on every rank
+            raise OSError(f"rank {rank} could not write its part of the file ({why})")
 
     @staticmethod
     def serve(plan: GatherPlan) -> None:
