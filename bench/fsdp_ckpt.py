@@ -187,7 +187,8 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"model {args.model}, checkpoint {ckpt / 1e6:.0f} MB, rounds {args.rounds}; "
-          "time = median over rounds of the slowest rank; RSS = max over ranks of peak growth")
+          "time = median over rounds of the slowest rank; paired = median of per-round ratios; "
+          "RSS = max over ranks of peak growth")
     for phase, rows in report.items():
         names = list(rows[0]["results"])
         base = "dcp.save" if phase.startswith("save") else "dcp.load"
@@ -195,12 +196,16 @@ def main() -> int:
         for name in names:
             if name not in rows[0]["results"] or base not in rows[0]["results"]:
                 continue
-            ts = sorted(max(r["results"][name][i][0] for r in rows) for i in range(args.rounds))
-            t = ts[args.rounds // 2]
+            per_round = [max(r["results"][name][i][0] for r in rows) for i in range(args.rounds)]
+            base_round = [max(r["results"][base][i][0] for r in rows) for i in range(args.rounds)]
+            t = sorted(per_round)[args.rounds // 2]
+            # paired: the median of the per-round ratios (each round runs every method back to back)
+            paired = sorted(a / b for a, b in zip(per_round, base_round))[args.rounds // 2]
             growth = max(g for r in rows for _, g in r["results"][name])
             shard = max(r["shard_bytes"] for r in rows)
             rank0 = max(g for _, g in rows[0]["results"][name])
-            print(f"{phase:8s} {name:24s} {t:7.2f} s  rank 0 +{rank0 / 1e6:6.0f} MB  {t / t_base:5.2f}x {base:8s}  peak RSS +{growth / 1e6:7.0f} MB "
+            print(f"{phase:8s} {name:24s} {t:7.2f} s  rank 0 +{rank0 / 1e6:6.0f} MB  {t / t_base:5.2f}x {base:8s} "
+                  f"(paired {paired:4.2f}x, rounds {' '.join(f'{x:.2f}' for x in per_round)})  peak RSS +{growth / 1e6:7.0f} MB "
                   f"= {growth / ckpt:4.2f}x ckpt (shard {shard / 1e6:.0f} MB)")
     return 0
 
