@@ -11,8 +11,9 @@ Layouts written by ``save(obj, path)``:
 
 Every file is written to a temporary name in the same directory, flushed, fsynced and ``os.replace``d;
 a directory is built under a temporary name and renamed into place with its manifest written last. A
-crash never leaves something that looks complete. In a distributed run only global rank 0 writes and
-every rank waits at a barrier before returning.
+crash never leaves something that looks complete. In a distributed run global rank 0 creates, renames and
+describes every file and every rank learns the outcome before returning; the ranks of a sharded (FSDP2) model
+also write their own rows into rank 0's files where they can open them (``_sharded.GatherPlan``).
 """
 from __future__ import annotations
 
@@ -525,7 +526,8 @@ def save(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], path: str 
         format: ``"safetensors"`` or ``"pth"`` for directory targets.
 
     Returns:
-        The path written. In a distributed run every rank must call this; rank 0 writes, all wait.
+        The path written. In a distributed run every rank must call this; rank 0 writes (with a sharded
+        model every rank writes its own rows into rank 0's file), all learn the outcome.
 
     Example:
         >>> checkpoint.save(ddp_model, "run/final.safetensors", metadata={"model": "resnet18", "step": 100})
