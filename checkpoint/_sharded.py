@@ -1,5 +1,6 @@
-"""Sharded models (FSDP2, any DTensor parameters): gather for saving one tensor at a time, read only each
-rank's own rows on loading, and make every rank learn whether the writer succeeded.
+"""Sharded models (FSDP2, any DTensor parameters): every rank writes its own rows into the saved file (or
+streams them to rank 0), only each rank's own rows are read on loading, and every rank learns whether the
+writer succeeded.
 
 Saving: rank 0 decides the entries and their order and broadcasts them; it creates each file and lays it
 out exactly as a single process would, and every rank writes its own rows of each dim-0-sharded tensor
