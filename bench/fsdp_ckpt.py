@@ -25,6 +25,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import launcher  # noqa: E402 -- after the repository is on the path (run as a script)
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -78,7 +82,6 @@ def worker(args) -> None:
                                                          set_model_state_dict)
 
     import checkpoint
-    import launcher
 
     work = Path(args.dir)
     with launcher.distributed("fsdp") as info:
@@ -86,13 +89,20 @@ def worker(args) -> None:
         rank, world = info.rank, info.world_size
         results = {}
 
-        def run(name, fn):
+        def run(name, fn, output=None):
+            """Time ``fn(r)`` per round. Every save writes a fresh path (``output(r)``), as dcp.save does, so no
+            method pays for deleting or replacing an older checkpoint inside the timing (on ext4 unlinking
+            1 GB takes ~0.35 s); rounds after the first are removed after their timing (rank 0)."""
             for r in range(args.rounds):
                 dist.barrier()
                 with Peak() as p:
                     fn(r)
                 dist.barrier()
                 results.setdefault(name, []).append((p.seconds, p.growth))
+                if output is not None and r > 0 and rank == 0:
+                    out = output(r)
+                    shutil.rmtree(out) if out.is_dir() else out.unlink()
+                dist.barrier()
 
         if args.phase == "save":
             def full_st(r):
@@ -101,24 +111,32 @@ def worker(args) -> None:
                 sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
                 if rank == 0:
                     safetensors.torch.save_file(sd, str(work / f"full-{r}.safetensors"))
+
+            def manager(name, r, **kw):  # a fresh directory per round: no pruning, no replaced entry
+                return checkpoint.CheckpointManager(work / f"{name}-{r}", keep_last=None, **kw)
+
             if args.optim:  # a training entry: weights + AdamW moments (2x the weights), canonical vs sharded
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
                 x = torch.randn(4, 3, 64, 64) if args.model == "resnet152" else torch.randn(4, 784)
                 model(x).float().sum().backward()
                 opt.step()
                 comps = {"model": model, "optimizer": checkpoint.OptimizerState(model, opt)}
-                run("entry canonical+AdamW", lambda r: checkpoint.CheckpointManager(work / "mgr-full", keep_last=1)
-                    .save(r + 1, comps))
-                run("entry sharded+AdamW", lambda r: checkpoint.CheckpointManager(work / "mgr-opt", sharded=True,
-                                                                                 keep_last=1).save(r + 1, comps))
-            run("ours canonical", lambda r: checkpoint.save(model, work / "canonical.safetensors"))
-            run("ours sharded", lambda r: checkpoint.CheckpointManager(work / "mgr", sharded=True, keep_last=1)
-                .save(r + 1, {"model": model}))
-            run("dcp.save", lambda r: dcp.save(get_model_state_dict(model), checkpoint_id=str(work / f"dcp-{r}")))
-            run("full sd + safetensors", full_st)
+                run("entry canonical+AdamW", lambda r: manager("mgr-full", r).save(1, comps),
+                    lambda r: work / f"mgr-full-{r}")
+                run("entry sharded+AdamW", lambda r: manager("mgr-opt", r, sharded=True).save(1, comps),
+                    lambda r: work / f"mgr-opt-{r}")
+            run("ours canonical", lambda r: checkpoint.save(model, work / f"canonical-{r}.safetensors"),
+                lambda r: work / f"canonical-{r}.safetensors")
+            run("ours sharded", lambda r: manager("mgr", r, sharded=True).save(1, {"model": model}),
+                lambda r: work / f"mgr-{r}")
+            # dcp.save's FileSystemWriter fsyncs each file it writes (sync_files=True, its default), as ours do;
+            # spelled out so the comparison stays like with like
+            run("dcp.save", lambda r: dcp.save(get_model_state_dict(model), storage_writer=dcp.FileSystemWriter(
+                work / f"dcp-{r}", sync_files=True)), lambda r: work / f"dcp-{r}")
+            run("full sd + safetensors", full_st, lambda r: work / f"full-{r}.safetensors")
         else:
-            sharded_entry = sorted((work / "mgr").glob("step-*"))[-1]
-            run("ours canonical", lambda r: checkpoint.load(work / "canonical.safetensors", model))
+            sharded_entry = work / "mgr-0" / "step-1"
+            run("ours canonical", lambda r: checkpoint.load(work / "canonical-0.safetensors", model))
             run("ours sharded", lambda r: checkpoint.load(sharded_entry, model))
 
             def dcp_load(r):
@@ -163,13 +181,14 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="fsdp-ckpt-", dir=args.dir))
     try:
         report = {"save x2": launch(args, "save", 2, work)}
-        ckpt = (work / "canonical.safetensors").stat().st_size
+        ckpt = (work / "canonical-0.safetensors").stat().st_size
         report["load x2"] = launch(args, "load", 2, work)
         report["load x3"] = launch(args, "load", 3, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"model {args.model}, checkpoint {ckpt / 1e6:.0f} MB, rounds {args.rounds}; "
-          "time = median over rounds of the slowest rank; RSS = max over ranks of peak growth")
+          "time = median over rounds of the slowest rank; paired = median of per-round ratios; "
+          "RSS = max over ranks of peak growth")
     for phase, rows in report.items():
         names = list(rows[0]["results"])
         base = "dcp.save" if phase.startswith("save") else "dcp.load"
@@ -177,12 +196,16 @@ def main() -> int:
         for name in names:
             if name not in rows[0]["results"] or base not in rows[0]["results"]:
                 continue
-            ts = sorted(max(r["results"][name][i][0] for r in rows) for i in range(args.rounds))
-            t = ts[args.rounds // 2]
+            per_round = [max(r["results"][name][i][0] for r in rows) for i in range(args.rounds)]
+            base_round = [max(r["results"][base][i][0] for r in rows) for i in range(args.rounds)]
+            t = sorted(per_round)[args.rounds // 2]
+            # paired: the median of the per-round ratios (each round runs every method back to back)
+            paired = sorted(a / b for a, b in zip(per_round, base_round))[args.rounds // 2]
             growth = max(g for r in rows for _, g in r["results"][name])
             shard = max(r["shard_bytes"] for r in rows)
             rank0 = max(g for _, g in rows[0]["results"][name])
-            print(f"{phase:8s} {name:24s} {t:7.2f} s  rank 0 +{rank0 / 1e6:6.0f} MB  {t / t_base:5.2f}x {base:8s}  peak RSS +{growth / 1e6:7.0f} MB "
+            print(f"{phase:8s} {name:24s} {t:7.2f} s  rank 0 +{rank0 / 1e6:6.0f} MB  {t / t_base:5.2f}x {base:8s} "
+                  f"(paired {paired:4.2f}x, rounds {' '.join(f'{x:.2f}' for x in per_round)})  peak RSS +{growth / 1e6:7.0f} MB "
                   f"= {growth / ckpt:4.2f}x ckpt (shard {shard / 1e6:.0f} MB)")
     return 0
 

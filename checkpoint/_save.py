@@ -11,14 +11,16 @@ Layouts written by ``save(obj, path)``:
 
 Every file is written to a temporary name in the same directory, flushed, fsynced and ``os.replace``d;
 a directory is built under a temporary name and renamed into place with its manifest written last. A
-crash never leaves something that looks complete. In a distributed run only global rank 0 writes and
-every rank waits at a barrier before returning.
+crash never leaves something that looks complete. In a distributed run global rank 0 creates, renames and
+describes every file and every rank learns the outcome before returning; the ranks of a sharded (FSDP2) model
+also write their own rows into rank 0's files where they can open them (``_sharded.GatherPlan``).
 """
 from __future__ import annotations
 
 import datetime as _dt
 import functools
 import importlib.metadata
+import itertools
 import json
 import math
 import os
@@ -31,7 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator, Mapping
 
-from ._safetensors_io import InMemory, TensorSource, fsync_dir, write_file
+from ._safetensors_io import InMemory, TensorSource, fsync_dir, plan_header, write_file
 from .errors import CheckpointError
 from .formats import FORMAT_TAG, MANIFEST, group_tied, sha256_file
 from .keys import strip_common_wrappers
@@ -114,7 +116,8 @@ def atomic_file(path: Path, *, sha256: bool = False) -> Iterator[Any]:
     """Open a temp file beside ``path``; on success flush+fsync+rename over ``path``, else delete it.
 
     The file gets the mode a plain ``open`` would (0666 less the umask), not mkstemp's 0600. With
-    ``sha256`` the yielded file is a ``HashingFile``; its ``hexdigest()`` is valid after the block.
+    ``sha256`` the yielded file is a ``HashingFile``; its ``hexdigest()`` is valid after the block. The
+    yielded file's ``temp_path`` is the temporary name.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -123,6 +126,7 @@ def atomic_file(path: Path, *, sha256: bool = False) -> Iterator[Any]:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as raw:
             f = hashing = HashingFile(raw) if sha256 else None
+            (f or raw).temp_path = tmp  # for writers that open it again (every rank of a sharded model)
             yield f or raw
             raw.flush()
             os.fsync(raw.fileno())
@@ -389,9 +393,20 @@ def write_safetensors(path: Path, entries: list[tuple[str, TensorSource]], manif
     """Write one safetensors file atomically. With ``digests``, record its sha256 there, computed while
     writing when every entry is a plain in-memory tensor (file-to-file copies bypass ``write``: those files
     are hashed after)."""
+    from ._sharded import common_plan
+
     inline = digests is not None and all(type(e) is InMemory for _, e in entries)
+    metadata = _st_metadata(manifest)
+    plan = common_plan(entries)  # a sharded model's tensors: every rank writes its own rows into the file
     with atomic_file(path, sha256=inline) as f:
-        n = write_file(f, entries, _st_metadata(manifest))
+        if plan is None:
+            n = write_file(f, entries, metadata)
+        else:
+            header, sizes = plan_header([(k, e.dtype_name, e.shape) for k, e in entries], metadata)
+            offsets = list(itertools.accumulate(sizes, initial=len(header)))
+            written = [(i, k, e) for i, (k, e) in enumerate(entries) if sizes[i]]  # write_file skips empty ones
+            with plan.shared_file(f, f.temp_path, [(k, e) for _, k, e in written], [offsets[i] for i, _, _ in written]):
+                n = write_file(f, entries, metadata)
     if inline:
         digests[path.name] = f.hexdigest()
     return n
@@ -511,7 +526,8 @@ def save(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], path: str 
         format: ``"safetensors"`` or ``"pth"`` for directory targets.
 
     Returns:
-        The path written. In a distributed run every rank must call this; rank 0 writes, all wait.
+        The path written. In a distributed run every rank must call this; rank 0 writes (with a sharded
+        model every rank writes its own rows into rank 0's file), all learn the outcome.
 
     Example:
         >>> checkpoint.save(ddp_model, "run/final.safetensors", metadata={"model": "resnet18", "step": 100})
@@ -530,8 +546,9 @@ def write_collectively(obj: nn.Module | Mapping[str, torch.Tensor], write, path:
                        to_cpu: bool = True) -> None:
     """Run ``write(entries, aliases, info)`` on the writer (global rank 0) with ``obj``'s canonical tensors;
     every rank must call this (``to_cpu=False``: an unsharded model's tensors are handed over where they
-    are, see ``canonical_state``). A sharded model (FSDP2, DTensors) is gathered tensor by tensor while the
-    writer writes, every rank taking part in each gather; then all ranks learn the writer's outcome and
+    are, see ``canonical_state``). A sharded model (FSDP2, DTensors) is written while the writer writes its
+    files: every rank writes its own rows into each file where it can open it, else streams them to the
+    writer, tensor by tensor (``_sharded.GatherPlan``); then all ranks learn the writer's outcome and
     raise if it failed (``_sharded.agree``), so no rank reports a checkpoint that was not written.
     """
     from . import _sharded
@@ -561,7 +578,9 @@ def write_collectively(obj: nn.Module | Mapping[str, torch.Tensor], write, path:
                 write(entries, aliases, info)
             except Exception as e:  # noqa: BLE001 -- told to every rank by agree()
                 error = e
-        plan.drain()
+            plan.finish()
+        else:
+            plan.serve()  # rank 0's commands: write this rank's rows into its file, or stream them to it
     elif is_writer():
         try:
             sd_cpu, found = canonical_state(obj, to_cpu=to_cpu)

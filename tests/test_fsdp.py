@@ -326,3 +326,42 @@ def test_a_sharded_entry_asked_for_ema_refuses_in_one_line(tmp_path):
     for call in (lambda: checkpoint.load(entry, net, ema=True), lambda: checkpoint.load_state_dict(entry, ema=True)):
         with pytest.raises(checkpoint.CheckpointError, match="no EMA weights.*drop ema / --ema"):
             call()
+
+
+def _st_parts(path: Path) -> tuple[dict, bytes]:
+    """A safetensors file's tensor table (without __metadata__, whose "created" may differ) and its data bytes."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    header.pop("__metadata__", None)
+    return header, raw[8 + n:]
+
+
+@pytest.mark.timeout(240)
+def test_every_rank_writes_its_rows_into_the_one_file_streams_when_it_cannot_and_any_failure_fails_all(tmp_path):
+    """World 3, uneven shards (10 rows: 4/4/2; 5 rows: 2/2/1): the canonical file written by every rank in
+    parallel is torch's full state and byte for byte the file streamed to rank 0 when a rank cannot open it;
+    a rank whose own write fails makes every rank raise and leaves no file; a sharded entry's sha256, computed
+    while writing, is the sha256 of each file on disk."""
+    from checkpoint.formats import sha256_file
+
+    torchrun(str(REPO / "tests" / "_fsdp_parallel_worker.py"), tmp_path, nproc=3)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)]
+    ref = torch.load(tmp_path / "ref.pt", weights_only=True)
+    assert [r["errors"]["parallel"] for r in ranks] == [None] * 3
+    assert_exact(checkpoint.load_state_dict(tmp_path / "parallel.safetensors"), ref)
+    assert all(r["pwrites"]["parallel"] > 0 for r in ranks)  # each rank wrote its own rows: nothing streamed
+    # rank 1 could not open the file: streamed to rank 0 (no rank wrote rows itself), same bytes
+    assert [r["errors"]["streamed"] for r in ranks] == [None] * 3
+    assert [r["pwrites"]["streamed"] for r in ranks] == [0, 0, 0]
+    assert _st_parts(tmp_path / "streamed.safetensors") == _st_parts(tmp_path / "parallel.safetensors")
+    # rank 2's disk full: every rank raised, naming rank 2's error; no file, no temporary left behind
+    errors = [r["errors"]["failed"] for r in ranks]
+    assert all(e and "rank 2 could not write its part" in e and "No space left" in e for e in errors), errors
+    assert not (tmp_path / "failed.safetensors").exists()
+    assert not list(tmp_path.glob(".failed.safetensors*"))
+    # sharded entry: hashes computed while writing equal the files' sha256 on disk
+    entry = tmp_path / "sharded" / "step-1"
+    files = json.loads((entry / "manifest.json").read_text())["files"]
+    assert len([n for n in files if n.startswith("rank-")]) == 3
+    assert all(meta["sha256"] == sha256_file(entry / name) for name, meta in files.items())
