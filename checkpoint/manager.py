@@ -308,7 +308,7 @@ class CheckpointManager:
                 raise CheckpointError(self._write_failure(path, e)) from None
 
         if background:
-            write_collectively(components[MODEL_COMPONENT], write, path, to_cpu=False)
+            self._snapshot_collectively(components[MODEL_COMPONENT], write, path)
         elif self.sharded:
             self._save_sharded(path, step, components, states, metadata)
         else:
@@ -412,23 +412,59 @@ class CheckpointManager:
 
     # -- asynchronous saves (checkpoint/_async.py)
 
+    def _snapshot_collectively(self, model: nn.Module, write, path: Path) -> None:
+        """``write_collectively(model, write, path, to_cpu=False)`` for an asynchronous save, with the writer's
+        snapshot plan kept between saves: ``write(LiveState(sd), {}, info)`` on the writer takes the model's
+        tensors from its ``ModelPlan`` (checked against the live ``state_dict``, rebuilt when it differs), instead of
+        unwrapping, canonicalising and looking for ties again at every save. A sharded model (FSDP2) takes
+        ``write_collectively``'s own path (gathered tensor by tensor, every rank taking part)."""
+        from . import _sharded
+        from ._async import LiveState
+
+        bare = unwrap(model)
+        sd = bare.state_dict(keep_vars=True)  # the same call canonical_state makes: hooks and all
+        if _sharded.is_sharded_state(sd):
+            write_collectively(model, write, path, to_cpu=False)
+            return
+        buffers = _sharded.buffer_agreement(bare)  # collective: before anything can fail on one rank only
+        error: BaseException | None = None
+        if is_writer():
+            try:
+                write(LiveState(sd), {}, {"buffers": buffers} if buffers is not None else {})
+            except Exception as e:  # noqa: BLE001 -- told to every rank by agree()
+                error = e
+        _sharded.agree(error, path)
+
     def _save_in_background(self, path: Path, step: int, components: Mapping[str, Any], states: dict[str, Any],
-                            metadata: Mapping[str, Any] | None, entries: dict[str, Any], aliases: dict[str, str],
-                            info: dict[str, Any]) -> None:
+                            metadata: Mapping[str, Any] | None, entries: dict[str, Any],
+                            aliases: dict[str, str], info: dict[str, Any]) -> None:
         """The writer's part of an asynchronous save: snapshot now (this thread), write later (the background
-        thread). Runs inside ``write_collectively``, so a failing snapshot is told to every rank."""
-        from ._async import BackgroundWriter, snapshot_entries, snapshot_tree
+        thread). Runs inside ``_snapshot_collectively``, so a failing snapshot is told to every rank.
+        ``entries`` is a ``LiveState`` (a non-sharded model's bare ``state_dict(keep_vars=True)``, snapshotted
+        through the writer's ``ModelPlan``) or the sources ``write_collectively`` handed over (FSDP2)."""
+        from ._async import BackgroundWriter, LiveState, snapshot_entries, snapshot_tree
+        from ._save import _check_json, _topology
 
         if self._background is None:
             self._background = BackgroundWriter()
         bg = self._background
-        entries = snapshot_entries(entries, bg.model_pool)
+        if isinstance(entries, LiveState):
+            plan = bg.model_plan
+            entries = plan.snapshot(components[MODEL_COMPONENT], entries, bg.model_pool)
+            aliases, info = plan.aliases, {**plan.info, **info}
+        else:
+            entries = snapshot_entries(entries, bg.model_pool)
         states = snapshot_tree(states, bg.state_pool)
-        # built here, not in the thread: it reads the process group (the topology), which may be gone by then
-        manifest = self._entry_manifest(step, components, metadata, entries, aliases, info)
+        # What the manifest needs from this moment is taken now: the metadata (checked, and frozen against
+        # later changes by the caller) and the topology (it reads the process group, which may be gone when
+        # the thread runs); the rest of it is built in the background, from the snapshot.
+        meta = _check_json(metadata) if metadata else {}
+        meta["topology"] = {**_topology(info), **meta.get("topology", {})}
+        names = sorted(components)
 
         def job() -> None:
             try:
+                manifest = self._entry_manifest(step, names, meta, entries, aliases, info)
                 self._commit_entry(path, step, manifest, entries, states)
             except OSError as e:
                 raise CheckpointError(self._write_failure(path, e)) from None

@@ -157,6 +157,77 @@ def test_a_snapshot_keeps_a_module_state_dicts_versions():
     assert snap["ema"]._metadata == state._metadata and snap["ema"]._metadata is not state._metadata
 
 
+def model_entry_matches_a_sync_save(model: nn.Module, entry: Path, where: Path) -> None:
+    """The model file of ``entry`` holds what a synchronous save of ``model`` writes now (tensors and ties)."""
+    want = checkpoint.save(model, where / "sync.safetensors")
+    a, b = tensors(want), tensors(entry / "model.safetensors")
+    assert list(a) == list(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert checkpoint.inspect(want)["manifest"]["aliases"] == checkpoint.inspect(entry)["manifest"]["aliases"]
+
+
+def test_the_snapshot_plan_is_kept_between_saves_and_rebuilt_when_the_model_changes(tmp_path):
+    run = Run()
+    mgr = CheckpointManager(tmp_path / "a", async_save=True, keep_last=0)
+    comps = {"model": run.model, "trainer": run.trainer}
+    mgr.save(1, comps)
+    run.train_step()
+    mgr.save(2, comps)
+    mgr.flush()
+    plan = mgr._background.model_plan
+    assert plan.builds == 1  # the second save only checked it
+    model_entry_matches_a_sync_save(run.model, tmp_path / "a" / "step-2", tmp_path)
+    changes = {  # each would be written stale (or untied) by a plan that is not checked against the live model
+        "a parameter replaced": lambda m: setattr(m[0], "bias", nn.Parameter(torch.randn(32))),
+        "a parameter's memory swapped (.data =)": lambda m: setattr(m[3].weight, "data", torch.randn(4, 32)),
+        "a tie made": lambda m: setattr(m[1], "weight", m[0].bias),
+        "a buffer replaced": lambda m: setattr(m[1], "running_mean", torch.randn(32)),
+        "a buffer's shape changed in place": lambda m: m[1].num_batches_tracked.resize_(1),
+    }
+    step = 2
+    for what, change in changes.items():
+        step += 1
+        change(run.model)
+        mgr.save(step, comps)
+        mgr.flush()
+        assert plan.builds == step - 1, what
+        model_entry_matches_a_sync_save(run.model, tmp_path / "a" / f"step-{step}", tmp_path)
+
+
+def test_overlapping_views_are_copied_afresh_at_every_save(tmp_path):
+    # two buffers over overlapping bytes of one storage: dedupe stores a clone of one, which a kept plan
+    # would copy from forever; such a plan is rebuilt at every save instead
+    model = nn.Linear(2, 2)
+    base = torch.arange(6.0)
+    model.register_buffer("a", base[:4])
+    model.register_buffer("b", base[2:])
+    mgr = CheckpointManager(tmp_path / "a", async_save=True, keep_last=0)
+    for step in (1, 2):
+        base.add_(10.0)
+        mgr.save(step, {"model": model})
+        mgr.flush()
+        model_entry_matches_a_sync_save(model, tmp_path / "a" / f"step-{step}", tmp_path)
+    assert mgr._background.model_plan.builds == 2
+
+
+def test_the_manifest_built_in_the_background_is_the_one_of_save_time(tmp_path, monkeypatch):
+    slow_commits(monkeypatch, 0.2)
+    run = Run()
+    meta = {"model": "mlp", "tags": ["first"]}
+    mgr = CheckpointManager(tmp_path / "a", async_save=True)
+    path = mgr.save(3, run.components(), metadata=meta)
+    meta["tags"].append("changed after save returned")
+    mgr.flush()
+    manifest = checkpoint.inspect(path)["manifest"]
+    sync = checkpoint.inspect(CheckpointManager(tmp_path / "s").save(3, run.components(), metadata={
+        "model": "mlp", "tags": ["first"]}))["manifest"]
+    assert manifest["extra"] == {"tags": ["first"]} and manifest["model"] == "mlp" and manifest["step"] == 3
+    for key in ("topology", "dtypes", "num_tensors", "num_elements", "total_bytes", "aliases", "components"):
+        assert manifest[key] == sync[key], key
+    with pytest.raises(CheckpointError, match="plain JSON"):  # refused at save time, as a sync save does
+        mgr.save(4, run.components(), metadata={"args": object()})
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned buffers are used for CUDA state only")
 def test_cuda_state_is_snapshotted_into_pinned_buffers(tmp_path):
     run = Run()
