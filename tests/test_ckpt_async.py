@@ -6,7 +6,7 @@ changes the parameters right after ``save`` returns does not change what is writ
 one save is in flight; ``latest`` moves only after the entry is durable; a failed background write keeps the
 previous entry and ``latest``, and stops every rank of a torchrun x2 run at the next step boundary with one
 line, exit 2; pending saves are flushed at exit; a run resumed from async entries repeats the uninterrupted
-run's losses.
+run bit for bit; the snapshot plan kept between saves is rebuilt whenever the live model differs from it.
 """
 from __future__ import annotations
 
@@ -378,28 +378,62 @@ def _losses(out: Path) -> dict[int, float]:
         return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f) if r.get("loss")}
 
 
+def _train_recording(args: list[str], record: Path) -> subprocess.CompletedProcess:
+    """train.py in a child that appends one line to ``record`` per save: 'background' for a save that went
+    through the asynchronous path (snapshot, background write), 'sync' for one written before returning."""
+    script = textwrap.dedent(f"""
+        import runpy, sys
+        sys.path.insert(0, {str(REPO)!r})
+        from checkpoint import CheckpointManager
+        real_bg, real_sync = CheckpointManager._save_in_background, CheckpointManager._write_entry
+        def log(kind):
+            with open({str(record)!r}, "a") as f:
+                f.write(kind + "\\n")
+        def bg(self, *a, **k):
+            log("background")
+            return real_bg(self, *a, **k)
+        def sync(self, *a, **k):
+            log("sync")
+            return real_sync(self, *a, **k)
+        CheckpointManager._save_in_background, CheckpointManager._write_entry = bg, sync
+        sys.argv = [{TRAIN!r}] + sys.argv[1:]
+        runpy.run_path({TRAIN!r}, run_name="__main__")
+    """)
+    return subprocess.run([sys.executable, "-c", script] + MLP + args, cwd=REPO, env=child_env(), capture_output=True,
+                          text=True, timeout=240)
+
+
 @pytest.mark.timeout(300)
-def test_train_async_save_flushes_at_exit_and_a_resume_repeats_the_losses(tmp_path):
-    full = tmp_path / "full"
-    proc = _train(["--max-steps", "8", "--save-every", "2", "--keep-last", "0", "--async-save", "--output-dir",
-                   str(full)])
+def test_async_save_runs_write_in_the_background_flush_at_exit_and_resume_bit_identically(tmp_path):
+    full, record = tmp_path / "full", tmp_path / "saves.txt"
+    common = ["--max-steps", "8", "--save-every", "2", "--keep-last", "0", "--async-save"]
+    proc = _train_recording(common + ["--output-dir", str(full)], record)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert record.read_text().split() == ["background"] * 4  # steps 2, 4, 6, 8
     ckpts = full / "checkpoints"
     assert read_pointer(ckpts / "latest") == "step-8"  # the final save (async) was flushed before exit
     assert [s for s, _ in CheckpointManager(ckpts).entries()] == [2, 4, 6, 8]
-    for _, p in CheckpointManager(ckpts).entries():
-        assert CheckpointManager(ckpts)._verifies(p)
+    assert all(CheckpointManager(ckpts)._verifies(p) for _, p in CheckpointManager(ckpts).entries())
     part = tmp_path / "part"  # the same run, cut after step-4 was saved
     shutil.copytree(full, part)
     for s in (6, 8):
         shutil.rmtree(part / "checkpoints" / f"step-{s}")
-    proc = _train(["--max-steps", "8", "--save-every", "2", "--keep-last", "0", "--async-save", "--resume", "auto",
-                   "--output-dir", str(part)])
+    record.unlink()
+    proc = _train_recording(common + ["--resume", "auto", "--output-dir", str(part)], record)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from" in proc.stderr and "step-4" in proc.stderr
+    assert record.read_text().split() == ["background"] * 2
     want, got = _losses(full), _losses(part)
-    for step in (5, 6, 7, 8):
-        assert abs(got[step] - want[step]) <= 1e-6 * abs(want[step]), (step, got[step], want[step])
+    assert [got[s] for s in (5, 6, 7, 8)] == [want[s] for s in (5, 6, 7, 8)]  # bit for bit
+    a, b = (checkpoint.load_state_dict(d / "checkpoints" / "step-8") for d in (full, part))
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = (tensors(d / "checkpoints" / "step-8" / "state.safetensors") for d in (full, part))
+    assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)  # AdamW moments too
+    # without the flag (the default: bench/ckpt_stall.py's throughput target is not met, docs/performance.md
+    # section 5) every save is written before training goes on
+    record.unlink()
+    proc = _train_recording(["--max-steps", "4", "--save-every", "2", "--output-dir", str(tmp_path / "sync")], record)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert record.read_text().split() == ["sync"] * 2
 
 
 FSIZE_LIMIT = 40_000  # bytes: above metrics/config/manifest files, below the MLP's weight and state files
