@@ -158,18 +158,18 @@ class OptimizerState:
         from ._sharded import has_sources, is_sharded_state, local_optimizer_state, materialize_sources
 
         model = unwrap(self.model)
-        options = self._options(model, saving=False)
+        params = dict(model.named_parameters())  # one walk of the modules, shared by the checks below
+        options = self._options(model, saving=False, params=params)
         if sources is not False and has_sources(state):  # read from a sharded entry: tensors still on disk
-            params = dict(model.named_parameters())
             if is_sharded_state(params):  # each rank reads its own block, loaded as sharded state
                 state, options = local_optimizer_state(state, params), StateDictOptions(full_state_dict=False)
             else:
                 state = materialize_sources(state)
-        if options is None and self._load_by_index(model, state):
+        if options is None and self._load_by_index(params, state):
             return
         set_optimizer_state_dict(model, self.optimizer, state, options=options)
 
-    def _load_by_index(self, model: nn.Module, state: dict[str, Any]) -> bool:
+    def _load_by_index(self, params: dict[str, nn.Parameter], state: dict[str, Any]) -> bool:
         """The common case without torch.distributed.checkpoint's per-parameter name resolution (a fifth of a
         ResNet-152 + AdamW restore): when the saved groups list exactly the live groups' parameter names, in
         order, the name-keyed state maps onto ``Optimizer.load_state_dict``'s indices one to one. Anything
@@ -179,7 +179,7 @@ class OptimizerState:
         if not isinstance(groups, list) or not isinstance(saved_state, dict) \
                 or len(groups) != len(self.optimizer.param_groups):
             return False
-        names = {id(p): n for n, p in model.named_parameters()}
+        names = {id(p): n for n, p in params.items()}
         index: dict[str, int] = {}
         for live, saved in zip(self.optimizer.param_groups, groups):
             live_names = [names.get(id(p)) for p in live["params"]]
@@ -191,7 +191,7 @@ class OptimizerState:
             return False
         # exactly the trainable parameters carry state, as torch's path requires: it drops saved state of a
         # frozen parameter and refuses a trainable one without state; those cases take its path
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad and n in index}
+        trainable = {n for n, p in params.items() if p.requires_grad and n in index}
         if set(saved_state) != trainable:
             return False
         self.optimizer.load_state_dict({
@@ -200,12 +200,12 @@ class OptimizerState:
         return True
 
     @staticmethod
-    def _options(model: nn.Module, *, saving: bool):
+    def _options(model: nn.Module, *, saving: bool, params: dict[str, nn.Parameter] | None = None):
         from torch.distributed.checkpoint.state_dict import StateDictOptions
 
         from ._sharded import is_sharded_state
 
-        if not is_sharded_state(dict(model.named_parameters())):
+        if not is_sharded_state(params if params is not None else dict(model.named_parameters())):
             return None
         return StateDictOptions(full_state_dict=True, cpu_offload=saving)
 
