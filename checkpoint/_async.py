@@ -5,10 +5,13 @@
 1. On the calling (training) thread, on every rank: everything collective (state_dict() calls, the FSDP
    gathers, the agreement on buffers) and the writer's *snapshot*: every tensor of the entry is copied into
    CPU buffers that are reused from one save to the next (pinned memory when the source is a CUDA tensor,
-   so the copy is a DMA), the non-tensor leaves are copied, and the manifest is built. After that, training
-   may change its parameters and optimizer state: what is written is the snapshot.
-2. In one background thread, on the writer only: the files (write, fsync, rename), then the ``latest``
-   pointer, then pruning. ``latest`` therefore moves only once the entry is durable.
+   so the copy is a DMA), and the non-tensor leaves are copied. After that, training may change its
+   parameters and optimizer state: what is written is the snapshot. What a model's snapshot copies (which
+   ``state_dict()`` entries are stored, which are tied, into which buffers) is a ``ModelPlan`` kept from one
+   save to the next and checked against the live tensors each time (rebuilt when any differs).
+2. In one background thread, on the writer only: the manifest (from the snapshot), the files (write,
+   fsync, rename), then the ``latest`` pointer, then pruning. ``latest`` therefore moves only once the entry
+   is durable.
 
 No collective ever runs on the background thread (gloo collectives from two threads of one process
 interleave and deadlock). The outcome of a background write is read by the training thread: the manager's
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import weakref
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable
@@ -31,6 +35,7 @@ from .errors import CheckpointError
 
 if TYPE_CHECKING:
     import torch
+    from torch import nn
 
 
 class BufferPool:
@@ -72,8 +77,8 @@ class BufferPool:
         return buf
 
     def copy(self, src: torch.Tensor) -> torch.Tensor:
-        """The next buffer, which ``finish`` fills with ``src``'s values (CPU, contiguous)."""
-        src = src.detach()
+        """The next buffer, which ``finish`` fills with ``src``'s values (CPU, contiguous). ``src`` may require
+        grad (a Parameter): ``finish`` copies without recording anything for autograd."""
         buf = self.take(src.shape, src.dtype, pin=src.is_cuda)
         self._dst.append(buf)
         self._src.append(src)
@@ -86,11 +91,23 @@ class BufferPool:
 
         if not self._dst:
             return
-        cuda = any(t.is_cuda for t in self._src)
-        torch._foreach_copy_(self._dst, self._src, non_blocking=cuda)
-        if cuda:
-            torch.cuda.synchronize()
+        copy_all(self._dst, self._src)
         self._dst, self._src = [], []
+
+
+def copy_all(dst: list[torch.Tensor], src: list[torch.Tensor], cuda: bool | None = None) -> None:
+    """``dst[i] = src[i]`` for every i by one ``_foreach_copy_`` (no autograd record, no Python per tensor);
+    from CUDA tensors an asynchronous DMA into pinned buffers, then one synchronize."""
+    import torch
+
+    if not dst:
+        return
+    if cuda is None:
+        cuda = any(t.is_cuda for t in src)
+    with torch.no_grad():
+        torch._foreach_copy_(dst, src, non_blocking=cuda)
+    if cuda:
+        torch.cuda.synchronize()
 
 
 def snapshot_entries(entries: dict[str, TensorSource], pool: BufferPool) -> dict[str, InMemory]:
@@ -120,28 +137,94 @@ def snapshot_tree(obj: Any, pool: BufferPool) -> Any:
     import torch
 
     pool.start()
+    tensor, strided = torch.Tensor, torch.strided
+    take = pool.copy
+    scalars = {type(None), bool, int, float, str, bytes}
 
     def walk(x: Any) -> Any:
-        if isinstance(x, torch.Tensor):
-            if type(x) is not torch.Tensor or x.layout != torch.strided:
-                return x.detach().clone()  # rare (a sparse or subclass tensor): copied, not pooled
-            return pool.copy(x)
-        if type(x) in (dict, OrderedDict):
-            out = type(x)((k, walk(v)) for k, v in x.items())
+        kind = type(x)
+        if kind in scalars:
+            return x
+        if kind is dict or kind is OrderedDict:
+            out = kind([(k, walk(v)) for k, v in x.items()]) if kind is OrderedDict else {k: walk(v) for k, v in x.items()}
             if hasattr(x, "_metadata"):  # a Module.state_dict's versions, which its load_state_dict reads
                 out._metadata = copy.deepcopy(x._metadata)
             return out
-        if type(x) is list:
+        if kind is tensor:
+            return take(x) if x.layout == strided else x.detach().clone()  # a sparse tensor: copied, not pooled
+        if kind is list:
             return [walk(v) for v in x]
-        if type(x) is tuple:
+        if kind is tuple:
             return tuple(walk(v) for v in x)
-        if x is None or type(x) in (bool, int, float, str, bytes):
-            return x
+        if isinstance(x, tensor):
+            return x.detach().clone()  # rare (a Parameter or another subclass): copied, not pooled
         return copy.deepcopy(x)
 
     out = walk(obj)
     pool.finish()
     return out
+
+
+class LiveState(dict):
+    """A bare module's ``state_dict(keep_vars=True)`` handed to the writer as it is (live tensors), for its
+    ``ModelPlan`` to check and copy."""
+
+
+class ModelPlan:
+    """What an asynchronous save of a (non-sharded) model copies, kept from one save to the next.
+
+    Building it is the synchronous save's own work (``canonical_state``: unwrapping, the bare module's
+    ``state_dict``; ``dedupe``: tied weights stored once), plus a buffer per stored tensor. A later save only
+    checks it: the same wrapper object, the same ``state_dict(keep_vars=True)`` keys in the same order, each
+    the same tensor object with the same data pointer, shape, stride and dtype (which also keeps the ties,
+    defined by memory, and the source device unchanged). Any difference, or an entry whose stored tensor is
+    not its live tensor's own memory (``dedupe`` cloned overlapping views), rebuilds it.
+    """
+
+    def __init__(self) -> None:
+        self._model: weakref.ref | None = None
+        self._checks: list[tuple[str, torch.Tensor, int, tuple[int, ...], tuple[int, ...], torch.dtype]] = []
+        self._sources: list[torch.Tensor] = []  # the stored tensors, live, in the entry's order
+        self._buffers: list[torch.Tensor] = []
+        self._cuda = False
+        self.entries: dict[str, InMemory] = {}  # over the buffers
+        self.aliases: dict[str, str] = {}
+        self.info: dict[str, Any] = {}
+        self.builds = 0  # how often it was (re)built: reuse shows as this not growing
+
+    def matches(self, model: nn.Module, sd: dict[str, torch.Tensor]) -> bool:
+        if self._model is None or self._model() is not model or len(sd) != len(self._checks):
+            return False
+        for (key, t), (k, ref, ptr, shape, stride, dtype) in zip(sd.items(), self._checks):
+            if t is not ref or key != k or t.data_ptr() != ptr or t.shape != shape or t.stride() != stride \
+                    or t.dtype != dtype:
+                return False
+        return True
+
+    def snapshot(self, model: nn.Module, sd: dict[str, torch.Tensor], pool: BufferPool) -> dict[str, InMemory]:
+        """Copy the stored tensors of ``sd`` (the bare module's ``state_dict(keep_vars=True)``, just taken) into
+        the plan's buffers, rebuilding the plan first if it does not match; returns the entries (stored key ->
+        ``InMemory`` over its buffer). ``aliases`` and ``info`` describe the same snapshot."""
+        if not self.matches(model, sd):
+            self._build(model, sd, pool)
+        copy_all(self._buffers, self._sources, self._cuda)
+        return self.entries
+
+    def _build(self, model: nn.Module, sd: dict[str, torch.Tensor], pool: BufferPool) -> None:
+        from ._save import canonical_state, dedupe
+
+        canonical, info = canonical_state(model, to_cpu=False)
+        unique, aliases = dedupe(canonical)
+        pool.start()
+        self._sources = [sd[k] for k in unique]
+        self._buffers = [pool.take(tuple(t.shape), t.dtype, pin=t.is_cuda) for t in self._sources]
+        self._cuda = any(t.is_cuda for t in self._sources)
+        self.entries = {k: InMemory(b) for k, b in zip(unique, self._buffers)}
+        self.aliases, self.info = aliases, info
+        self.builds += 1
+        own = all(unique[k].data_ptr() == sd[k].data_ptr() for k in unique)
+        self._model = weakref.ref(model) if own else None  # not own memory (a clone): rebuilt every save
+        self._checks = [(k, t, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype) for k, t in sd.items()]
 
 
 class BackgroundWriter:
@@ -156,6 +239,7 @@ class BackgroundWriter:
         self._thread: threading.Thread | None = None
         self.model_pool = BufferPool()
         self.state_pool = BufferPool()
+        self.model_plan = ModelPlan()
 
     def submit(self, what: str, job: Callable[[], None]) -> None:
         """Run ``job`` in the background; the previous job must have been waited for (``take_failure``)."""

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
 from ._safetensors_io import CODE_OF_NAME, InMemory, dtype_name, read_header, read_slices, write_file
 from .errors import CheckpointError
-from .formats import SAFE_GLOBALS, read_json
+from .formats import SAFE_GLOBALS
 
 if TYPE_CHECKING:
     import torch
@@ -131,6 +131,37 @@ def unflatten_states(tree: Any, tensors: dict[str, "torch.Tensor"]) -> Any:
     return {k: unflatten_states(v, tensors) for k, v in tree.items()}
 
 
+def _read_tree(path: Path, tensors: dict[str, "torch.Tensor"]) -> Any:
+    """``state.json`` parsed and unflattened in one pass: each JSON object goes through ``unflatten_states``'
+    rules as the parser builds it (innermost first), instead of a second walk over the parsed tree (a
+    ResNet-152 + AdamW state has ~2,300 nodes: ~1.5 ms of a restore)."""
+    def node(d: dict) -> Any:
+        if len(d) == 1:
+            (key, value), = d.items()
+            if key == _TENSOR:
+                if value not in tensors:
+                    raise CheckpointError(f"{STATE_JSON} names tensor {value!r}, which {STATE_TENSORS} lacks; "
+                                          "the entry is damaged, use an earlier checkpoint")
+                return tensors[value]
+            if key == _TUPLE:
+                return tuple(value)
+            if key == _FLOAT:
+                return float(value)
+            if key == _DICT:
+                return {_hashable(k): v for k, v in value}
+        if _ODICT in d and set(d) <= {_ODICT, _META}:
+            out = OrderedDict((_hashable(k), v) for k, v in d[_ODICT])
+            if _META in d:
+                out._metadata = d[_META]  # type: ignore[attr-defined]
+            return out
+        return d
+
+    try:
+        return json.loads(path.read_text(), object_hook=node)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable JSON ({e}); the file is damaged or not part of a checkpoint") from None
+
+
 def _hashable(key: Any) -> Any:
     return tuple(_hashable(k) for k in key) if isinstance(key, (list, tuple)) else key
 
@@ -178,17 +209,17 @@ def read_states(entry: Path) -> dict[str, Any] | None:
     import torch
 
     if (entry / STATE_JSON).is_file():
-        doc = read_json(entry / STATE_JSON)
-        if not isinstance(doc, dict) or doc.get("format_version") != STATE_FORMAT:
-            raise CheckpointError(f"{entry / STATE_JSON}: unknown layout (format_version "
-                                  f"{doc.get('format_version') if isinstance(doc, dict) else '?'}); "
-                                  "update anytopo to read it")
         tensors: dict[str, torch.Tensor] = {}
         if (entry / STATE_TENSORS).is_file():
             slices, _ = read_header(entry / STATE_TENSORS)
             tensors = {k: torch.empty(s.shape, dtype=s.dtype) for k, s in slices.items()}
             read_slices(entry / STATE_TENSORS, [(s, tensors[k]) for k, s in slices.items()])
-        return unflatten_states(doc["states"], tensors)
+        doc = _read_tree(entry / STATE_JSON, tensors)
+        if not isinstance(doc, dict) or doc.get("format_version") != STATE_FORMAT:
+            raise CheckpointError(f"{entry / STATE_JSON}: unknown layout (format_version "
+                                  f"{doc.get('format_version') if isinstance(doc, dict) else '?'}); "
+                                  "update anytopo to read it")
+        return doc["states"]
     if (entry / STATE_PICKLE).is_file():
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(entry / STATE_PICKLE, map_location="cpu", weights_only=True)

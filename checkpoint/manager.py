@@ -147,23 +147,29 @@ class OptimizerState:
         return get_optimizer_state_dict(model, self.optimizer)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._load(state, sources=None)
+
+    def _load(self, state: dict[str, Any], *, sources: bool | None) -> None:
+        """``load_state_dict``; ``sources`` False when the caller knows ``state`` holds only tensors (read from
+        an entry that is not sharded), which spares walking it (~1 ms for ResNet-152's AdamW state); None
+        looks."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         from ._sharded import has_sources, is_sharded_state, local_optimizer_state, materialize_sources
 
         model = unwrap(self.model)
-        options = self._options(model, saving=False)
-        if has_sources(state):  # read from a sharded entry: tensors still on disk
-            params = dict(model.named_parameters())
+        params = dict(model.named_parameters())  # one walk of the modules, shared by the checks below
+        options = self._options(model, saving=False, params=params)
+        if sources is not False and has_sources(state):  # read from a sharded entry: tensors still on disk
             if is_sharded_state(params):  # each rank reads its own block, loaded as sharded state
                 state, options = local_optimizer_state(state, params), StateDictOptions(full_state_dict=False)
             else:
                 state = materialize_sources(state)
-        if options is None and self._load_by_index(model, state):
+        if options is None and self._load_by_index(params, state):
             return
         set_optimizer_state_dict(model, self.optimizer, state, options=options)
 
-    def _load_by_index(self, model: nn.Module, state: dict[str, Any]) -> bool:
+    def _load_by_index(self, params: dict[str, nn.Parameter], state: dict[str, Any]) -> bool:
         """The common case without torch.distributed.checkpoint's per-parameter name resolution (a fifth of a
         ResNet-152 + AdamW restore): when the saved groups list exactly the live groups' parameter names, in
         order, the name-keyed state maps onto ``Optimizer.load_state_dict``'s indices one to one. Anything
@@ -173,7 +179,7 @@ class OptimizerState:
         if not isinstance(groups, list) or not isinstance(saved_state, dict) \
                 or len(groups) != len(self.optimizer.param_groups):
             return False
-        names = {id(p): n for n, p in model.named_parameters()}
+        names = {id(p): n for n, p in params.items()}
         index: dict[str, int] = {}
         for live, saved in zip(self.optimizer.param_groups, groups):
             live_names = [names.get(id(p)) for p in live["params"]]
@@ -185,7 +191,7 @@ class OptimizerState:
             return False
         # exactly the trainable parameters carry state, as torch's path requires: it drops saved state of a
         # frozen parameter and refuses a trainable one without state; those cases take its path
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad and n in index}
+        trainable = {n for n, p in params.items() if p.requires_grad and n in index}
         if set(saved_state) != trainable:
             return False
         self.optimizer.load_state_dict({
@@ -194,12 +200,12 @@ class OptimizerState:
         return True
 
     @staticmethod
-    def _options(model: nn.Module, *, saving: bool):
+    def _options(model: nn.Module, *, saving: bool, params: dict[str, nn.Parameter] | None = None):
         from torch.distributed.checkpoint.state_dict import StateDictOptions
 
         from ._sharded import is_sharded_state
 
-        if not is_sharded_state(dict(model.named_parameters())):
+        if not is_sharded_state(params if params is not None else dict(model.named_parameters())):
             return None
         return StateDictOptions(full_state_dict=True, cpu_offload=saving)
 
@@ -308,7 +314,7 @@ class CheckpointManager:
                 raise CheckpointError(self._write_failure(path, e)) from None
 
         if background:
-            write_collectively(components[MODEL_COMPONENT], write, path, to_cpu=False)
+            self._snapshot_collectively(components[MODEL_COMPONENT], write, path)
         elif self.sharded:
             self._save_sharded(path, step, components, states, metadata)
         else:
@@ -413,23 +419,59 @@ class CheckpointManager:
 
     # -- asynchronous saves (checkpoint/_async.py)
 
+    def _snapshot_collectively(self, model: nn.Module, write, path: Path) -> None:
+        """``write_collectively(model, write, path, to_cpu=False)`` for an asynchronous save, with the writer's
+        snapshot plan kept between saves: ``write(LiveState(sd), {}, info)`` on the writer takes the model's
+        tensors from its ``ModelPlan`` (checked against the live ``state_dict``, rebuilt when it differs), instead of
+        unwrapping, canonicalising and looking for ties again at every save. A sharded model (FSDP2) takes
+        ``write_collectively``'s own path (gathered tensor by tensor, every rank taking part)."""
+        from . import _sharded
+        from ._async import LiveState
+
+        bare = unwrap(model)
+        sd = bare.state_dict(keep_vars=True)  # the same call canonical_state makes: hooks and all
+        if _sharded.is_sharded_state(sd):
+            write_collectively(model, write, path, to_cpu=False)
+            return
+        buffers = _sharded.buffer_agreement(bare)  # collective: before anything can fail on one rank only
+        error: BaseException | None = None
+        if is_writer():
+            try:
+                write(LiveState(sd), {}, {"buffers": buffers} if buffers is not None else {})
+            except Exception as e:  # noqa: BLE001 -- told to every rank by agree()
+                error = e
+        _sharded.agree(error, path)
+
     def _save_in_background(self, path: Path, step: int, components: Mapping[str, Any], states: dict[str, Any],
-                            metadata: Mapping[str, Any] | None, entries: dict[str, Any], aliases: dict[str, str],
-                            info: dict[str, Any]) -> None:
+                            metadata: Mapping[str, Any] | None, entries: dict[str, Any],
+                            aliases: dict[str, str], info: dict[str, Any]) -> None:
         """The writer's part of an asynchronous save: snapshot now (this thread), write later (the background
-        thread). Runs inside ``write_collectively``, so a failing snapshot is told to every rank."""
-        from ._async import BackgroundWriter, snapshot_entries, snapshot_tree
+        thread). Runs inside ``_snapshot_collectively``, so a failing snapshot is told to every rank.
+        ``entries`` is a ``LiveState`` (a non-sharded model's bare ``state_dict(keep_vars=True)``, snapshotted
+        through the writer's ``ModelPlan``) or the sources ``write_collectively`` handed over (FSDP2)."""
+        from ._async import BackgroundWriter, LiveState, snapshot_entries, snapshot_tree
+        from ._save import _check_json, _topology
 
         if self._background is None:
             self._background = BackgroundWriter()
         bg = self._background
-        entries = snapshot_entries(entries, bg.model_pool)
+        if isinstance(entries, LiveState):
+            plan = bg.model_plan
+            entries = plan.snapshot(components[MODEL_COMPONENT], entries, bg.model_pool)
+            aliases, info = plan.aliases, {**plan.info, **info}
+        else:
+            entries = snapshot_entries(entries, bg.model_pool)
         states = snapshot_tree(states, bg.state_pool)
-        # built here, not in the thread: it reads the process group (the topology), which may be gone by then
-        manifest = self._entry_manifest(step, components, metadata, entries, aliases, info)
+        # What the manifest needs from this moment is taken now: the metadata (checked, and frozen against
+        # later changes by the caller) and the topology (it reads the process group, which may be gone when
+        # the thread runs); the rest of it is built in the background, from the snapshot.
+        meta = _check_json(metadata) if metadata else {}
+        meta["topology"] = {**_topology(info), **meta.get("topology", {})}
+        names = sorted(components)
 
         def job() -> None:
             try:
+                manifest = self._entry_manifest(step, names, meta, entries, aliases, info)
                 self._commit_entry(path, step, manifest, entries, states)
             except OSError as e:
                 raise CheckpointError(self._write_failure(path, e)) from None
@@ -757,6 +799,8 @@ class CheckpointManager:
                 state = materialize_sources(state)
             if isinstance(comp, dict):
                 result.states[name] = state
+            elif isinstance(comp, OptimizerState):  # only a sharded entry's states hold on-disk sources
+                comp._load(state, sources=None if manifest.get("sharded") else False)
             else:
                 comp.load_state_dict(state)
             result.restored.append(name)

@@ -244,3 +244,19 @@ def test_optimizer_fast_load_refuses_what_torchs_path_refuses():
         set_optimizer_state_dict(*fresh(), saved)
     with pytest.raises(RuntimeError, match="Missing optimizer state for parameter '1.weight'"):
         OptimizerState(*fresh()).load_state_dict(saved)
+
+
+def test_a_damaged_state_json_is_refused_in_one_line(tmp_path):
+    model, opt, sched = _trained()
+    entry = CheckpointManager(tmp_path).save(3, {"model": model, "optimizer": OptimizerState(model, opt)})
+    doc = read_json(entry / STATE_JSON)
+    doc["states"]["optimizer"]["state"]["0.weight"]["exp_avg"] = {"__tensor__": "not/in/the/file"}
+    (entry / STATE_JSON).write_text(json.dumps(doc))
+    with pytest.raises(checkpoint.CheckpointError, match="names tensor 'not/in/the/file'.*damaged"):
+        read_states(entry)
+    (entry / STATE_JSON).write_text('{"format_version": 1, "states": {')
+    with pytest.raises(checkpoint.CheckpointError, match="unreadable JSON"):
+        read_states(entry)
+    (entry / STATE_JSON).write_text('{"format_version": 99, "states": {}}')
+    with pytest.raises(checkpoint.CheckpointError, match="unknown layout"):
+        read_states(entry)
