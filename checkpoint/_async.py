@@ -249,8 +249,11 @@ class BackgroundWriter:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anytopo-ckpt")
 
         def run() -> None:
+            from ._save import inline_hashing
+
             self._thread = threading.current_thread()
-            job()
+            with inline_hashing():  # nobody waits for this write: no hashing thread beside it (see there)
+                job()
 
         self._what = what
         self._future = self._executor.submit(run)

@@ -29,6 +29,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator, Mapping
@@ -66,6 +67,26 @@ def _umask() -> int:
     return mask
 
 
+_HASH_MODE = threading.local()
+INLINE_HASH_CHUNK = 4 << 20
+"""Bytes hashed then written at a time by an inline ``HashingFile``: small enough to stay in the CPU cache
+between the hash and the kernel's copy into the page cache."""
+
+
+@contextmanager
+def inline_hashing() -> Iterator[None]:
+    """Within this block, on this thread, ``HashingFile``s hash in the writing thread, a cache-sized piece at a
+    time just before writing it, instead of in a helper thread. For writes nobody waits for (async saves):
+    there the helper thread only adds a third runnable thread beside training and the writer, and a second
+    pass of every byte through memory, which slows the training they run beside."""
+    before = getattr(_HASH_MODE, "inline", False)
+    _HASH_MODE.inline = True
+    try:
+        yield
+    finally:
+        _HASH_MODE.inline = before
+
+
 class HashingFile:
     """A file object that also computes the sha256 of what is written through it, in a helper thread.
 
@@ -73,28 +94,37 @@ class HashingFile:
     the page cache and while the final fsync waits on the disk: a manifest's hashes cost (almost) nothing
     on top of the write, instead of a second pass over the finished file. Only bytes passed to ``write``
     are hashed; the caller must keep every buffer alive until ``hexdigest`` (``_byte_view`` ties each
-    view to its tensor).
+    view to its tensor). Inside :func:`inline_hashing` it hashes on the writing thread instead.
     """
 
     def __init__(self, f: BinaryIO):
         import hashlib
         import queue
-        import threading
 
         self.f = f
         self._sha = hashlib.sha256()
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
-        self._thread.start()
         self._digest: str | None = None
+        self._thread: threading.Thread | None = None
+        if not getattr(_HASH_MODE, "inline", False):
+            self._queue: queue.SimpleQueue = queue.SimpleQueue()
+            self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+            self._thread.start()
 
     def _run(self) -> None:
         while (chunk := self._queue.get()) is not None:
             self._sha.update(chunk)
 
     def write(self, data: Any) -> int:
-        n = self.f.write(data)
-        self._queue.put(data)
+        if self._thread is not None:
+            n = self.f.write(data)
+            self._queue.put(data)
+            return n
+        view = memoryview(data).cast("B")
+        n = 0
+        for start in range(0, len(view), INLINE_HASH_CHUNK):
+            piece = view[start:start + INLINE_HASH_CHUNK]
+            self._sha.update(piece)
+            n += self.f.write(piece)
         return n
 
     def flush(self) -> None:
@@ -105,8 +135,9 @@ class HashingFile:
 
     def hexdigest(self) -> str:
         if self._digest is None:
-            self._queue.put(None)
-            self._thread.join()
+            if self._thread is not None:
+                self._queue.put(None)
+                self._thread.join()
             self._digest = self._sha.hexdigest()
         return self._digest
 

@@ -115,6 +115,33 @@ def test_async_entry_holds_the_same_tensors_as_a_sync_save(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_background_writes_hash_on_their_own_thread_and_sync_saves_in_a_helper(tmp_path, monkeypatch):
+    """An async save's files are hashed on the writer thread (no third thread beside training and the
+    writer), a sync save's in a helper thread overlapping the write; both entries verify."""
+    from checkpoint import _save
+
+    modes: list[tuple[bool, str]] = []
+    init = _save.HashingFile.__init__
+
+    def spy(self, f):
+        init(self, f)
+        modes.append((self._thread is None, threading.current_thread().name))
+
+    monkeypatch.setattr(_save.HashingFile, "__init__", spy)
+    run = Run()
+    sync = CheckpointManager(tmp_path / "sync").save(3, run.components())
+    assert modes and all(not inline for inline, _ in modes)
+    modes.clear()
+    mgr = CheckpointManager(tmp_path / "async", async_save=True)
+    path = mgr.save(3, run.components())
+    mgr.flush()
+    assert modes and all(inline and name.startswith("anytopo-ckpt") for inline, name in modes), modes
+    from checkpoint.formats import read_json, verify_files
+
+    for entry in (path, sync):  # raises on a size or sha256 that does not match the files
+        assert verify_files(entry, read_json(entry / "manifest.json"), hashes=True)
+
+
 def test_training_right_after_an_async_save_does_not_change_what_is_written(tmp_path, monkeypatch):
     run = Run()
     want = CheckpointManager(tmp_path / "sync").save(3, run.components())

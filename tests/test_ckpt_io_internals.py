@@ -2,6 +2,7 @@
 writeback during saves."""
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import sys
@@ -95,3 +96,30 @@ def test_writeback_is_skipped_where_the_target_cannot_take_it(tmp_path, monkeypa
     assert buf.getvalue() == (tmp_path / "x.safetensors").read_bytes()
     back = load_file(tmp_path / "x.safetensors")
     assert all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+@pytest.mark.parametrize("inline", [False, True])
+def test_hashing_file_digest_equals_the_files_sha256(tmp_path, inline):
+    """A file written through atomic_file(sha256=True) reports the sha256 of its bytes on disk, whether hashed
+    by a helper thread or, inside inline_hashing() (async saves), on the writing thread, piece by piece
+    (a buffer larger than a piece, a numpy view of a tensor, small bytes) -- and inline starts no thread."""
+    import hashlib
+    import threading
+
+    from checkpoint._save import INLINE_HASH_CHUNK, atomic_file, inline_hashing
+
+    big = torch.arange(INLINE_HASH_CHUNK // 4 * 2 + 77, dtype=torch.float32)  # 2 pieces and a bit
+    threads = []
+    with contextlib.ExitStack() as stack:
+        if inline:
+            stack.enter_context(inline_hashing())
+        with atomic_file(tmp_path / "f.bin", sha256=True) as f:
+            threads = [t.name for t in threading.enumerate()]
+            f.write(b"header")
+            f.write(big.numpy().view("uint8"))
+            f.write(memoryview(bytearray(b"tail" * 1000)))
+        digest = f.hexdigest()
+    data = (tmp_path / "f.bin").read_bytes()
+    assert len(data) == 6 + big.numel() * 4 + 4000
+    assert digest == hashlib.sha256(data).hexdigest()
+    assert ("sha256" in threads) is (not inline)
