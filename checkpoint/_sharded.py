@@ -127,8 +127,7 @@ def _pwrite_all(fd: int, t: "torch.Tensor", offset: int) -> None:
     if not t.numel():
         return
     if not (t.is_cpu and t.is_contiguous()):
-        rows = t.shape[0] if t.dim() else 1
-        row_bytes = (t.numel() // rows) * t.element_size()
+        rows, row_bytes = (t.shape[0] if t.dim() else 1), _row_bytes(t)
         step = max(1, STREAM_CHUNK // max(1, row_bytes))
         for a in range(0, rows, step):
             piece = _cpu_contiguous(t[a:a + step] if t.dim() else t)
@@ -196,7 +195,7 @@ class GatherPlan:
         dist = _dist()
         local = t.to_local()
         rest = tuple(t.shape[1:])
-        row_bytes = t.element_size() * (math.prod(rest) if rest else 1)
+        row_bytes = _row_bytes(t)
         step = max(1, STREAM_CHUNK // max(1, row_bytes))
         failure: BaseException | None = None
         for r, rows in enumerate(_chunk_rows(t.shape[0], self.world)):
