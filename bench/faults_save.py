@@ -81,9 +81,11 @@ def save_in_child(mgr: CheckpointManager, state: State, step: int, *, background
                   signal_fd: int | None = None) -> int:
     """Fork; the child saves ``step`` and exits 0. Returns the child's pid.
 
-    ``background``: the child saves asynchronously (``async_save=True``), writes one byte to ``signal_fd``
-    when ``save`` has returned (the write is then in flight in the background thread), changes the state in
-    place as training would (so an entry holding anything but the snapshot fails the check), then flushes;
+    ``background``: the child saves asynchronously as scripts/train.py does (``async_save=True,
+    overlap_snapshot=True``), writes one byte to ``signal_fd`` when ``save`` has returned (the copy of weights
+    and optimizer state, then the write, are then in flight in the background thread), changes the state in
+    place as training would, after ``wait_snapshot`` as an optimizer step does (so an entry holding anything
+    but the snapshot fails the check), then flushes;
     exit 0 means the flush returned, i.e. the entry is durable and ``latest``."""
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
@@ -91,10 +93,12 @@ def save_in_child(mgr: CheckpointManager, state: State, step: int, *, background
         try:
             state.stamp(step)
             if background:
-                mgr = CheckpointManager(mgr.directory, keep_last=mgr.keep_last, async_save=True)
+                mgr = CheckpointManager(mgr.directory, keep_last=mgr.keep_last, async_save=True,
+                                        overlap_snapshot=True)
                 mgr.save(step, state.components())
                 if signal_fd is not None:
                     os.write(signal_fd, b"s")
+                mgr.wait_snapshot()  # what the optimizer's next step() waits for
                 state.stamp(-step)  # training goes on while the entry is written
                 mgr.flush()
             else:

@@ -84,14 +84,14 @@ class BufferPool:
         self._src.append(src)
         return buf
 
-    def finish(self) -> None:
+    def finish(self, later: DeferredCopy | None = None) -> None:
         """Copy every source taken since ``start`` into its buffer: one ``_foreach_copy_`` call (no Python
-        per tensor), asynchronous DMA from CUDA into pinned buffers, then one synchronize."""
-        import torch
-
+        per tensor), asynchronous DMA from CUDA into pinned buffers, then one synchronize. Sources that
+        ``later`` defers are handed to it instead, to be copied by the writer thread."""
         if not self._dst:
             return
-        copy_all(self._dst, self._src)
+        dst, src = (self._dst, self._src) if later is None else later.split(self._dst, self._src)
+        copy_all(dst, src)
         self._dst, self._src = [], []
 
 
@@ -108,6 +108,55 @@ def copy_all(dst: list[torch.Tensor], src: list[torch.Tensor], cuda: bool | None
         torch._foreach_copy_(dst, src, non_blocking=cuda)
     if cuda:
         torch.cuda.synchronize()
+
+
+class DeferredCopy:
+    """The part of an asynchronous save's snapshot that the writer thread copies, overlapping training.
+
+    Parameters and optimizer state change only in the optimizer's ``step()`` (the forward and backward
+    passes read them; BatchNorm's running statistics, which the forward pass does change, are buffers and
+    stay in the synchronous copy). So the copy of those tensors need not stall the training thread: the
+    writer makes it first thing, while the next forward and backward run, and the optimizer's next
+    ``step()`` waits for it (a step pre-hook the manager registers: ``wait``). What is deferred is given by
+    ``owned``, the ids of the optimizer's parameters and state tensors; CPU tensors only (a CUDA source is
+    a DMA into pinned memory already, left as it is).
+    """
+
+    def __init__(self, owned: set[int]) -> None:
+        self._owned = owned
+        self._dst: list[torch.Tensor] = []
+        self._src: list[torch.Tensor] = []
+        self._done = threading.Event()
+
+    def split(self, dst: list[torch.Tensor], src: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Keep the (buffer, source) pairs whose source is deferred; return the others, to copy now."""
+        now_dst, now_src = [], []
+        owned = self._owned
+        for d, t in zip(dst, src):
+            if id(t) in owned and not t.is_cuda:
+                self._dst.append(d)
+                self._src.append(t)
+            else:
+                now_dst.append(d)
+                now_src.append(t)
+        return now_dst, now_src
+
+    def __len__(self) -> int:
+        return len(self._dst)
+
+    def run(self) -> None:
+        """On the writer thread, before anything reads the buffers: copy, then release ``wait``."""
+        try:
+            copy_all(self._dst, self._src, False)
+        finally:
+            self._dst, self._src = [], []
+            self._done.set()
+
+    def wait(self) -> None:
+        self._done.wait()
+
+    def done(self) -> bool:
+        return self._done.is_set()
 
 
 def snapshot_entries(entries: dict[str, TensorSource], pool: BufferPool) -> dict[str, InMemory]:
@@ -130,7 +179,7 @@ def snapshot_entries(entries: dict[str, TensorSource], pool: BufferPool) -> dict
     return out
 
 
-def snapshot_tree(obj: Any, pool: BufferPool) -> Any:
+def snapshot_tree(obj: Any, pool: BufferPool, later: DeferredCopy | None = None) -> Any:
     """A copy of a nested state (dicts, lists, tuples; an optimizer's or a scheduler's ``state_dict()``, a
     trainer's counters) whose tensors are in ``pool``'s buffers and whose other leaves are copies, so that
     nothing training does afterwards reaches it."""
@@ -161,7 +210,7 @@ def snapshot_tree(obj: Any, pool: BufferPool) -> Any:
         return copy.deepcopy(x)
 
     out = walk(obj)
-    pool.finish()
+    pool.finish(later)
     return out
 
 
@@ -201,13 +250,18 @@ class ModelPlan:
                 return False
         return True
 
-    def snapshot(self, model: nn.Module, sd: dict[str, torch.Tensor], pool: BufferPool) -> dict[str, InMemory]:
+    def snapshot(self, model: nn.Module, sd: dict[str, torch.Tensor], pool: BufferPool,
+                 later: DeferredCopy | None = None) -> dict[str, InMemory]:
         """Copy the stored tensors of ``sd`` (the bare module's ``state_dict(keep_vars=True)``, just taken) into
-        the plan's buffers, rebuilding the plan first if it does not match; returns the entries (stored key ->
-        ``InMemory`` over its buffer). ``aliases`` and ``info`` describe the same snapshot."""
+        the plan's buffers (those ``later`` defers: by the writer thread), rebuilding the plan first if it does
+        not match; returns the entries (stored key -> ``InMemory`` over its buffer). ``aliases`` and ``info``
+        describe the same snapshot."""
         if not self.matches(model, sd):
             self._build(model, sd, pool)
-        copy_all(self._buffers, self._sources, self._cuda)
+        if later is None:
+            copy_all(self._buffers, self._sources, self._cuda)
+        else:
+            copy_all(*later.split(self._buffers, self._sources), self._cuda)
         return self.entries
 
     def _build(self, model: nn.Module, sd: dict[str, torch.Tensor], pool: BufferPool) -> None:
@@ -240,9 +294,18 @@ class BackgroundWriter:
         self.model_pool = BufferPool()
         self.state_pool = BufferPool()
         self.model_plan = ModelPlan()
+        self.deferred: DeferredCopy | None = None  # the copy the job in flight makes first, if any
 
-    def submit(self, what: str, job: Callable[[], None]) -> None:
-        """Run ``job`` in the background; the previous job must have been waited for (``take_failure``)."""
+    def wait_snapshot(self) -> None:
+        """Block until the snapshot of the save in flight is complete (its deferred copy made): from then on
+        training may change parameters and optimizer state. Immediate when nothing is deferred."""
+        later = self.deferred
+        if later is not None and not later.done() and not self.on_worker_thread():
+            later.wait()
+
+    def submit(self, what: str, job: Callable[[], None], later: DeferredCopy | None = None) -> None:
+        """Run ``job`` in the background, after ``later``'s copy if given; the previous job must have been
+        waited for (``take_failure``)."""
         if self._future is not None:
             raise CheckpointError("internal: a save was submitted while another is in flight")
         if self._executor is None:
@@ -252,11 +315,19 @@ class BackgroundWriter:
             from ._save import inline_hashing
 
             self._thread = threading.current_thread()
+            if later is not None:
+                later.run()
             with inline_hashing():  # nobody waits for this write: no hashing thread beside it (see there)
                 job()
 
         self._what = what
-        self._future = self._executor.submit(run)
+        self.deferred = later
+        try:
+            self._future = self._executor.submit(run)
+        except BaseException:
+            if later is not None:
+                later.run()  # nothing will run it: copy here, so no optimizer step waits forever
+            raise
 
     def in_flight(self) -> bool:
         return self._future is not None and not self._future.done()
@@ -293,4 +364,5 @@ class BackgroundWriter:
         """Wait for the job in flight, forget it, and return its error line (None if it succeeded)."""
         message = self.failure(wait=True)
         self._future = None
+        self.deferred = None
         return message

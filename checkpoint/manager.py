@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -249,7 +250,7 @@ class CheckpointManager:
     """
 
     def __init__(self, directory: str | Path, *, keep_last: int | None = 3, every: int | None = None,
-                 sharded: bool = False, async_save: bool = False):
+                 sharded: bool = False, async_save: bool = False, overlap_snapshot: bool = False):
         """``sharded``: every rank writes its own shards (FSDP2 parameters, and an ``OptimizerState``'s moments
         via ``local_state_dict``: never gathered) to its own file in parallel, plus one manifest listing them
         with sha256; such entries load into any layout and world size like the others (default False: one
@@ -259,7 +260,14 @@ class CheckpointManager:
         for CUDA tensors); the writer writes files, fsyncs, renames, moves ``latest`` and prunes in one
         background thread. At most one save is in flight (a new save waits for the previous one). A failed
         background write is reported by ``failure()`` (no waiting) and raised by ``flush()`` on every rank,
-        or by the next ``save`` (see ``checkpoint/_async.py``). Not with ``sharded`` (every rank writes)."""
+        or by the next ``save`` (see ``checkpoint/_async.py``). Not with ``sharded`` (every rank writes).
+
+        ``overlap_snapshot`` (with ``async_save``): the tensors of each ``OptimizerState`` component (the
+        parameters its optimizer updates, and its state: AdamW's moments) are copied by the background thread
+        while training runs on, and that optimizer's next ``step()`` waits until they are (a step pre-hook):
+        ``save`` stalls only for the rest (buffers, other components). For loops that change parameters and
+        optimizer state only through ``optimizer.step()`` between a save and the next step, as
+        ``scripts/train.py`` does; call ``wait_snapshot()`` before changing them any other way."""
         if sharded and async_save:
             raise CheckpointError("async_save with sharded=True is not supported (every rank writes its own file, "
                                   "which needs collectives after the write): use one or the other")
@@ -268,6 +276,8 @@ class CheckpointManager:
         self.every = every
         self.sharded = sharded
         self.async_save = async_save
+        self.overlap_snapshot = overlap_snapshot
+        self._step_hooks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> its step pre-hook
         self._background: Any = None  # _async.BackgroundWriter, on the writer, from the first asynchronous save
 
     def should_save(self, step: int, *, last: bool = False) -> bool:
@@ -455,13 +465,14 @@ class CheckpointManager:
         if self._background is None:
             self._background = BackgroundWriter()
         bg = self._background
+        later = self._deferred_copy(components) if self.overlap_snapshot else None
         if isinstance(entries, LiveState):
             plan = bg.model_plan
-            entries = plan.snapshot(components[MODEL_COMPONENT], entries, bg.model_pool)
+            entries = plan.snapshot(components[MODEL_COMPONENT], entries, bg.model_pool, later)
             aliases, info = plan.aliases, {**plan.info, **info}
         else:
-            entries = snapshot_entries(entries, bg.model_pool)
-        states = snapshot_tree(states, bg.state_pool)
+            entries = snapshot_entries(entries, bg.model_pool)  # gathered shards: copied now
+        states = snapshot_tree(states, bg.state_pool, later)
         # What the manifest needs from this moment is taken now: the metadata (checked, and frozen against
         # later changes by the caller) and the topology (it reads the process group, which may be gone when
         # the thread runs); the rest of it is built in the background, from the snapshot.
@@ -476,7 +487,32 @@ class CheckpointManager:
             except OSError as e:
                 raise CheckpointError(self._write_failure(path, e)) from None
 
-        bg.submit(str(path), job)
+        bg.submit(str(path), job, later if later else None)
+
+    def _deferred_copy(self, components: Mapping[str, Any]) -> Any:
+        """``overlap_snapshot``: what the writer thread copies (every ``OptimizerState``'s parameters and
+        state tensors), with a step pre-hook on each such optimizer that waits for that copy."""
+        from ._async import DeferredCopy
+
+        owned: set[int] = set()
+        for comp in components.values():
+            if isinstance(comp, OptimizerState):
+                opt = comp.optimizer
+                if opt not in self._step_hooks:
+                    self._step_hooks[opt] = opt.register_step_pre_hook(self._before_step)
+                owned.update(id(p) for group in opt.param_groups for p in group["params"])
+                owned.update(id(v) for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor))
+        return DeferredCopy(owned)
+
+    def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self.wait_snapshot()
+
+    def wait_snapshot(self) -> None:
+        """Wait until the save in flight has its snapshot (``overlap_snapshot``: the deferred copy of parameters
+        and optimizer state is made); after it, they may change. Optimizers saved as ``OptimizerState`` call it
+        themselves before each ``step()``. Non-collective; immediate when nothing is pending."""
+        if self._background is not None:
+            self._background.wait_snapshot()
 
     def failure(self) -> str | None:
         """The one-line error of a background save that has FAILED, without waiting (None otherwise, and

@@ -158,6 +158,46 @@ def test_training_right_after_an_async_save_does_not_change_what_is_written(tmp_
     assert_same_tensors(want, path)
 
 
+def test_overlap_snapshot_copies_weights_and_moments_in_the_background_before_the_next_step(tmp_path, monkeypatch):
+    """``overlap_snapshot``: parameters and optimizer state are copied by the writer thread while training runs
+    on; the optimizer's next step() waits for that copy; buffers (BatchNorm statistics, which the forward
+    pass changes) and the other components are copied by save() itself. The entry is the save-time state."""
+    run = Run()
+    want = CheckpointManager(tmp_path / "sync").save(3, run.components())
+    order: list[str] = []
+    deferred: list[int] = []
+    real_run = _async.DeferredCopy.run
+
+    def slow_run(self):
+        deferred.append(len(self))
+        time.sleep(0.3)  # the forward and backward passes below run before the copy is made
+        real_run(self)
+        order.append("copied")
+
+    monkeypatch.setattr(_async.DeferredCopy, "run", slow_run)
+    mgr = CheckpointManager(tmp_path / "async", async_save=True, overlap_snapshot=True)
+    path = mgr.save(3, run.components())  # registers the manager's step pre-hook
+    run.opt.register_step_pre_hook(lambda *a: order.append("step"))  # runs after the manager's
+    for _ in range(2):  # BN statistics change in the forward pass, weights and moments in the step
+        run.train_step()
+    with torch.no_grad():  # after the step: the snapshot is complete, anything may change
+        for p in run.model.parameters():
+            p.mul_(-3.0)
+    mgr.flush()
+    assert_same_tensors(want, path)
+    assert order[:2] == ["copied", "step"], order
+    n_params = len(list(run.model.parameters()))
+    assert deferred == [n_params + 3 * n_params]  # every weight and AdamW's exp_avg, exp_avg_sq and step
+    order.clear()
+    mgr.save(5, run.components())  # the hook is registered once: one wait per step, not one per save
+    mgr.wait_snapshot()
+    assert order == ["copied"]
+    run.train_step()
+    assert order == ["copied", "step"]
+    mgr.flush()
+    assert len(run.opt._optimizer_step_pre_hooks) == 2
+
+
 def test_buffers_are_reused_across_saves_and_not_pinned_for_cpu_state(tmp_path):
     run = Run()
     mgr = CheckpointManager(tmp_path, async_save=True, keep_last=0)
@@ -433,7 +473,7 @@ def _train_recording(args: list[str], record: Path) -> subprocess.CompletedProce
 @pytest.mark.timeout(300)
 def test_async_save_runs_write_in_the_background_flush_at_exit_and_resume_bit_identically(tmp_path):
     full, record = tmp_path / "full", tmp_path / "saves.txt"
-    common = ["--max-steps", "8", "--save-every", "2", "--keep-last", "0", "--async-save"]
+    common = ["--max-steps", "8", "--save-every", "2", "--keep-last", "0"]  # async: the default
     proc = _train_recording(common + ["--output-dir", str(full)], record)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert record.read_text().split() == ["background"] * 4  # steps 2, 4, 6, 8
@@ -455,10 +495,10 @@ def test_async_save_runs_write_in_the_background_flush_at_exit_and_resume_bit_id
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
     sa, sb = (tensors(d / "checkpoints" / "step-8" / "state.safetensors") for d in (full, part))
     assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)  # AdamW moments too
-    # without the flag (the default: bench/ckpt_stall.py's throughput target is not met, docs/performance.md
-    # section 5) every save is written before training goes on
+    # --no-async-save: every save is written before training goes on
     record.unlink()
-    proc = _train_recording(["--max-steps", "4", "--save-every", "2", "--output-dir", str(tmp_path / "sync")], record)
+    proc = _train_recording(["--max-steps", "4", "--save-every", "2", "--no-async-save", "--output-dir",
+                             str(tmp_path / "sync")], record)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert record.read_text().split() == ["sync"] * 2
 
