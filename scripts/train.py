@@ -69,7 +69,8 @@ class ConfigError(ValueError):
 #
 #   - the flag is the field name with '-' for '_' (--ema-decay); its type (int, float, str, Path, X | None,
 #     bool, tuple[str, ...]) gives the argparse type and the type checked in --config files;
-#   - a bool field is a switch: default False -> --name (store_true), default True -> --no-name (store_false);
+#   - a bool field is a switch: default False -> --name (store_true), default True -> --no-name (store_false)
+#     and a hidden --name (the default, accepted so scripts written before it became the default still run);
 #   - tuple[str, ...] is a repeatable flag: pass flag="--model-arg" to name its single form;
 #   - choices=[...] restricts the values (on the command line and in files), metavar= names the value;
 #   - an optional field (X | None) must default to None (a config file omits unset options);
@@ -132,9 +133,11 @@ class TrainConfig:
     save_every: int | None = option(None, "save a checkpoint every N steps (and at the end)")
     keep_last: int = option(3, "checkpoints kept (0 keeps all)")
     save_sharded: bool = option(False, "every rank writes its own shard file (fsdp), plus one manifest")
-    async_save: bool = option(False, "write checkpoints in a background thread: training waits only for a copy of "
-                                     "the state to CPU; pending saves are flushed at exit and at preemption, and "
-                                     "a failed write stops every rank at the next step (exit 2)")
+    async_save: bool = option(True, "write each checkpoint synchronously: training waits for the whole durable "
+                                    "write (default: a background thread writes it while training goes on; the "
+                                    "weights and optimizer state are copied before the next optimizer step, "
+                                    "pending saves are flushed at exit and at preemption, a failed write stops "
+                                    "every rank at the next step with exit 2; --save-sharded is always synchronous)")
     resume: str | None = option(None, "a checkpoint entry, a run's checkpoints/ directory, any weights file, "
                                       "'auto' (latest) or 'best' (best by the task's metric)",
                                 metavar="PATH|auto|best")
@@ -185,9 +188,6 @@ class TrainConfig:
                 raise ConfigError(f"--preempt-signal: {e}") from None
         if self.dist_timeout is not None and self.dist_timeout <= 0:
             raise ConfigError(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
-        if self.async_save and self.save_sharded:
-            raise ConfigError("--async-save with --save-sharded is not supported (every rank writes its own file): "
-                              "drop one of them")
         if self.eval_only and not self.resume:
             raise ConfigError("--eval-only needs the checkpoint to evaluate: add --resume PATH")
 
@@ -360,6 +360,8 @@ def build_parser(cls: type, add_help: bool = True) -> argparse.ArgumentParser:
         common = {"dest": f.name, "help": meta.get("help", "").replace("%", "%%")}
         if kind is bool:
             p.add_argument(name, action="store_false" if f.default else "store_true", **common)
+            if f.default and not meta.get("flag"):  # --name too, so a switch that became the default still parses
+                p.add_argument("--" + f.name.replace("_", "-"), action="store_true", dest=f.name, help=argparse.SUPPRESS)
         elif kind is tuple:
             p.add_argument(name, action=_ReplaceList, default=list(f.default), metavar=meta.get("metavar"),
                            choices=meta.get("choices"), **common)
@@ -618,9 +620,12 @@ class Trainer:
 
     def _build(self) -> None:
         cfg, info, log = self.cfg, self.info, self.log
+        background = cfg.async_save and not cfg.save_sharded  # a sharded save needs every rank: synchronous
         self.manager = checkpoint.CheckpointManager(self.out / "checkpoints", keep_last=cfg.keep_last,
                                                     every=cfg.save_every, sharded=cfg.save_sharded,
-                                                    async_save=cfg.async_save)
+                                                    async_save=background, overlap_snapshot=background)
+        if cfg.save_sharded and cfg.async_save and cfg.save_every:
+            log("--save-sharded: checkpoints are written synchronously (every rank writes its own file)")
         self.resume_path = resolve_resume(cfg, self.manager, log, info.restart)
         manifest = checkpoint.read_manifest(self.resume_path) if self.resume_path else None
         holds_entries = launcher.broadcast_object(bool(self.manager.entries()) if info.is_main else None, info)
@@ -842,7 +847,7 @@ class Trainer:
         return (launcher.all_reduce_sum(value.detach().reshape(1).double(), self.info) / self.info.world_size).item()
 
     def save(self, epoch: int, *, blocking: bool | None = None) -> Path:
-        """Checkpoint the current step (in the background with --async-save unless ``blocking``)."""
+        """Checkpoint the current step (in the background unless --no-async-save, --save-sharded or ``blocking``)."""
         self.trainer_state.update(step=self.step, epoch=epoch, global_batch=self.cfg.batch_size, seed=self.cfg.seed,
                                   samples_seen=self.step * self.cfg.batch_size, world_size=self.info.world_size)
         metadata = {"model": self.model_name, "model_options": self.model_options, "epoch": epoch,
@@ -881,15 +886,15 @@ class Trainer:
         return bool(launcher.all_reduce_sum(flag, self.info).item())
 
     def _flush_saves(self) -> None:
-        """--async-save: wait for the save in flight; every rank raises the writer's line if it failed."""
-        if self.cfg.async_save:
+        """Async saves: wait for the save in flight; every rank raises the writer's line if it failed."""
+        if self.manager.async_save:
             self.manager.flush()
 
     def _at_step_boundary(self, epoch: int, saved_at: int | None, last_path: Path | None) -> None:
         """The ranks agree, in ONE all-reduce, on whether any received a preemption signal and whether the
         writer's background save failed; a failure stops every rank with the writer's line, a signal with a
         checkpoint. No collective runs on the background thread (gloo collectives from two threads deadlock)."""
-        if self.preempt is None and not self.cfg.async_save:
+        if self.preempt is None and not self.manager.async_save:
             return
         failed = self.manager.failure() is not None  # the writer's, without waiting; False elsewhere
         preempted, failed = launcher.agree_flags(self.info, self.preempt is not None and self.preempt.requested,

@@ -46,7 +46,8 @@ def test_the_flag_names_users_type_are_kept():
             "--batch-size", "--grad-accum", "--lr", "--weight-decay", "--optimizer", "--momentum", "--warmup-steps",
             "--amp", "--channels-last", "--sync-bn", "--clip-grad", "--aux-weight", "--strategy", "--output-dir",
             "--save-every", "--keep-last", "--resume", "--seed", "--eval-only", "--log-every", "--workers",
-            "--no-tensorboard", "--no-progress", "--debug", "--config", "--print-config"} <= known
+            "--no-tensorboard", "--no-progress", "--debug", "--config", "--print-config", "--no-async-save",
+            "--async-save"} <= known
 
 
 def test_switches_repeatables_types_and_choices(monkeypatch):
@@ -56,6 +57,10 @@ def test_switches_repeatables_types_and_choices(monkeypatch):
     assert cfg.model_args == ("a=1", "b='x'") and cfg.tensorboard is False and cfg.progress is True
     assert cfg.channels_last is True and cfg.lr == 0.5 and cfg.max_steps == 7 and cfg.output_dir == Path("o/p")
     assert cfg.amp == "none"  # unset: accelerate's setting, else none
+    # a switch whose default is on: --no-NAME turns it off; --NAME (hidden) still parses, as scripts written
+    # when it was opt-in pass it (--async-save became the default)
+    assert parse().async_save is True and parse("--no-async-save").async_save is False
+    assert parse("--async-save").async_save is True and parse("--tensorboard").tensorboard is True
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     assert parse().amp == "bf16" and parse("--amp", "fp16").amp == "fp16"
     with pytest.raises(SystemExit) as e:
