@@ -625,7 +625,7 @@ class Trainer:
                                                     every=cfg.save_every, sharded=cfg.save_sharded,
                                                     async_save=background, overlap_snapshot=background)
         if cfg.save_sharded and cfg.async_save and cfg.save_every:
-            log("--save-sharded: checkpoints are written synchronously (every rank writes its own file)")
+            log.info("--save-sharded: checkpoints are written synchronously (every rank writes its own file)")
         self.resume_path = resolve_resume(cfg, self.manager, log, info.restart)
         manifest = checkpoint.read_manifest(self.resume_path) if self.resume_path else None
         holds_entries = launcher.broadcast_object(bool(self.manager.entries()) if info.is_main else None, info)

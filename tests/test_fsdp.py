@@ -260,7 +260,8 @@ def test_train_fsdp_x2_resumes_under_ddp_x3_single_and_fsdp_x3_on_the_same_losse
     assert sorted(straight) == list(range(1, 9))
     a, b, c, d = (tmp_path / n for n in "abcd")
     # FSDP under accelerate launch (CPU), one file per rank; read back by ddp x3 below
-    train("accelerate", a, "--strategy", "fsdp", "--save-sharded", nproc=2)
+    proc = train("accelerate", a, "--strategy", "fsdp", "--save-sharded", nproc=2)
+    assert "--save-sharded: checkpoints are written synchronously" in proc.stderr  # async is the default elsewhere
     assert checkpoint.read_manifest(a / "checkpoints" / "step-2")["topology"]["strategy"] == "fsdp"
     assert checkpoint.read_manifest(a / "checkpoints" / "step-2")["topology"]["launcher"] == "accelerate"
     assert checkpoint.read_manifest(a / "checkpoints" / "step-2")["sharded"]["world_size"] == 2
