@@ -81,6 +81,47 @@ def test_save_restore_resumes_identically(tmp_path):
         torch.testing.assert_close(va, vb, rtol=1e-6, atol=1e-7, msg=k)
 
 
+def test_restore_reads_the_states_beside_the_model_and_reports_the_models_error_first(tmp_path, monkeypatch):
+    """The states file is read in a helper thread while the model loads; a model that does not fit is the
+    error reported (not whatever the states read met), and no helper thread is left behind."""
+    import threading
+
+    from checkpoint import manager as manager_module
+
+    torch.manual_seed(0)
+    a = net()
+    opt = torch.optim.AdamW(a.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 2)
+    train_steps(a, opt, sched, 2)
+    mgr = CheckpointManager(tmp_path / "ckpts")
+    entry = mgr.save(2, components(a, opt, sched))
+    threads: list[str] = []
+    real = manager_module.read_states
+
+    def spy(path):
+        threads.append(threading.current_thread().name)
+        return real(path)
+
+    monkeypatch.setattr(manager_module, "read_states", spy)
+    b = net()
+    opt_b = torch.optim.AdamW(b.parameters(), lr=0.5)
+    mgr.restore(entry, components(b, opt_b, torch.optim.lr_scheduler.StepLR(opt_b, 2)))
+    assert threads == ["anytopo-read-states"]
+    assert opt_b.state_dict()["state"][0]["exp_avg"].equal(opt.state_dict()["state"][0]["exp_avg"])
+
+    def broken(path):
+        raise RuntimeError("the states read failed")
+
+    monkeypatch.setattr(manager_module, "read_states", broken)
+    wrong = nn.Sequential(nn.Linear(4, 3))
+    opt_w = torch.optim.AdamW(wrong.parameters())
+    with pytest.raises(checkpoint.CheckpointError, match="missing|unexpected|shape"):
+        mgr.restore(entry, {"model": wrong, "optimizer": OptimizerState(wrong, opt_w)})
+    with pytest.raises(RuntimeError, match="the states read failed"):  # the model fits: the states' error
+        mgr.restore(entry, components(b, opt_b, torch.optim.lr_scheduler.StepLR(opt_b, 2)))
+    assert not [t for t in threading.enumerate() if t.name == "anytopo-read-states"]
+
+
 def test_optimizer_state_is_keyed_by_name_and_survives_regrouping(tmp_path):
     torch.manual_seed(0)
     a = net()
