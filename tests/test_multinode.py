@@ -217,7 +217,10 @@ def test_missing_node_is_reported_within_the_bound(hosts):
     for k, (rc, err, elapsed) in ends.items():
         last = err.strip().splitlines()[-1]
         assert rc == 2 and last.startswith("error: "), f"{k}: {err[-2000:]}"
-        assert elapsed < join + 10 + 5, f"{k} took {elapsed:.1f}s"  # + 5: three launchers start on 2 cores
+        # the bound proves --join-timeout is what ends the wait (torch's own defaults are 600 s / 900 s); the
+        # slack is for three launchers, each importing torch, starting on 2 busy cores (join + 15 s failed once
+        # under another job's load)
+        assert elapsed < join + 40, f"{k} took {elapsed:.1f}s"
         assert "Traceback" not in err, f"{k}: {err[-2000:]}"
     assert f"(the master) waited" in ends["static master"][1] and f"at {a.addr}:" in ends["static master"][1]
     assert "1 of 2 node(s) joined" in ends["static master"][1]
