@@ -83,9 +83,9 @@ def save_in_child(mgr: CheckpointManager, state: State, step: int, *, background
 
     ``background``: the child saves asynchronously as scripts/train.py does (``async_save=True,
     overlap_snapshot=True``), writes one byte to ``signal_fd`` when ``save`` has returned (the copy of weights
-    and optimizer state, then the write, are then in flight in the background thread), changes the state in
-    place as training would, after ``wait_snapshot`` as an optimizer step does (so an entry holding anything
-    but the snapshot fails the check), then flushes;
+    and optimizer state, then the write, are then in flight in the background thread), takes an optimizer
+    step and changes the state in place right after it, as training would (so an entry holding anything but
+    the snapshot fails the check), then flushes;
     exit 0 means the flush returned, i.e. the entry is durable and ``latest``."""
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
@@ -98,8 +98,11 @@ def save_in_child(mgr: CheckpointManager, state: State, step: int, *, background
                 mgr.save(step, state.components())
                 if signal_fd is not None:
                     os.write(signal_fd, b"s")
-                mgr.wait_snapshot()  # what the optimizer's next step() waits for
-                state.stamp(-step)  # training goes on while the entry is written
+                # training goes on while the entry is written: an optimizer step (whose pre-hook, the manager's,
+                # waits for the snapshot's deferred copy), then the step's values stamped in place
+                hook = state.opt.register_step_post_hook(lambda *a: state.stamp(-step))
+                state.opt.step()
+                hook.remove()
                 mgr.flush()
             else:
                 mgr.save(step, state.components())

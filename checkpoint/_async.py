@@ -133,7 +133,7 @@ class DeferredCopy:
         now_dst, now_src = [], []
         owned = self._owned
         for d, t in zip(dst, src):
-            if id(t) in owned and not t.is_cuda:
+            if id(t) in owned and t.device.type == "cpu":
                 self._dst.append(d)
                 self._src.append(t)
             else:

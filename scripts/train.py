@@ -624,7 +624,7 @@ class Trainer:
         self.manager = checkpoint.CheckpointManager(self.out / "checkpoints", keep_last=cfg.keep_last,
                                                     every=cfg.save_every, sharded=cfg.save_sharded,
                                                     async_save=background, overlap_snapshot=background)
-        if cfg.save_sharded and cfg.async_save and cfg.save_every:
+        if cfg.save_sharded and cfg.async_save:
             log.info("--save-sharded: checkpoints are written synchronously (every rank writes its own file)")
         self.resume_path = resolve_resume(cfg, self.manager, log, info.restart)
         manifest = checkpoint.read_manifest(self.resume_path) if self.resume_path else None

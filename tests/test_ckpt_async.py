@@ -168,9 +168,13 @@ def test_overlap_snapshot_copies_weights_and_moments_in_the_background_before_th
     deferred: list[int] = []
     real_run = _async.DeferredCopy.run
 
+    forward_done = threading.Event()
+    run.model.register_forward_hook(lambda *a: forward_done.set())
+
     def slow_run(self):
         deferred.append(len(self))
-        time.sleep(0.3)  # the forward and backward passes below run before the copy is made
+        forward_done.wait(timeout=30)  # the copy is made only after the next forward pass changed BN statistics
+        time.sleep(0.1)  # ... and while its backward runs
         real_run(self)
         order.append("copied")
 
@@ -189,6 +193,7 @@ def test_overlap_snapshot_copies_weights_and_moments_in_the_background_before_th
     n_params = len(list(run.model.parameters()))
     assert deferred == [n_params + 3 * n_params]  # every weight and AdamW's exp_avg, exp_avg_sq and step
     order.clear()
+    forward_done.set()
     mgr.save(5, run.components())  # the hook is registered once: one wait per step, not one per save
     mgr.wait_snapshot()
     assert order == ["copied"]
@@ -457,7 +462,7 @@ def _train_recording(args: list[str], record: Path) -> subprocess.CompletedProce
             with open({str(record)!r}, "a") as f:
                 f.write(kind + "\\n")
         def bg(self, *a, **k):
-            log("background")
+            log("background" + ("+overlap" if self.overlap_snapshot else ""))
             return real_bg(self, *a, **k)
         def sync(self, *a, **k):
             log("sync")
@@ -476,7 +481,7 @@ def test_async_save_runs_write_in_the_background_flush_at_exit_and_resume_bit_id
     common = ["--max-steps", "8", "--save-every", "2", "--keep-last", "0"]  # async: the default
     proc = _train_recording(common + ["--output-dir", str(full)], record)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert record.read_text().split() == ["background"] * 4  # steps 2, 4, 6, 8
+    assert record.read_text().split() == ["background+overlap"] * 4  # steps 2, 4, 6, 8
     ckpts = full / "checkpoints"
     assert read_pointer(ckpts / "latest") == "step-8"  # the final save (async) was flushed before exit
     assert [s for s, _ in CheckpointManager(ckpts).entries()] == [2, 4, 6, 8]
@@ -488,7 +493,7 @@ def test_async_save_runs_write_in_the_background_flush_at_exit_and_resume_bit_id
     record.unlink()
     proc = _train_recording(common + ["--resume", "auto", "--output-dir", str(part)], record)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert record.read_text().split() == ["background"] * 2
+    assert record.read_text().split() == ["background+overlap"] * 2
     want, got = _losses(full), _losses(part)
     assert [got[s] for s in (5, 6, 7, 8)] == [want[s] for s in (5, 6, 7, 8)]  # bit for bit
     a, b = (checkpoint.load_state_dict(d / "checkpoints" / "step-8") for d in (full, part))
