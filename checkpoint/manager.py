@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -236,34 +237,6 @@ class Restored:
 
 
 # ------------------------------------------------------------------------------------------- manager
-
-class _InThread:
-    """``fn(*args)`` run in a helper thread; ``result()`` joins it and returns its value or raises its error."""
-
-    def __init__(self, fn: Any, *args: Any) -> None:
-        import threading
-
-        self._value: Any = None
-        self._error: BaseException | None = None
-
-        def run() -> None:
-            try:
-                self._value = fn(*args)
-            except BaseException as e:  # noqa: BLE001 -- re-raised by result() on the caller's thread
-                self._error = e
-
-        self._thread = threading.Thread(target=run, name="anytopo-read-states", daemon=True)
-        self._thread.start()
-
-    def join(self) -> None:
-        self._thread.join()
-
-    def result(self) -> Any:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
-
 
 class CheckpointManager:
     """Saves ``step-{N}`` entries under ``directory``, keeps the newest ``keep_last``, points ``latest`` at
@@ -839,27 +812,26 @@ class CheckpointManager:
         path = self.resolve(path)
         entry = path.is_dir() and (path / MANIFEST).is_file()
         verified = entry and _verification_key(path) in _VERIFIED
-        # The entry's other states are read in a helper thread while the model loads: each side's preadv
-        # (GIL released) overlaps the other's per-tensor Python work. Nothing is applied before both end, and
-        # nothing read is used if the model's load (and its verification, when due) fails.
-        states_read = _InThread(read_states, path) if entry and len(components) > 1 else None
+        # The entry's other states (none to read for the model alone) are read in a helper thread while the
+        # model loads: each side's preadv (GIL released) overlaps the other's per-tensor Python work. Nothing
+        # is applied before both end; if the model's load (or its verification, when due) fails, its error is
+        # the one raised and what the helper read is dropped.
+        pool = ThreadPoolExecutor(1, thread_name_prefix="anytopo-read-states") \
+            if entry and len(components) > 1 else None
         try:
+            states_read = pool.submit(read_states, path) if pool is not None else None
             report = load(path, components[MODEL_COMPONENT], strict=strict, allow_pickle=allow_pickle,
                           verify=entry and not verified)
-        except BaseException:
-            if states_read is not None:
-                states_read.join()  # its outcome is moot: the model's error is the one to report
-            raise
-        states = states_read.result() if states_read is not None else None
+            states = (states_read.result() if states_read is not None else None) or {}
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
         if verified:
             report.checks.insert(0, "sha256 verified for every file when the entry was chosen (by rank 0 under a "
                                     "process group)")
         manifest = read_json(path / MANIFEST) if path.is_dir() and (path / MANIFEST).is_file() else {}
         result = Restored(path, manifest.get("step", report.step), manifest.get("epoch", report.epoch), report,
                           restored=[MODEL_COMPONENT], manifest=manifest)
-        if states is None and entry:
-            states = read_states(path)
-        states = states or {}
         if manifest.get("sharded"):  # sharded optimizer moments: sources read whole or by each rank's block
             from ._sharded import attach_state_shards, materialize_sources
 
