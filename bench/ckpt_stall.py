@@ -13,8 +13,9 @@ LambdaLR, trainer counters; CPU):
    steps as a run that saves every 10 steps lives it: the save, the 10 steps its background write
    (async) overlaps, and the wait for whatever of that write did not fit in them (what the next save would
    wait for). Candidates alternate block by block (``--tp-rounds`` rounds of one block each, ~2 s), so the
-   VM's slow drift (the same 30 steps vary 7.0-8.6 s from minute to minute here) falls on all three
-   alike. Target: async >= 0.98x no saving.
+   VM's slow drift (the same 30 steps vary 7.0-8.6 s from minute to minute here) falls on all of them
+   alike. Target: overlap (train.py's async saves, ``overlap_snapshot=True``) >= 0.98x no saving; "async"
+   (the snapshot copied at save time) is shown beside it.
 
 Candidates are interleaved, their order rotated each round. Prints a table and writes
 bench/results/ckpt_stall.json.

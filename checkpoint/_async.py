@@ -155,9 +155,6 @@ class DeferredCopy:
     def wait(self) -> None:
         self._done.wait()
 
-    def done(self) -> bool:
-        return self._done.is_set()
-
 
 def snapshot_entries(entries: dict[str, TensorSource], pool: BufferPool) -> dict[str, InMemory]:
     """The model's tensors (as handed over by ``write_collectively``) copied into ``pool``'s buffers.
@@ -300,8 +297,8 @@ class BackgroundWriter:
         """Block until the snapshot of the save in flight is complete (its deferred copy made): from then on
         training may change parameters and optimizer state. Immediate when nothing is deferred."""
         later = self.deferred
-        if later is not None and not later.done() and not self.on_worker_thread():
-            later.wait()
+        if later is not None and not self.on_worker_thread():
+            later.wait()  # returns at once when the copy is made
 
     def submit(self, what: str, job: Callable[[], None], later: DeferredCopy | None = None) -> None:
         """Run ``job`` in the background, after ``later``'s copy if given; the previous job must have been
