@@ -17,7 +17,16 @@
 #   6  cuda-to-cpu:    step 1's checkpoint (saved on cuda) in a CUDA_VISIBLE_DEVICES="" process:
 #                      `python -m checkpoint verify` passes, and the outputs on CPU equal those on cuda
 #                      (bench/_xdevice_check.py; TF32 off; atol/rtol 1e-3).
-#   7  train-loop-r50: ResNet-50 at 224 px, batch 64: images/s of our Trainer.train_step vs the bare loop on
+#   7  fsdp2-cuda:     torchrun --nproc_per_node=1 --strategy fsdp (fully_shard over nccl) with --amp bf16
+#                      (FSDP2's MixedPrecisionPolicy) and the default async save; then --save-sharded (every rank
+#                      writes its shard file); both entries verify in a CUDA_VISIBLE_DEVICES="" process, and the
+#                      sharded one resumes there on CPU (scripts/train.py --resume, 4 more steps).
+#   8  syncbn-cuda:    --strategy ddp --sync-bn over nccl (torch's SyncBatchNorm, CUDA only); manifest says ddp.
+#   9  async-pinned:   async saves of CUDA state (bench/_async_pinned_check.py, ResNet-50 + AdamW): every snapshot
+#                      buffer pinned, reused across saves, each async entry bit-identical to a sync save of the
+#                      same state although a real step changed every weight right after save() returned; the
+#                      time save() blocks vs a sync save (informational).
+#  10  train-loop-r50: ResNet-50 at 224 px, batch 64: images/s of our Trainer.train_step vs the bare loop on
 #                      this card (bench/train_loop.py --device cuda), fp32 and bf16. Informational ratio
 #                      (target <= 1.03 as on CPU); FAIL only if the run itself fails.
 #
@@ -31,13 +40,14 @@ DRY=0
 for a in "$@"; do
   case "$a" in
     --dry-run|-n) DRY=1 ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
     *) echo "unknown argument: $a (use --dry-run)" >&2; exit 2 ;;
   esac
 done
 
 RES="${OUT:-$REPO/bench/results/gpu}"
-WORK="$RES/work"
+WORK="${OUT:+/tmp/anytopo-gpu-work}"   # under $OUT only what comes back (the device runner returns 8 files)
+WORK="${WORK:-$RES/work}"
 LOG="$RES/gpu_check.log"
 JSON="$RES/gpu_check.json"
 if [ "$DRY" = 0 ]; then
@@ -49,7 +59,7 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"   # the packages without `p
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
 START=$(date +%s)
 STEP_TIMEOUT="${STEP_TIMEOUT:-240}"   # seconds per command
-BUDGET="${BUDGET:-420}"               # no step starts after this many seconds: the script stays under ~8 min
+BUDGET="${BUDGET:-450}"               # no step starts after this many seconds: the script stays under ~9 min
 RESULTS=()
 GPU_OK=0
 PY=""
@@ -209,6 +219,66 @@ s_cuda_to_cpu() {
   [ "$DRY" = 1 ] || DETAIL="$(grep -h '"phase": "compare"' "$LOG" | tail -1)"
 }
 
+s_fsdp() {
+  local ck cks
+  x "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 scripts/train.py --strategy fsdp --amp bf16 \
+     --model resnet18 --data digits --max-steps 12 --log-every 4 --batch-size 64 \
+     --output-dir "$WORK/fsdp1" --no-tensorboard --no-progress || return 1
+  check_run fsdp1 fsdp 1 || return 1
+  x "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 scripts/train.py --strategy fsdp --save-sharded \
+     --model resnet18 --data digits --max-steps 12 --log-every 4 --batch-size 64 \
+     --output-dir "$WORK/fsdp1s" --no-tensorboard --no-progress || return 1
+  check_run fsdp1s fsdp 1 'assert m.get("sharded"), "the --save-sharded entry is not sharded"' || return 1
+  if [ "$DRY" = 1 ]; then ck='$(fsdp1 checkpoint)'; cks='$(fsdp1s checkpoint)'; else
+    ck=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['checkpoint'])" "$WORK/fsdp1/summary.json" 2>>"$LOG") || return 1
+    cks=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['checkpoint'])" "$WORK/fsdp1s/summary.json" 2>>"$LOG") || return 1
+  fi
+  x env CUDA_VISIBLE_DEVICES="" "$PY" -m checkpoint verify "$ck" --json || return 1
+  x env CUDA_VISIBLE_DEVICES="" "$PY" -m checkpoint verify "$cks" --json || return 1
+  x env CUDA_VISIBLE_DEVICES="" "$PY" scripts/train.py --resume "$cks" --output-dir "$WORK/fsdp1s_cpu" \
+     --model resnet18 --data digits --max-steps 16 --log-every 4 --batch-size 64 --no-tensorboard --no-progress || return 1
+  check_run_cpu fsdp1s_cpu
+}
+
+# check_run_cpu NAME: a CPU run resumed from a CUDA one finished at step 16 with a finite loss.
+check_run_cpu() {
+  [ "$DRY" = 1 ] && echo "  # python on stdin: manifest device_type=cpu, step 16, finite final_loss"
+  x "$PY" - "$WORK/$1" <<'EOF'
+import json, math, sys
+from pathlib import Path
+import checkpoint
+s = json.loads((Path(sys.argv[1]) / "summary.json").read_text())
+m = checkpoint.read_manifest(s["checkpoint"])
+print("summary:", s)
+assert m["topology"]["device_type"] == "cpu", m["topology"]
+assert m["step"] == 16, m["step"]
+assert s["final_loss"] is not None and math.isfinite(s["final_loss"]), s["final_loss"]
+print("OK")
+EOF
+}
+
+s_syncbn() {
+  x "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 scripts/train.py --strategy ddp --sync-bn \
+     --model resnet18 --data digits --max-steps 12 --log-every 4 --batch-size 64 \
+     --output-dir "$WORK/syncbn" --no-tensorboard --no-progress || return 1
+  check_run syncbn ddp 1
+}
+
+s_async_pinned() {
+  x "$PY" bench/_async_pinned_check.py --device cuda --model resnet50 --image-size 64 --saves 4 --out "$WORK/async" \
+    || { [ "$DRY" = 1 ] || DETAIL="$(tail -c 600 "$WORK/async/async_pinned.json" 2>/dev/null)"; return 1; }
+  [ "$DRY" = 1 ] && return 0
+  DETAIL="$("$PY" - "$WORK/async/async_pinned.json" <<'EOF' 2>/dev/null
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"{r['model']} {r['model_mb']} MB: pinned {r['pinned']}/{r['snapshot_buffers']}, exact {r['exact']}, "
+      f"save() blocks {r['async_save_blocks_ms']} ms vs sync {r['sync_save_ms']} ms "
+      f"(state_dict to pageable CPU {r['state_dict_to_pageable_cpu_ms']} ms)")
+EOF
+)"
+  cp "$WORK/async/async_pinned.json" "$RES/" 2>/dev/null || true
+}
+
 s_train_loop() {
   local ok=0
   x "$PY" bench/train_loop.py --device cuda --model resnet50 --image-size 224 --batch-size 64 \
@@ -244,6 +314,9 @@ step amp-bf16 s_bf16
 step amp-fp16 s_fp16
 step channels-last s_channels_last
 step cuda-to-cpu s_cuda_to_cpu
+step fsdp2-cuda s_fsdp
+step syncbn-cuda s_syncbn
+step async-pinned s_async_pinned
 step train-loop-r50 s_train_loop
 
 TOTAL=$(( $(date +%s) - START ))
