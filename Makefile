@@ -37,7 +37,7 @@ bench-quick: install
 	$(PY) bench/train_loop.py --quick
 	$(PY) bench/ddp_step.py --quick
 
-# CUDA paths (nccl, DP on 1 GPU, AMP, channels_last, cuda->cpu checkpoint); run on a GPU machine.
+# CUDA paths (nccl DDP, DP on 1 GPU, AMP, channels_last, cuda->cpu, FSDP2, SyncBatchNorm, pinned async saves); on a GPU machine.
 gpu-check: install
 	bash bench/gpu_check.sh
 

@@ -3,6 +3,7 @@
 #
 #   bash bench/gpu_check.sh             # run everything (~4-6 min on 1 H100; each step has a timeout)
 #   bash bench/gpu_check.sh --dry-run   # print every command, run nothing (works on any machine)
+#   bash bench/gpu_check.sh --only=fsdp2-cuda,async-pinned   # those steps (and environment) alone
 #
 # Steps, each printed as PASS/FAIL/SKIP with its seconds:
 #   0  environment: nvidia-smi; which Python has torch (PYTHON env, .venv, python3); torch.cuda.is_available();
@@ -37,10 +38,12 @@ set -u -o pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 DRY=0
+ONLY=""   # --only=STEP[,STEP]: those steps alone (environment always runs)
 for a in "$@"; do
   case "$a" in
     --dry-run|-n) DRY=1 ;;
-    -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
+    --only=*) ONLY=",${a#--only=}," ;;
+    -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
     *) echo "unknown argument: $a (use --dry-run)" >&2; exit 2 ;;
   esac
 done
@@ -76,6 +79,9 @@ x() {
 # step NAME FUNCTION: time it, record PASS/FAIL (or DRY), never stop the script.
 step() {
   local name="$1" fn="$2" t0 t1 rc status detail
+  if [ -n "$ONLY" ] && [ "$name" != "environment" ] && [[ "$ONLY" != *",$name,"* ]]; then
+    return 0
+  fi
   say ""
   say "=== $name"
   if [ "$DRY" = 0 ] && [ "$GPU_OK" = 0 ] && [ "$name" != "environment" ]; then
@@ -271,7 +277,8 @@ s_async_pinned() {
   DETAIL="$("$PY" - "$WORK/async/async_pinned.json" <<'EOF' 2>/dev/null
 import json, sys
 r = json.load(open(sys.argv[1]))
-print(f"{r['model']} {r['model_mb']} MB: pinned {r['pinned']}/{r['snapshot_buffers']}, exact {r['exact']}, "
+print(f"{r['model']} {r['model_mb']} MB: pinned {r['pinned']}/{r['from_cuda']} buffers of CUDA tensors "
+      f"({r['snapshot_buffers']} in all), exact {r['exact']}, "
       f"save() blocks {r['async_save_blocks_ms']} ms vs sync {r['sync_save_ms']} ms "
       f"(state_dict to pageable CPU {r['state_dict_to_pageable_cpu_ms']} ms)")
 EOF

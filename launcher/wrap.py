@@ -158,7 +158,7 @@ def unsharded(model: nn.Module) -> Iterator[nn.Module]:
     if not units:
         yield model
         return
-    saved = [[g.post_forward_mesh_info for g in m._get_fsdp_state()._fsdp_param_groups] for m in units]
+    saved = [[g.post_forward_mesh_info for g in _param_groups(m)] for m in units]
     for m in units:
         m.set_reshard_after_forward(False, recurse=False)
         m.unshard()
@@ -167,8 +167,19 @@ def unsharded(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, infos in zip(units, saved):
             m.reshard()
-            for g, mesh_info in zip(m._get_fsdp_state()._fsdp_param_groups, infos):
+            for g, mesh_info in zip(_param_groups(m), infos):
                 g.post_forward_mesh_info = mesh_info  # back to training's reshard-after-forward setting
+
+
+def _param_groups(unit: nn.Module) -> list:
+    """An FSDP2 unit's parameter groups: torch 2.14 keeps a list (``_fsdp_param_groups``), torch <= 2.11 one
+    group or None (``_fsdp_param_group``; seen on the H200 check, bench/gpu_check.sh)."""
+    state = unit._get_fsdp_state()
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is not None:
+        return list(groups)
+    group = getattr(state, "_fsdp_param_group", None)
+    return [group] if group is not None else []
 
 
 def _sync_batchnorm(model: nn.Module, info: DistInfo) -> nn.Module:
