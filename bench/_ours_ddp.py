@@ -18,14 +18,11 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import torch
 
-import torch  # noqa: E402
-
-import launcher  # noqa: E402
-import train  # noqa: E402
+import launcher
+import training
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,9 +38,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="also do what Trainer.fit does every N steps (loss all-reduce via _global_mean, then "
                         "runlog.log on rank 0), timed separately in log_s; 0: never")
     ours = p.parse_args(own_argv)
-    cfg = train.TrainConfig.from_args(train.get_args_parser().parse_args(train_argv))
+    cfg = training.TrainConfig.from_args(training.get_args_parser().parse_args(train_argv))
     with launcher.distributed(cfg.strategy) as info:
-        trainer = train.Trainer(cfg, info, launcher.get_logger(info))
+        trainer = training.Trainer(cfg, info, launcher.get_logger(info))
         try:
             trainer.restore()
             trainer.model.train()

@@ -64,17 +64,15 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+import torchvision
+from safetensors.torch import load_file as st_load_file
+from safetensors.torch import save_file as st_save_file
 
-import torch  # noqa: E402
-import torchvision  # noqa: E402
-from safetensors.torch import load_file as st_load_file  # noqa: E402
-from safetensors.torch import save_file as st_save_file  # noqa: E402
-
-import checkpoint  # noqa: E402
-from checkpoint._safetensors_io import WRITEBACK_CHUNK, EarlyWriteback  # noqa: E402
-from checkpoint._save import parse_size  # noqa: E402
-from _common import (PYTHON, REPO, fmt_bytes, interleave, machine, noisy, ratio, remove, scratch_dir,  # noqa: E402
+import checkpoint
+from checkpoint.safetensors_io import WRITEBACK_CHUNK, EarlyWriteback
+from checkpoint.writer import parse_size
+from _common import (PYTHON, REPO, fmt_bytes, interleave, machine, noisy, ratio, remove, scratch_dir,
                      summarize, table, uptime, verdict, write_result)
 
 BENCH = Path(__file__).resolve().parent
@@ -313,7 +311,7 @@ def _previous_scheme(model: torch.nn.Module, comps: dict[str, Any], path: Path) 
     ``torch.save`` -> ``BytesIO`` -> ``getvalue()`` -> one write, then sha256 of every file read back."""
     import io
 
-    from checkpoint.formats import sha256_file
+    from checkpoint.storage import sha256_file
 
     states = {k: (c.state_dict() if hasattr(c, "state_dict") else c) for k, c in comps.items() if k != "model"}
     path.mkdir(exist_ok=True)
@@ -363,10 +361,10 @@ def bench_entry(model: torch.nn.Module, work: Path, save_rounds: int, load_round
             read_raw(p, view[done:done + n])
             done += n
 
-    from checkpoint import manager as manager_module
+    from checkpoint import resume
 
     def restore_verifying() -> None:
-        manager_module._VERIFIED.clear()
+        resume.VERIFIED.clear()
         mgr.restore(mgr.latest(), comps)
 
     def restore_through_dcp() -> None:

@@ -32,14 +32,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+import torchvision
 
-import torch  # noqa: E402
-import torchvision  # noqa: E402
-
-from checkpoint import CheckpointManager, OptimizerState  # noqa: E402
-from _common import (fmt_bytes, interleave, machine, noisy, ratio, remove, scratch_dir, summarize, table,  # noqa: E402
+from checkpoint import CheckpointManager, OptimizerState
+from _common import (fmt_bytes, interleave, machine, noisy, ratio, remove, scratch_dir, summarize, table,
                      uptime, write_result)
 
 

@@ -32,7 +32,7 @@ PEAK = [PYTHON, "-S", str(REPO / "bench" / "_peak_rss.py"), "--"]
 SWITCH = r"""
 import sys
 if sys.argv[-1] == "dcp-reader":
-    import checkpoint._dcp_stream as _s
+    import checkpoint.dcp as _s
     _s.chunk_data_offset = lambda *a, **k: None
 """
 

@@ -37,9 +37,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
-from _common import PYTHON, REPO, machine, noisy, ratio, remove, scratch_dir, summarize, table, uptime, verdict, write_result  # noqa: E402
+from _common import PYTHON, REPO, machine, noisy, ratio, remove, scratch_dir, summarize, table, uptime, verdict, write_result
 
 TARGET = 1.05
 MINIMAL, OURS_CLI, OURS_TRAINER = "minimal DDP loop", "ours (scripts/train.py)", "ours (Trainer.train_step)"

@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = str(REPO / "scripts" / "train.py")
 BIN = Path(sys.executable).parent
@@ -214,20 +216,12 @@ def max_rel_loss_diff(a: dict[int, float], b: dict[int, float]) -> float:
     return max(abs(a[k] - b[k]) / max(abs(b[k]), 1e-12) for k in a)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def trial_shrink(root: Path, i: int, ref: dict, rng: random.Random, timeout: float,
                  env: dict[str, str] | None = None, rdzv_conf: str = RDZV_CONF) -> dict:
     """(b'): two agents (--nnodes=1:2), one killed with its worker after the first checkpoint: the survivor
     re-forms a world of 1 and finishes from the checkpoint."""
     out = root / f"shrink-{i}"
-    port = _free_port()
+    port = free_port()
 
     def agent(name: str, host: bool) -> subprocess.Popen:
         launch = ["--nnodes=1:2", "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
@@ -358,7 +352,6 @@ def main() -> int:
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
     n_restart, n_term, n_shrink = (1, 2, 1) if args.quick else (args.restarts, args.sigterms, args.shrinks)
-    sys.path.insert(0, str(REPO))
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     with tempfile.TemporaryDirectory(prefix="anytopo-faults-") as tmp:
         res = run(n_restart, n_term, root=Path(tmp), seed=args.seed, shrink_trials=n_shrink,

@@ -42,16 +42,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+import torchvision
 
-import torch  # noqa: E402
-import torchvision  # noqa: E402
-
-import checkpoint  # noqa: E402
-from checkpoint import CheckpointError, CheckpointManager, OptimizerState  # noqa: E402
-from checkpoint import manager as manager_module  # noqa: E402
-from _common import machine, uptime, write_result  # noqa: E402
+import checkpoint
+from checkpoint import CheckpointError, CheckpointManager, OptimizerState
+from checkpoint import resume
+from _common import machine, uptime, write_result
 
 
 class State:
@@ -114,7 +111,7 @@ def save_in_child(mgr: CheckpointManager, state: State, step: int, *, background
 
 def check(directory: Path, last_done: int | None) -> tuple[int | None, str | None]:
     """(step of latest, problem or None) as a fresh process would see it."""
-    manager_module._VERIFIED.clear()
+    resume.VERIFIED.clear()
     mgr = CheckpointManager(directory)
     latest = mgr.latest()
     if latest is None:

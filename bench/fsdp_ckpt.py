@@ -25,9 +25,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import launcher  # noqa: E402 -- after the repository is on the path (run as a script)
+import launcher
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 

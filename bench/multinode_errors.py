@@ -22,10 +22,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
 
-from _netns import two_hosts, unavailable  # noqa: E402
-from conftest import child_env, free_port  # noqa: E402
+from _netns import two_hosts, unavailable
+from _common import child_env, free_port
 
 TRAIN = str(REPO / "scripts" / "train.py")
 MLP = ["--model", "mlp", "--data", "digits", "--num-samples", "400", "--batch-size", "32", "--max-steps", "2",

@@ -1,7 +1,7 @@
-"""Does ``convert`` of a memory-mapped ``.pth`` need to give pages back by hand? Convert one under a real
-memory limit and see.
+"""Does ``convert`` of a memory-mapped ``.pth`` fit in a memory limit smaller than the file? Convert one under
+a real memory limit and see.
 
-    python bench/pages_probe.py [--size-mib 1536] [--limit-mib 768 ...] [--tree DIR] [--no-release]
+    python bench/pages_probe.py [--size-mib 1536] [--limit-mib 768 ...] [--tree DIR]
 
 Builds a ``.pth`` of ``--size-mib`` (float32 tensors of 4 MiB), then runs ``anytopo-ckpt convert`` to
 safetensors in a child process placed in a memory cgroup created for it with a hard limit of
@@ -11,13 +11,10 @@ the page cache it faults in or dirties, which is the honest test of "does it fit
 would count the file mapping itself (address space, not memory) and refuse the mapping outright.
 
 ``--tree DIR`` runs the converter from another checkout (e.g. ``git archive <commit> | tar -x -C DIR``),
-so an older version can be measured side by side. ``--no-release`` also runs it with
-``checkpoint._pages.PageReleaser.release`` turned off, for trees that still have that module (it was
-removed after this measurement; the last commit with it is 6055630):
+so an older version can be measured side by side (docs/performance.md section 1b compared one that gave
+pages back by hand, removed since: it made no difference).
 
-    mkdir /var/tmp/with && git archive 6055630 | tar -x -C /var/tmp/with
-    python bench/pages_probe.py --limit-mib 768 640 480 --tree /var/tmp/with --no-release   # with / without
-    python bench/pages_probe.py --limit-mib 768 640 480                                     # this tree
+    python bench/pages_probe.py --limit-mib 768 640 480
 
 Prints one JSON line per run: exit status (137/-9 = killed by the OOM killer), the child's VmHWM, the
 cgroup's peak charge and how often it hit the limit (v1 ``failcnt`` / v2 ``memory.events`` max), and
@@ -38,14 +35,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 CHILD = r"""
 import sys
-if sys.argv[1] == "1":
-    try:
-        from checkpoint._pages import PageReleaser
-    except ImportError:
-        raise SystemExit("--no-release: this tree has no checkpoint/_pages.py, nothing to turn off")
-    PageReleaser.release = lambda self, t: False
 from checkpoint.cli import main
-rc = main(["convert", sys.argv[2], sys.argv[3]])
+rc = main(["convert", sys.argv[1], sys.argv[2]])
 print("VmHWM", [l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:")][0], file=sys.stderr)
 sys.exit(rc)
 """
@@ -113,7 +104,7 @@ def same(pth: Path, st: Path) -> bool:
         return set(f.keys()) == set(want) and all(torch.equal(f.get_tensor(k), want[k]) for k in want)
 
 
-def run(src: Path, dst: Path, limit: int, tree: Path, no_release: bool) -> dict:
+def run(src: Path, dst: Path, limit: int, tree: Path) -> dict:
     dst.unlink(missing_ok=True)
     fd = os.open(src, os.O_RDONLY)  # both runs start with the source out of the page cache (this file only:
     try:  # the machine is shared, so no global drop_caches)
@@ -124,7 +115,7 @@ def run(src: Path, dst: Path, limit: int, tree: Path, no_release: bool) -> dict:
     try:
         env = {**os.environ, "PYTHONPATH": str(tree)}
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", CHILD, "1" if no_release else "0", str(src), str(dst)],
+        proc = subprocess.run([sys.executable, "-c", CHILD, str(src), str(dst)],
                               cwd=tree, env=env, capture_output=True, text=True, preexec_fn=cg.enter_fn(),
                               timeout=900)
         wall = time.perf_counter() - t0
@@ -132,8 +123,7 @@ def run(src: Path, dst: Path, limit: int, tree: Path, no_release: bool) -> dict:
     finally:
         cg.remove()
     hwm = proc.stderr.split("VmHWM")[-1].split()[0] if "VmHWM" in proc.stderr else None
-    release = "absent" if not (tree / "checkpoint" / "_pages.py").exists() else ("off" if no_release else "on")
-    return {"page_release": release, "tree": str(tree), "rc": proc.returncode, "wall_s": round(wall, 1),
+    return {"tree": str(tree), "rc": proc.returncode, "wall_s": round(wall, 1),
             "vmhwm_mib": int(hwm) >> 10 if hwm else None, **stats,
             "output_equal": proc.returncode == 0 and same(src, dst),
             "stderr_tail": proc.stderr.strip().splitlines()[-1:] if proc.returncode else []}
@@ -144,7 +134,6 @@ def main() -> int:
     ap.add_argument("--size-mib", type=int, default=1536, help=".pth size (default 1536)")
     ap.add_argument("--limit-mib", type=int, nargs="+", default=[768], help="cgroup memory limit(s) (default 768)")
     ap.add_argument("--tree", type=Path, default=REPO, help="checkout whose converter runs (default: this one)")
-    ap.add_argument("--no-release", action="store_true", help="also run with PageReleaser.release turned off")
     ap.add_argument("--dir", type=Path, default=None, help="scratch directory (default: a temp dir on disk)")
     args = ap.parse_args()
     if os.geteuid() != 0 or not sys.platform.startswith("linux"):
@@ -155,9 +144,7 @@ def main() -> int:
         build_pth(src, args.size_mib)
         print(json.dumps({"pth_mib": src.stat().st_size >> 20, "uptime": os.getloadavg()}), flush=True)
         for limit in args.limit_mib:
-            for no_release in [False, True] if args.no_release else [False]:
-                print(json.dumps({"limit_mib": limit, **run(src, dst, limit << 20, args.tree.resolve(), no_release)}),
-                      flush=True)
+            print(json.dumps({"limit_mib": limit, **run(src, dst, limit << 20, args.tree.resolve())}), flush=True)
     return 0
 
 

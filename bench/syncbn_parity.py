@@ -27,11 +27,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
 
-import models  # noqa: E402
-from launcher import seed_everything  # noqa: E402
+import models
+from launcher import seed_everything
 
 BIN = Path(sys.executable).parent
 TRAIN = str(REPO / "scripts" / "train.py")

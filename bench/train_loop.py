@@ -46,14 +46,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "scripts"))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
-from _common import RESULTS, machine, noisy, ratio, remove, summarize, table, uptime, verdict  # noqa: E402
+from _common import RESULTS, machine, noisy, ratio, remove, summarize, table, uptime, verdict
 
 TARGET = 1.03
 
@@ -104,7 +102,7 @@ def build(args: argparse.Namespace, out_dir: Path):
     """(trainer, ours_step, bare_step, info): both step functions take no argument and do one step."""
     import launcher
     import models
-    import train
+    import training
 
     argv = ["--model", args.model, "--data", args.data, "--batch-size", str(args.batch_size), "--lr", str(args.lr),
             "--output-dir", str(out_dir), "--no-tensorboard", "--no-progress", "--epochs", "1000",
@@ -113,11 +111,11 @@ def build(args: argparse.Namespace, out_dir: Path):
         argv += ["--image-size", str(args.image_size)]
     if args.channels_last:
         argv += ["--channels-last"]
-    cfg = train.TrainConfig.from_args(train.get_args_parser().parse_args(argv))
+    cfg = training.TrainConfig.from_args(training.get_args_parser().parse_args(argv))
     info = launcher.setup("single")
     if info.device.type != args.device:
         raise SystemExit(f"error: asked for --device {args.device} but the launcher picked {info.device}")
-    trainer = train.Trainer(cfg, info, launcher.get_logger(info))
+    trainer = training.Trainer(cfg, info, launcher.get_logger(info))
     trainer.model.train()
 
     # bare: same dataset object, same batch, same model built the same way from the same seed
@@ -185,14 +183,14 @@ def profile(step: Callable[[], None], steps: int, top: int = 18) -> tuple[str, l
 
 def _trainer(args: argparse.Namespace, out_dir: Path, extra: list[str], info):
     import launcher
-    import train
+    import training
 
     argv = ["--model", args.model, "--data", args.data, "--batch-size", str(args.batch_size), "--lr", str(args.lr),
             "--output-dir", str(out_dir), "--no-tensorboard", "--no-progress", "--epochs", "1000", "--seed", "0", *extra]
     if args.image_size:
         argv += ["--image-size", str(args.image_size)]
-    cfg = train.TrainConfig.from_args(train.get_args_parser().parse_args(argv))
-    trainer = train.Trainer(cfg, info, launcher.get_logger(info))
+    cfg = training.TrainConfig.from_args(training.get_args_parser().parse_args(argv))
+    trainer = training.Trainer(cfg, info, launcher.get_logger(info))
     trainer.model.train()
     batches = cycle(trainer.loader, trainer.sampler.set_epoch)
 

@@ -15,10 +15,17 @@ from typing import Any, Sequence
 
 from .describe import inspect
 from .errors import CheckpointError, and_more, first_line
-from .formats import (FORMAT_TAG, MANIFEST, POINTER, Source, TensorSource, _sniff as sniff, check_integrity, group_tied,
-                      read_json, read_source)
-from .keys import match_keys, wrapper_prefix
-from ._save import TORCH_SUFFIXES, build_manifest, parse_size, write_checkpoint
+from .keys import wrapper_prefix
+from .plan import LoadReport, plan_load, strict_error
+from .manifest import MANIFEST, POINTER, TOPOLOGY, Manifest, build_manifest, is_ours
+from .rank_files import attach_state_shards, materialize_sources
+from .readers import read_source
+from .safetensors_io import TensorSource
+from .sources import Source, check_integrity, group_tied
+from .states import STATE_JSON, STATE_PICKLE, STATE_TENSORS, read_states, state_files
+from .storage import read_json
+from .torchfiles import sniff
+from .writer import TORCH_SUFFIXES, parse_size, write_checkpoint
 
 # torch is imported by the commands that hold tensors (diff, verify, and reading .pth/DCP sources);
 # `inspect` and `convert` of safetensors checkpoints run without it, in a small resident set.
@@ -44,7 +51,7 @@ def cmd_inspect(args: argparse.Namespace) -> tuple[int, dict[str, Any], str]:
         lines.append(f"  non-tensor entries: {info['other_entries']}")
     m = info["manifest"] or {}
     if m:
-        t = m.get("topology") or {}
+        t = m.get(TOPOLOGY) or {}
         lines.append(f"  manifest: model={m.get('model')} options={m.get('model_options')} step={m.get('step')} "
                      f"epoch={m.get('epoch')} saved by {t.get('strategy')} x{t.get('world_size')} on {t.get('device_type')}")
     else:
@@ -102,23 +109,17 @@ def _model_options(args: argparse.Namespace) -> dict[str, Any]:
 def _for_model(args: argparse.Namespace, src: Source) -> tuple[dict[str, TensorSource], str, list[str], dict[str, Any]]:
     """The file's tensors under the keys of model ``--model``, matched exactly as ``checkpoint.load`` matches
     them; anything that does not fit (missing, left over, another shape) is refused, listed."""
-    from ._load import _DEFAULTABLE, LoadReport, _strict_error
-
     name = args.model
     model, options = _build_meta_model(name, _model_options(args))
     target = model.state_dict()
-    km = match_keys(src.tensors, target, prefix=args.prefix)
-    report = LoadReport(str(args.src), src.format, True, "meta", prefix_stripped=km.strip, prefix_added=km.add,
-                        missing=[k for k in km.missing if not k.endswith(_DEFAULTABLE)], unexpected=km.unexpected,
-                        shape_mismatches=sorted((t, list(src.tensors[s].shape), list(target[t].shape))
-                                                for t, s in km.mapping.items()
-                                                if tuple(src.tensors[s].shape) != tuple(target[t].shape)),
-                        source_model=(src.manifest or {}).get("model"))
+    report = LoadReport(str(args.src), src.format, True, "meta", source_model=(src.manifest or {}).get("model"))
+    pairs = plan_load(src, target, report, prefix=args.prefix)
     if not report.ok:
-        raise _strict_error(report, name, instead="convert without --model to keep the file's keys")
-    change = [f"stripped {km.strip!r}"] * bool(km.strip) + [f"added {km.add!r}"] * bool(km.add)
+        raise strict_error(report, name, instead="convert without --model to keep the file's keys")
+    km_strip, km_add = report.prefix_stripped, report.prefix_added
+    change = [f"stripped {km_strip!r}"] * bool(km_strip) + [f"added {km_add!r}"] * bool(km_add)
     reasons = [f"matched to {name}: {', '.join(change) or 'keys already fit'}"]
-    return {t: src.tensors[s] for t, s in km.mapping.items()}, km.strip, reasons, {"model": name, "model_options": options}
+    return {t: src.tensors[k] for t, k, _ in pairs}, km_strip, reasons, {"model": name, "model_options": options}
 
 
 def cmd_convert(args: argparse.Namespace) -> tuple[int, dict[str, Any], str]:
@@ -127,7 +128,8 @@ def cmd_convert(args: argparse.Namespace) -> tuple[int, dict[str, Any], str]:
     src = read_source(args.src, ema=args.ema, allow_pickle=args.allow_pickle)
     dst = Path(args.dst)
     check_destination(Path(args.src), src.path, dst, overwrite=args.overwrite)  # before the (long) hashing
-    states, dropped = entry_states(src.path, src.manifest or {}, dst, args.format)
+    # an entry's other states go along (not with --ema: the EMA weights are not what its optimizer state belongs to)
+    states, dropped = ({}, []) if args.ema else entry_states(src.path, src.manifest or {}, dst, args.format)
     checks = check_integrity(src, hashes=True)
     m = src.manifest or {}
     meta = {key: m[key] for key in ("model", "model_options", "step", "epoch") if m.get(key) is not None}
@@ -139,7 +141,7 @@ def cmd_convert(args: argparse.Namespace) -> tuple[int, dict[str, Any], str]:
     if args.layout == "dp":
         tensors = {"module." + k: v for k, v in tensors.items()}
     stored, aliases = group_tied(tensors)  # tied entries are written once and recorded as aliases
-    meta["topology"] = m.get("topology") or {"strategy": "unknown", "world_size": None, "device_type": "unknown"}
+    meta[TOPOLOGY] = m.get(TOPOLOGY) or {"strategy": "unknown", "world_size": None, "device_type": "unknown"}
     meta["converted_from"] = {"path": str(args.src), "format": src.format, "prefix_stripped": stripped,
                               "prefix_reasons": reasons}
     meta["layout"] = args.layout
@@ -199,7 +201,7 @@ def check_destination(src_arg: Path, src_path: Path, dst: Path, *, overwrite: bo
             m = read_json(dst / MANIFEST) if MANIFEST in contents else None
         except CheckpointError:
             m = None
-        if isinstance(m, dict) and m.get("format") == FORMAT_TAG and contents <= {MANIFEST, *(m.get("files") or {})}:
+        if is_ours(m) and contents <= {MANIFEST, *(m.get("files") or {})}:
             return  # a checkpoint directory and nothing else: replaced whole, as the user asked
         kind = "a directory of checkpoints (a run's `latest` and entries)" if POINTER in contents else \
             f"a directory that is not a checkpoint ({len(contents)} entries)"
@@ -220,20 +222,16 @@ def entry_states(src_path: Path, manifest: dict[str, Any], dst: Path, fmt: str |
     Returns (name -> writer function, components dropped). A single-file destination cannot hold them:
     they are dropped, and the caller says so.
     """
-    from ._states import STATE_JSON, STATE_PICKLE, STATE_TENSORS
-
-    if manifest.get("kind") != "entry" or not src_path.is_dir():
+    m = Manifest(manifest)
+    if not m.is_entry or not src_path.is_dir():
         return {}, []
-    names = [n for n in (STATE_JSON, STATE_TENSORS, STATE_PICKLE) if n in (manifest.get("files") or {})]
+    names = [n for n in (STATE_JSON, STATE_TENSORS, STATE_PICKLE) if n in m.files]
     if not names:
         return {}, []
-    components = [c for c in manifest.get("components") or [] if c != "model"]
+    components = [c for c in m.components if c != "model"]
     if dst.suffix.lower() == ".safetensors" or dst.suffix.lower() in TORCH_SUFFIXES:
         return {}, components
-    if (manifest.get("sharded") or {}).get("states"):  # moments in the rank files: written whole, as any entry's
-        from ._sharded import attach_state_shards, materialize_sources
-        from ._states import read_states, state_files
-
+    if (m.sharded or {}).get("states"):  # moments in the rank files: written whole, as any entry's
         return state_files(materialize_sources(attach_state_shards(src_path, manifest, read_states(src_path)))), []
 
     def copier(path: Path):
@@ -249,7 +247,7 @@ def entry_states(src_path: Path, manifest: dict[str, Any], dst: Path, fmt: str |
 def cmd_diff(args: argparse.Namespace) -> tuple[int, dict[str, Any], str]:
     import torch
 
-    from ._load import load_state_dict
+    from .loading import load_state_dict  # torch: only the commands that hold tensors import it
 
     a = load_state_dict(args.a, allow_pickle=args.allow_pickle)
     b = load_state_dict(args.b, allow_pickle=args.allow_pickle)
@@ -286,7 +284,7 @@ def cmd_verify(args: argparse.Namespace) -> tuple[int, dict[str, Any], str]:
     import models  # only the commands given a model need the registry
     import torch
 
-    from ._load import load
+    from .loading import load  # torch: only the commands that hold tensors import it
 
     options = _model_options(args)
     name = args.model

@@ -6,7 +6,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .formats import check_integrity, group_tied, read_source
+from .readers import read_source
+from .sources import check_integrity, group_tied
 from .keys import WRAPPER_PREFIXES, wrapper_prefix
 
 

@@ -1,4 +1,4 @@
-"""Process-group setup, strategy wrapping, seeding, data sharding and rank-aware logging.
+"""Process-group setup, the strategy object, seeding, data sharding, preemption and rank-aware logging.
 
 One entry point per concern; ``launcher`` knows nothing of checkpoints or models::
 
@@ -10,7 +10,8 @@ One entry point per concern; ``launcher`` knows nothing of checkpoints or models
             with launcher.distributed(args.strategy) as info:   # tears down on every exit
                 log = launcher.get_logger(info)
                 launcher.seed_everything(args.seed, rank=info.rank)
-                model = launcher.wrap_model(build(args), info, sync_bn=args.sync_bn)
+                strategy = launcher.strategy_for(info, sync_bn=args.sync_bn)
+                model = strategy.wrap(build(args))
                 ...
         except launcher.LaunchError as e:                      # wrong launch: one line, no traceback
             print(f"error: {e}", file=sys.stderr)
@@ -20,27 +21,26 @@ One entry point per concern; ``launcher`` knows nothing of checkpoints or models
     if __name__ == "__main__":
         launcher.run_main(main)   # exits without finalization after gloo: see launcher.exit_process
 """
-from .dist import (STRATEGIES, DistInfo, all_gather_object, all_reduce_sum, broadcast_object, distributed,
-                   exit_process, restart_attempt, run_main, setup, teardown)
+from .dist import (STRATEGIES, DistInfo, all_reduce_sum, distributed, exit_process, restart_attempt, run_main, setup,
+                   teardown)
 from .errors import LaunchError
 from .log import get_logger
-from .preempt import PREEMPTED_EXIT_CODE, Preemption, agree_flags, parse_signal
+from .preempt import PREEMPTED_EXIT_CODE, Preemption, parse_signal
 from .sampling import EvalSampler, TrainSampler, per_rank_batch
 from .seed import derive_seed, seed_everything
-from .wrap import is_fsdp, sync_buffers, unsharded, wrap_model
+from .strategy import STRATEGY_CLASSES, Strategy, is_fsdp, strategy_for, sync_buffers, unsharded, wrap_model
 
 __all__ = [
     "STRATEGIES",
+    "STRATEGY_CLASSES",
+    "Strategy",
     "DistInfo",
     "EvalSampler",
     "PREEMPTED_EXIT_CODE",
     "Preemption",
     "LaunchError",
     "TrainSampler",
-    "agree_flags",
-    "all_gather_object",
     "all_reduce_sum",
-    "broadcast_object",
     "derive_seed",
     "distributed",
     "exit_process",
@@ -52,6 +52,7 @@ __all__ = [
     "run_main",
     "seed_everything",
     "setup",
+    "strategy_for",
     "sync_buffers",
     "teardown",
     "unsharded",

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -265,28 +265,6 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     work = out.to(info.device) if info.backend == "nccl" else out
     dist.all_reduce(work, op=dist.ReduceOp.SUM)
     return work.to(t.device)
-
-
-def broadcast_object(obj: Any, info: DistInfo) -> Any:
-    """Rank 0's ``obj`` (any picklable value) on every rank; ``obj`` itself without a process group.
-
-    For decisions only rank 0 may take (a lock, which checkpoint to resume), so that every rank then acts
-    on the same verdict instead of some ranks exiting while the others wait in the next collective.
-    """
-    if not info.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0, device=info.device if info.backend == "nccl" else None)
-    return box[0]
-
-
-def all_gather_object(obj: Any, info: DistInfo) -> list[Any]:
-    """Every rank's ``obj``, indexed by rank, on every rank; ``[obj]`` without a process group."""
-    if not info.distributed:
-        return [obj]
-    out: list[Any] = [None] * info.world_size
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def plan_device(env: LaunchEnv, strategy: str, backend: str | None, *,

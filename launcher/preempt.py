@@ -11,7 +11,7 @@ nothing of checkpoints::
     with Preemption(["SIGUSR1"]) as preempt:          # SIGTERM is always handled
         for step in ...:
             train_step()
-            if preempt.agreed(info):
+            if preempt.agreed():
                 save(); return PREEMPTED_EXIT_CODE
 """
 from __future__ import annotations
@@ -20,9 +20,8 @@ import signal
 from collections.abc import Sequence
 from types import FrameType
 
-import torch
+import collective
 
-from .dist import DistInfo, all_reduce_sum
 from .errors import LaunchError
 
 #: Exit status of a run that stopped for a signal after writing its checkpoint: 128 + SIGTERM, what shells,
@@ -87,16 +86,7 @@ class Preemption:
         """A signal reached THIS process (other ranks may not know yet: use :meth:`agreed`)."""
         return bool(self.received)
 
-    def agreed(self, info: DistInfo) -> bool:
-        """Whether any rank received a signal: a collective, so every rank must call it at the same step."""
-        return agree_flags(info, self.requested)[0]
-
-
-def agree_flags(info: DistInfo, *flags: bool) -> list[bool]:
-    """For each flag, whether ANY rank set it: one all-reduce of ``len(flags)`` numbers, so a step boundary
-    can fold several stop reasons (a signal, a failed background write) into the one collective it already
-    does. A collective: every rank must call it at the same point with the same number of flags."""
-    if not info.distributed:
-        return [bool(f) for f in flags]
-    summed = all_reduce_sum(torch.tensor([1.0 if f else 0.0 for f in flags], device=info.device), info)
-    return [bool(v > 0) for v in summed.tolist()]
+    def agreed(self) -> bool:
+        """Whether any rank received a signal: a collective (``collective.any_rank``), so every rank must call
+        it at the same step. A loop that has more stop reasons folds them into one ``any_rank`` call instead."""
+        return collective.any_rank(self.requested)[0]

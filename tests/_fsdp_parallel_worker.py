@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 import checkpoint
 import launcher
 import models
-from checkpoint import _sharded
+from checkpoint import gather
 
 
 def main() -> int:
@@ -31,13 +31,13 @@ def main() -> int:
         torch.manual_seed(0)
         model = launcher.wrap_model(models.build_model("mlp", in_features=12, hidden=10, num_classes=5), info)
         calls = {"n": 0}
-        pwrite = _sharded._pwrite_all
+        pwrite = gather._pwrite_all
 
         def counted(fd, t, offset):
             calls["n"] += t.numel() > 0
             return pwrite(fd, t, offset)
 
-        _sharded._pwrite_all = counted
+        gather._pwrite_all = counted
         record: dict = {"pwrites": {}, "errors": {}}
 
         def attempt(name, fn):
@@ -61,9 +61,9 @@ def main() -> int:
         if rank == min(2, world - 1):
             def full_disk(fd, t, offset):
                 raise OSError(errno.ENOSPC, "No space left on device")
-            _sharded._pwrite_all = full_disk
+            gather._pwrite_all = full_disk
         attempt("failed", lambda: checkpoint.save(model, out / "failed.safetensors"))
-        _sharded._pwrite_all = counted
+        gather._pwrite_all = counted
 
         attempt("sharded", lambda: checkpoint.CheckpointManager(out / "sharded", sharded=True).save(1, {"model": model}))
         ref = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

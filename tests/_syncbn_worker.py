@@ -6,16 +6,13 @@ Rank 0 prints one JSON list (a report per rank) with the largest differences; th
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-sys.path.insert(0, os.getcwd())
-import launcher  # noqa: E402
-from launcher.syncbn import convert_sync_batchnorm  # noqa: E402
+import launcher
+from launcher.syncbn import convert_sync_batchnorm
 
 
 def rel_gap(a: torch.Tensor, b: torch.Tensor) -> float:

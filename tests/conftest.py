@@ -4,37 +4,16 @@ Tests run on CPU. Multi-process tests launch real processes (torchrun, accelerat
 """
 from __future__ import annotations
 
-import os
-import socket
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from _common import child_env, free_port  # noqa: F401 -- bench/_common.py: shared with the bench scripts
+
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = REPO / "scripts"
 BIN = Path(sys.executable).parent
-
-# scripts/ holds the training entry and its sibling modules (data, tasks); tests import them.
-if str(SCRIPTS) not in sys.path:
-    sys.path.insert(0, str(SCRIPTS))
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    """Environment for launched children: one thread each (2 cores here), no inherited launcher vars."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "GROUP_", "MASTER_", "TORCHELASTIC",
-                                "ACCELERATE_", "SLURM_"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore::UserWarning")
-    env.update(extra)
-    return env
 
 
 @pytest.fixture
@@ -46,3 +25,13 @@ def port() -> int:
 def bin_dir() -> Path:
     """Directory holding this venv's console scripts (torchrun, accelerate, anytopo-ckpt)."""
     return BIN
+
+
+def train_py(args: list, *, timeout: float = 240, fsize: int | None = None, cwd: Path = REPO,
+             **env: str) -> subprocess.CompletedProcess:
+    """``python scripts/train.py *args`` with ``child_env(**env)``, run by a process forked from a warm
+    interpreter (tests/_warm.py: the same code path, without ~2.6 s of imports per run);
+    ``ANYTOPO_TEST_REAL_TRAIN=1`` runs a fresh interpreter each time. ``fsize``: a file-size limit in bytes."""
+    from _warm import train_py as run
+
+    return run(list(args), env=child_env(**env), timeout=timeout, cwd=cwd, fsize=fsize)

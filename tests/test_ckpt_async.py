@@ -26,11 +26,11 @@ from torch import nn
 
 import checkpoint
 from checkpoint import CheckpointError, CheckpointManager, OptimizerState
-from checkpoint import _async
-from checkpoint import manager as manager_module
-from checkpoint._safetensors_io import read_header, read_slices
-from checkpoint.formats import read_pointer
-from conftest import BIN, REPO, child_env, free_port
+from checkpoint import async_save as _async
+from checkpoint import resume
+from checkpoint.manifest import read_pointer
+from checkpoint.safetensors_io import read_header, read_slices
+from conftest import BIN, REPO, child_env, free_port, train_py
 
 TRAIN = str(REPO / "scripts" / "train.py")
 MLP = ["--model", "mlp", "--data", "digits", "--num-samples", "400", "--batch-size", "32", "--no-progress",
@@ -118,7 +118,7 @@ def test_async_entry_holds_the_same_tensors_as_a_sync_save(tmp_path):
 def test_background_writes_hash_on_their_own_thread_and_sync_saves_in_a_helper(tmp_path, monkeypatch):
     """An async save's files are hashed on the writer thread (no third thread beside training and the
     writer), a sync save's in a helper thread overlapping the write; both entries verify."""
-    from checkpoint import _save
+    from checkpoint import storage as _save
 
     modes: list[tuple[bool, str]] = []
     init = _save.HashingFile.__init__
@@ -136,7 +136,8 @@ def test_background_writes_hash_on_their_own_thread_and_sync_saves_in_a_helper(t
     path = mgr.save(3, run.components())
     mgr.flush()
     assert modes and all(inline and name.startswith("anytopo-ckpt") for inline, name in modes), modes
-    from checkpoint.formats import read_json, verify_files
+    from checkpoint.manifest import verify_files
+    from checkpoint.storage import read_json
 
     for entry in (path, sync):  # raises on a size or sha256 that does not match the files
         assert verify_files(entry, read_json(entry / "manifest.json"), hashes=True)
@@ -337,18 +338,18 @@ def test_at_most_one_save_in_flight_and_entries_land_in_order(tmp_path, monkeypa
 
 def test_latest_moves_only_after_the_entry_is_durable(tmp_path, monkeypatch):
     """The pointer is written after the entry's directory is in place (renamed, fsynced), never before."""
-    import checkpoint.manager as m
+    import checkpoint.policy as policy
 
     seen = []
-    real_write = m.atomic_write_text
+    real_write = policy.atomic_write_text
 
     def spy(path, text):
         if path.name == "latest":
             entry = tmp_path / text.strip()
-            seen.append((entry / "manifest.json").is_file() and m.CheckpointManager(tmp_path)._verifies(entry))
+            seen.append((entry / "manifest.json").is_file() and resume.verifies(entry))
         return real_write(path, text)
 
-    monkeypatch.setattr(m, "atomic_write_text", spy)
+    monkeypatch.setattr(policy, "atomic_write_text", spy)
     mgr = CheckpointManager(tmp_path, async_save=True)
     mgr.save(1, Run().components())
     mgr.flush()
@@ -361,7 +362,7 @@ def test_a_failed_background_write_is_reported_and_keeps_the_previous_entry(tmp_
     mgr.save(1, run.components())
     mgr.flush()
     before = {p.name: p.read_bytes() for p in (tmp_path / "step-1").iterdir()}
-    import checkpoint._save as save_module
+    import checkpoint.storage as save_module
 
     real_replace = os.replace
 
@@ -411,7 +412,6 @@ def test_a_pending_save_is_flushed_when_the_program_ends(tmp_path):
     """A program that ends right after an async save (no flush) still has that entry durable and `latest`."""
     script = textwrap.dedent(f"""
         import sys, time
-        sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(REPO / 'tests')!r})
         from checkpoint import CheckpointManager
         from test_ckpt_async import Run
         real = CheckpointManager._commit_entry
@@ -424,10 +424,11 @@ def test_a_pending_save_is_flushed_when_the_program_ends(tmp_path):
         assert mgr.in_flight()
         print("returned", flush=True)
     """)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=child_env(), capture_output=True, text=True,
-                          timeout=120)
+    path = os.pathsep.join([str(REPO / "tests"), str(REPO / "bench"), os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=child_env(PYTHONPATH=path),
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "returned" in proc.stdout, proc.stderr[-3000:]
-    manager_module._VERIFIED.clear()
+    resume.VERIFIED.clear()
     assert CheckpointManager(tmp_path).latest() == tmp_path / "step-7"
     assert read_pointer(tmp_path / "latest") == "step-7"
 
@@ -435,6 +436,8 @@ def test_a_pending_save_is_flushed_when_the_program_ends(tmp_path):
 # ------------------------------------------------------------------------------------------ train.py
 
 def _train(args: list[str], *, torchrun: int = 0, preexec=None, timeout: int = 240) -> subprocess.CompletedProcess:
+    if not torchrun and preexec is None:
+        return train_py(MLP + args, timeout=timeout)
     cmd = [sys.executable, TRAIN]
     if torchrun:
         cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={torchrun}", f"--master_port={free_port()}",
@@ -455,7 +458,6 @@ def _train_recording(args: list[str], record: Path) -> subprocess.CompletedProce
     through the asynchronous path (snapshot, background write), 'sync' for one written before returning."""
     script = textwrap.dedent(f"""
         import runpy, sys
-        sys.path.insert(0, {str(REPO)!r})
         from checkpoint import CheckpointManager
         real_bg, real_sync = CheckpointManager._save_in_background, CheckpointManager._write_entry
         def log(kind):
@@ -485,7 +487,7 @@ def test_async_save_runs_write_in_the_background_flush_at_exit_and_resume_bit_id
     ckpts = full / "checkpoints"
     assert read_pointer(ckpts / "latest") == "step-8"  # the final save (async) was flushed before exit
     assert [s for s, _ in CheckpointManager(ckpts).entries()] == [2, 4, 6, 8]
-    assert all(CheckpointManager(ckpts)._verifies(p) for _, p in CheckpointManager(ckpts).entries())
+    assert all(resume.verifies(p) for _, p in CheckpointManager(ckpts).entries())
     part = tmp_path / "part"  # the same run, cut after step-4 was saved
     shutil.copytree(full, part)
     for s in (6, 8):
@@ -545,7 +547,7 @@ def test_a_failed_background_write_stops_both_ranks_at_the_next_step(tmp_path):
     # the next save (step 16, which would flush it too)
     assert 12 <= max(_losses(out)) < 16, max(_losses(out))
     assert {p.name: p.read_bytes() for p in (ckpts / "step-11").iterdir()} == before
-    manager_module._VERIFIED.clear()
+    resume.VERIFIED.clear()
     assert read_pointer(ckpts / "latest") == "step-11" and CheckpointManager(ckpts).latest() == ckpts / "step-11"
 
 
@@ -589,5 +591,5 @@ def test_preemption_with_async_saves_leaves_the_stopping_step_durable(tmp_path, 
     assert m and "Traceback" not in err, err[-2000:]
     step = int(m.group(1))
     ckpts = out / "checkpoints"
-    manager_module._VERIFIED.clear()
+    resume.VERIFIED.clear()
     assert read_pointer(ckpts / "latest") == f"step-{step}" and CheckpointManager(ckpts).latest() == ckpts / f"step-{step}"

@@ -4,7 +4,7 @@ every dtype the library can write; and a header the library refuses, anytopo ref
 
 The dtypes are enumerated from the library (``safetensors.torch._SIZE``, the table ``save_file`` sizes
 tensors with), never listed here, so a safetensors upgrade that adds one fails these tests until anytopo's
-table (``checkpoint._safetensors_io.CODES``) has it.
+table (``checkpoint.safetensors_io.CODES``) has it.
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ import torch
 from safetensors import SafetensorError, TensorSpec, safe_open
 
 import checkpoint
-from checkpoint._safetensors_io import CODE_OF_NAME, CODES
+from checkpoint.safetensors_io import CODE_OF_NAME, CODES
 from checkpoint.errors import CheckpointError
-from checkpoint.formats import read_source
+from checkpoint.readers import read_source
 from _ckpt_testlib import assert_one_line_error, run_cli
 from test_ckpt_torchfree import run_without_torch
 

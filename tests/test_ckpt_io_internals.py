@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 import checkpoint
-from checkpoint._safetensors_io import InMemory, read_header, read_slices, write_file
+from checkpoint.safetensors_io import InMemory, read_header, read_slices, write_file
 
-IO = sys.modules["checkpoint._safetensors_io"]
+IO = sys.modules["checkpoint.safetensors_io"]
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux")
 
 
@@ -29,7 +29,7 @@ def test_read_slices_survives_short_reads(tmp_path, monkeypatch):
         calls.append(len(buffers))
         return real(fd, [memoryview(buffers[0])[:7]], offset)
 
-    io_module = sys.modules["checkpoint._safetensors_io"]
+    io_module = sys.modules["checkpoint.safetensors_io"]
     monkeypatch.setattr(io_module.os, "preadv", stingy)
     outs = {k: torch.empty_like(v) for k, v in sd.items()}
     read_slices(tmp_path / "x.safetensors", [(slices[k], outs[k]) for k in sd])
@@ -58,13 +58,13 @@ def test_entries_sharing_memory_are_stored_once_or_cloned(tmp_path):
 def test_save_hands_each_finished_chunk_to_the_disk(tmp_path, monkeypatch):
     """save() asks the kernel to start writing each WRITEBACK_CHUNK while it copies the next one."""
     calls = []
-    real = IO._sync_file_range
+    real = IO.sync_file_range
 
     def spy(fd, start, length, flags):
         calls.append((start, length, flags))
         return real(fd, start, length, flags)
 
-    monkeypatch.setattr(IO, "_sync_file_range", spy)
+    monkeypatch.setattr(IO, "sync_file_range", spy)
     monkeypatch.setattr(IO, "WRITEBACK_CHUNK", 64 << 10)
     sd = {f"w{i}": torch.randn(100, 100 + i) for i in range(12)}  # ~40 KB each, ~490 KB in all
     path = checkpoint.save(sd, tmp_path / "x.safetensors")
@@ -75,7 +75,7 @@ def test_save_hands_each_finished_chunk_to_the_disk(tmp_path, monkeypatch):
     for (s0, n0, _), (s1, _, _) in zip(calls, calls[1:]):
         assert s1 == s0 + n0  # ...in consecutive ranges, each at least a chunk...
         assert n0 >= 64 << 10
-    assert all(flags == IO._SYNC_FILE_RANGE_WRITE for *_, flags in calls)  # never waits, never replaces fsync
+    assert all(flags == IO.SYNC_FILE_RANGE_WRITE for *_, flags in calls)  # never waits, never replaces fsync
     assert size - (calls[-1][0] + calls[-1][1]) < 64 << 10  # ...up to the last partial chunk
     back = load_file(path)
     assert all(torch.equal(back[k], sd[k]) for k in sd)
@@ -84,7 +84,7 @@ def test_save_hands_each_finished_chunk_to_the_disk(tmp_path, monkeypatch):
 def test_writeback_is_skipped_where_the_target_cannot_take_it(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(IO, "WRITEBACK_CHUNK", 1 << 10)
-    monkeypatch.setattr(IO, "_sync_file_range", lambda *a: calls.append(a) or -1)  # e.g. EINVAL on this filesystem
+    monkeypatch.setattr(IO, "sync_file_range", lambda *a: calls.append(a) or -1)  # e.g. EINVAL on this filesystem
     sd = {f"w{i}": torch.randn(64, 64) for i in range(4)}
     entries = [(k, InMemory(t)) for k, t in sd.items()]
     buf = io.BytesIO()  # no file descriptor at all
@@ -106,7 +106,7 @@ def test_hashing_file_digest_equals_the_files_sha256(tmp_path, inline):
     import hashlib
     import threading
 
-    from checkpoint._save import INLINE_HASH_CHUNK, atomic_file, inline_hashing
+    from checkpoint.storage import INLINE_HASH_CHUNK, atomic_file, inline_hashing
 
     big = torch.arange(INLINE_HASH_CHUNK // 4 * 2 + 77, dtype=torch.float32)  # 2 pieces and a bit
     threads = []

@@ -250,13 +250,13 @@ def test_atomic_single_file_save_never_replaces_good_file_with_partial(tmp_path,
     path = tmp_path / "w.safetensors"
     checkpoint.save(net(), path)
     before = path.read_bytes()
-    save_module = sys.modules["checkpoint._save"]
+    writer_module = sys.modules["checkpoint.writer"]
 
     def broken(f, entries, metadata):
         f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(save_module, "write_file", broken)
+    monkeypatch.setattr(writer_module, "write_file", broken)
     with pytest.raises(OSError, match="disk full"):
         checkpoint.save(net(), path)
     assert path.read_bytes() == before
@@ -267,13 +267,97 @@ def test_choosing_and_restoring_the_latest_hashes_each_file_once(tmp_path, monke
     m = net()
     mgr = CheckpointManager(tmp_path)
     mgr.save(1, {"model": m})
-    formats = sys.modules["checkpoint.formats"]
+    manifest_module = sys.modules["checkpoint.manifest"]  # verify_files hashes through it
     calls = []
-    real = formats.sha256_file
-    monkeypatch.setattr(formats, "sha256_file", lambda p, *a, **k: calls.append(Path(p).name) or real(p, *a, **k))
+    real = manifest_module.sha256_file
+    monkeypatch.setattr(manifest_module, "sha256_file", lambda p, *a, **k: calls.append(Path(p).name) or real(p, *a, **k))
     restored = mgr.restore(None, {"model": net()})
     assert sorted(calls) == ["model.safetensors", "state.json"]  # verified once by latest(), not again by load
     assert restored.report.checks[0].startswith("sha256 verified")
     calls.clear()
     mgr.restore(tmp_path / "step-1", {"model": net()})  # already verified in this process: no re-hash
     assert calls == []
+
+
+def test_ema_of_an_entry_without_one_is_refused_in_one_line_and_pointer_files_resolve(tmp_path):
+    m = net()
+    mgr = CheckpointManager(tmp_path)
+    mgr.save(1, {"model": m, "trainer": {"step": 1}})
+    mgr.update_best(1, "accuracy", 0.5)
+    for where in (tmp_path / "step-1", tmp_path, tmp_path / "latest", tmp_path / "best"):
+        with pytest.raises(checkpoint.CheckpointError, match=r"holds no EMA weights \(components: model, trainer\); "
+                                                             "train with --ema DECAY"):
+            checkpoint.load_state_dict(where, ema=True)
+        sd = checkpoint.load_state_dict(where)  # without ema: the pointer files resolve to the entry too
+        assert all(torch.equal(v, m.state_dict()[k]) for k, v in sd.items())
+    assert checkpoint.read_manifest(tmp_path / "best")["step"] == 1
+    (tmp_path / "best").write_text('{"entry": "step-9", "step": 9, "metric": "accuracy", "value": 1.0}')
+    with pytest.raises(checkpoint.CheckpointError, match="points to 'step-9', which is not an entry beside it"):
+        checkpoint.load_state_dict(tmp_path / "best")
+
+
+KILL_COMMIT = """
+import os, signal, sys
+import torch
+from torch import nn
+import checkpoint
+from checkpoint import storage
+
+directory, mode, point = sys.argv[1], sys.argv[2], sys.argv[3]
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+mgr = checkpoint.CheckpointManager(directory, sharded=True, keep_last=None)
+with torch.no_grad():
+    for p in model.parameters():
+        p.fill_(1.0)
+mgr.save(5, {"model": model, "trainer": {"value": "old"}})   # the entry the second save replaces
+with torch.no_grad():
+    for p in model.parameters():
+        p.fill_(2.0)
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+real_exchange, real_replace = storage.exchange, os.replace
+if mode == "exchange":
+    def exchange(a, b):
+        if point == "before":
+            die()
+        done = real_exchange(a, b)
+        assert done, "this filesystem cannot exchange: the test needs renameat2(RENAME_EXCHANGE)"
+        die()
+    storage.exchange = exchange
+else:  # a filesystem without an atomic swap: the old entry is parked, then the new one renamed in
+    storage.exchange = lambda a, b: False
+    def replace(src, dst):
+        real_replace(src, dst)
+        if ".old-" in os.fspath(dst) and point == "parked":
+            die()
+        if os.fspath(dst).endswith("step-5") and point == "after":
+            die()
+    os.replace = replace
+mgr.save(5, {"model": model, "trainer": {"value": "new"}})
+print("not killed")
+"""
+
+
+@pytest.mark.parametrize("mode,point,expected", [("exchange", "before", 1.0), ("exchange", "after", 2.0),
+                                                 ("park", "parked", 1.0), ("park", "after", 2.0)])
+def test_a_sharded_save_killed_mid_commit_over_the_same_step_leaves_the_old_or_the_new_entry(tmp_path, mode, point,
+                                                                                           expected):
+    """Every save path commits through storage.commit_dir: killed at any point of the commit (before or after
+    the atomic swap; or, where the filesystem cannot swap, between parking the old entry and renaming the new
+    one in), step-5 is afterwards a complete entry, the old one or the new one, and it is what latest() picks."""
+    proc = subprocess.run([sys.executable, "-c", KILL_COMMIT, str(tmp_path), mode, point], cwd=REPO,
+                          env=child_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr[-3000:]
+    if point == "parked":
+        assert not (tmp_path / "step-5").exists()  # the instant a two-rename commit leaves no entry at its name
+    mgr = CheckpointManager(tmp_path)
+    entry = mgr.latest()  # puts a parked entry back, then verifies every file's sha256
+    assert entry == tmp_path / "step-5"
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    restored = mgr.restore(entry, {"model": model, "trainer": {}})
+    assert all(torch.equal(p, torch.full_like(p, expected)) for p in model.parameters())
+    assert restored.states["trainer"]["value"] == ("old" if expected == 1.0 else "new")
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".step-5.old")] == []

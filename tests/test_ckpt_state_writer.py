@@ -13,8 +13,8 @@ from torch import nn
 
 import checkpoint
 from checkpoint import CheckpointManager, OptimizerState
-from checkpoint._states import STATE_JSON, STATE_PICKLE, STATE_TENSORS, flatten_states, read_states, unflatten_states
-from checkpoint.formats import read_json, sha256_file
+from checkpoint.states import STATE_JSON, STATE_PICKLE, STATE_TENSORS, flatten_states, read_states, unflatten_states
+from checkpoint.storage import read_json, sha256_file
 from _ckpt_testlib import bits
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,8 +13,7 @@ from torch import nn
 import checkpoint
 from conftest import BIN, REPO, child_env, free_port
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _ckpt_ddp_worker import fixed_input, make_model  # noqa: E402
+from _ckpt_ddp_worker import fixed_input, make_model
 
 WRAPS = {
     "single": lambda m: m,

@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 import checkpoint
-from checkpoint._safetensors_io import InMemory, write_file
+from checkpoint.safetensors_io import InMemory, write_file
 from checkpoint.cli import main as cli_main
-from checkpoint.formats import read_source
+from checkpoint.readers import read_source
 from conftest import REPO, child_env
 
 NO_TORCH = """
@@ -62,12 +62,12 @@ def test_import_checkpoint_is_light_and_names_stay_functions():
 import sys, types
 import checkpoint, checkpoint.cli
 assert "torch" not in sys.modules, "import checkpoint pulled in torch"
-import checkpoint._save, checkpoint._load, checkpoint._unwrap   # private names: the public ones stay functions
+import checkpoint.saving, checkpoint.loading, checkpoint.wrappers   # the modules: the public names stay functions
 for name in ("save", "load", "unwrap", "load_state_dict", "inspect", "CheckpointManager"):
     value = getattr(checkpoint, name)
     assert not isinstance(value, types.ModuleType) and callable(value), (name, value)
 from checkpoint import save, load
-assert save.__module__ == "checkpoint._save" and load.__module__ == "checkpoint._load"
+assert save.__module__ == "checkpoint.saving" and load.__module__ == "checkpoint.loading"
 assert set(checkpoint.__all__) <= set(dir(checkpoint))
 print("ok")
 """

@@ -15,15 +15,16 @@ import pytest
 import yaml
 
 import checkpoint
-import train
-from conftest import REPO, child_env
-from train import ConfigError, TrainConfig
+import training
+from training import config as train_config
+from conftest import REPO, child_env, train_py
+from training import ConfigError, TrainConfig
 
 TRAIN = str(REPO / "scripts" / "train.py")
 
 
 def parse(*argv: str) -> TrainConfig:
-    return TrainConfig.from_args(train.get_args_parser().parse_args(list(argv)))
+    return TrainConfig.from_args(training.get_args_parser().parse_args(list(argv)))
 
 
 def flags(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -34,14 +35,14 @@ def flags(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 
 def test_every_field_is_a_flag_and_the_parser_defaults_are_the_field_defaults(monkeypatch):
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
-    parser = train.get_args_parser()
+    parser = training.get_args_parser()
     dests = {a.dest for a in parser._actions} - {"help", "debug", "config", "print_config"}
     assert dests == {f.name for f in fields(TrainConfig)}
     assert parse() == TrainConfig()  # no flags: exactly the dataclass defaults
 
 
 def test_the_flag_names_users_type_are_kept():
-    known = set(flags(train.get_args_parser()))
+    known = set(flags(training.get_args_parser()))
     assert {"--model", "--model-arg", "--data", "--image-size", "--num-samples", "--epochs", "--max-steps",
             "--batch-size", "--grad-accum", "--lr", "--weight-decay", "--optimizer", "--momentum", "--warmup-steps",
             "--amp", "--channels-last", "--sync-bn", "--clip-grad", "--aux-weight", "--strategy", "--output-dir",
@@ -88,15 +89,15 @@ def test_a_new_field_becomes_a_flag_with_its_validation():
 
     @dataclass(kw_only=True, frozen=True)
     class Extended(TrainConfig):
-        ema_decay: float | None = train.option(None, "EMA decay")
-        save_sharded: bool = train.option(False, "sharded checkpoints")
+        ema_decay: float | None = train_config.option(None, "EMA decay")
+        save_sharded: bool = train_config.option(False, "sharded checkpoints")
 
         def __post_init__(self) -> None:
             super().__post_init__()
             if self.ema_decay is not None and not 0 < self.ema_decay < 1:
                 raise ConfigError(f"--ema-decay must be in (0, 1), got {self.ema_decay}")
 
-    parser = train.build_parser(Extended)
+    parser = train_config.build_parser(Extended)
     args = parser.parse_args(["--ema-decay", "0.99", "--save-sharded"])
     cfg = Extended.from_args(args)
     assert cfg.ema_decay == 0.99 and cfg.save_sharded is True
@@ -107,7 +108,7 @@ def test_a_new_field_becomes_a_flag_with_its_validation():
 # ------------------------------------------------------------------ --config FILE, --print-config
 
 def print_config(capsys, *argv: str) -> str:
-    assert train.cli([*argv, "--print-config"]) == 0
+    assert training.cli([*argv, "--print-config"]) == 0
     return capsys.readouterr().out
 
 
@@ -136,7 +137,7 @@ def test_file_values_apply_and_only_flags_given_on_the_command_line_override(tmp
 def test_a_parent_parser_that_cannot_apply_config_is_refused(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("lr: 0.5\n")
-    child = argparse.ArgumentParser(parents=[train.get_args_parser(add_help=False)])
+    child = argparse.ArgumentParser(parents=[training.get_args_parser(add_help=False)])
     with pytest.raises(ConfigError, match="was not read"):
         TrainConfig.from_args(child.parse_args(["--config", str(f)]))
     assert TrainConfig.from_args(child.parse_args(["--lr", "0.5"])).lr == 0.5
@@ -171,7 +172,7 @@ def test_bad_config_file_is_one_line_exit_2(tmp_path, capsys, text, needle):
     f = tmp_path / "bad.yaml"
     f.write_text(text)
     with pytest.raises(SystemExit) as e:
-        train.get_args_parser().parse_args(["--config", str(f)])
+        training.get_args_parser().parse_args(["--config", str(f)])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(f"error: --config {f}: ") and needle in err
 
@@ -194,12 +195,11 @@ def test_a_run_records_its_resolved_config_in_config_json_and_every_checkpoint(t
     f.write_text(f"model: mlp\ndata: digits\nnum_samples: 200\nbatch_size: 32\nmax_steps: 9\nsave_every: 2\n"
                  f"lr: 1e-2\nprogress: false\ntensorboard: false\noutput_dir: {out}\n")
     argv = ["--config", str(f), "--max-steps", "3", "--seed", "5"]  # flags override the file
-    printed = subprocess.run([sys.executable, TRAIN, *argv, "--print-config"], cwd=REPO, env=child_env(),
-                             capture_output=True, text=True, timeout=180)
+    printed = train_py([*argv, "--print-config"], timeout=180)
     assert printed.returncode == 0 and not out.exists()  # --print-config trains nothing
     expected = yaml.safe_load(printed.stdout)
     # the run itself, in a process that afterwards reports whether torchdata was imported (no longer a dependency)
-    check = (f"import sys; sys.path.insert(0, {str(REPO / 'scripts')!r}); import train; rc = train.cli(sys.argv[1:]); "
+    check = ("import sys; import training; rc = training.cli(sys.argv[1:]); "
              "print('torchdata imported:', 'torchdata' in sys.modules); sys.exit(rc)")
     p = subprocess.run([sys.executable, "-c", check, *argv], cwd=REPO, env=child_env(), capture_output=True,
                        text=True, timeout=180)

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-import data as datasets
-from data import ShapesDataset, build_datasets, extra_feature
+from training import data as datasets
+from training.data import ShapesDataset, build_datasets, extra_feature
 
 UNKNOWN = ("unknown dataset 'foo': use one of digits, mnist5k, shapes[:N], imagefolder:PATH, "
            "segfolder:PATH")

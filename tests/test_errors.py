@@ -21,8 +21,8 @@ from torch import nn
 
 import checkpoint
 from checkpoint import CheckpointManager, OptimizerState
-from checkpoint.formats import read_json
-from conftest import BIN, REPO, child_env, free_port
+from checkpoint.storage import read_json
+from conftest import BIN, REPO, child_env, free_port, train_py
 from _ckpt_testlib import assert_bit_identical, assert_one_line_error, run_cli
 
 TRAIN = str(REPO / "scripts" / "train.py")
@@ -41,11 +41,11 @@ def _limit_file_size(limit: int = FSIZE_LIMIT):
 def train(args: list[str], *, torchrun: int = 0, full_disk: bool | int = False, timeout: int = 240,
           fast: list[str] = FAST):
     """``full_disk``: True for FSIZE_LIMIT, or a limit in bytes."""
-    cmd = [sys.executable, TRAIN]
-    if torchrun:
-        cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={torchrun}", f"--master_port={free_port()}",
-               TRAIN, "--strategy", "ddp"]
     limit = FSIZE_LIMIT if full_disk is True else full_disk
+    if not torchrun:
+        return train_py(fast + args, timeout=timeout, fsize=limit or None)
+    cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={torchrun}", f"--master_port={free_port()}",
+           TRAIN, "--strategy", "ddp"]
     return subprocess.run(cmd + fast + args, cwd=REPO, env=child_env(), capture_output=True, text=True,
                           timeout=timeout, preexec_fn=_limit_file_size(limit) if limit else None)
 
@@ -293,7 +293,7 @@ def test_convert_of_a_training_entry_keeps_its_optimizer_state(run4, tmp_path):
     manifest = read_json(tmp_path / "copy" / "manifest.json")
     assert manifest["kind"] == "entry" and "optimizer" in manifest["components"]
     # the copy restores the optimizer exactly like the original
-    from checkpoint._states import flatten_states, read_states
+    from checkpoint.states import flatten_states, read_states
 
     want_t, got_t = {}, {}
     want = flatten_states(read_states(entry), want_t)

@@ -19,12 +19,11 @@ import torch
 
 import checkpoint
 import launcher
-from conftest import BIN, REPO, child_env, free_port
+from conftest import BIN, REPO, child_env, free_port, train_py
 
-sys.path.insert(0, str(REPO / "bench"))
-import faults  # noqa: E402  bench/faults.py
+import faults  # bench/faults.py (pyproject's pytest pythonpath names bench/)
 
-import train  # noqa: E402  scripts/train.py (conftest puts scripts/ on the path)
+from training import ConfigError, run_state  # noqa: E402
 
 TRAIN = str(REPO / "scripts" / "train.py")
 MLP = ["--model", "mlp", "--data", "digits", "--num-samples", "400", "--batch-size", "32", "--no-progress",
@@ -32,8 +31,7 @@ MLP = ["--model", "mlp", "--data", "digits", "--num-samples", "400", "--batch-si
 
 
 def run_train(args: list[str], *, expect: int | None = 0, timeout: int = 180) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, TRAIN, *args], cwd=REPO, env=child_env(), capture_output=True, text=True,
-                       timeout=timeout)
+    p = train_py(args, timeout=timeout)
     if expect is not None:
         assert p.returncode == expect, f"exit {p.returncode}\n{p.stderr[-3000:]}"
     return p
@@ -48,8 +46,7 @@ def test_preemption_flag_survives_repeated_signals_and_restores_handlers():
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGUSR1)  # a second notice, e.g. during the save: only recorded
         assert p.received == ["SIGTERM", "SIGUSR1"]
-        single = launcher.setup("single")
-        assert p.agreed(single)
+        assert p.agreed()  # no process group: this process's own flag
     assert signal.getsignal(signal.SIGUSR1) is before
     assert launcher.parse_signal("usr1") is signal.SIGUSR1 and launcher.parse_signal("15") is signal.SIGTERM
     for bad in ("SIGNOPE", "SIGKILL"):
@@ -65,20 +62,20 @@ def test_restart_attempt_reads_torchelastic_count():
 
 
 def test_run_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path):
-    first = train.RunLock(tmp_path)
+    first = run_state.RunLock(tmp_path)
     assert first.acquire() is None
     holder = json.loads((tmp_path / ".lock").read_text())
     assert holder["pid"] == os.getpid() and holder["host"]
-    with pytest.raises(train.ConfigError, match=f"in use by a running training run \\(pid {os.getpid()} on host"):
-        train.RunLock(tmp_path).acquire()  # another open file description: flock conflicts even in one process
+    with pytest.raises(ConfigError, match=f"in use by a running training run \\(pid {os.getpid()} on host"):
+        run_state.RunLock(tmp_path).acquire()  # another open file description: flock conflicts even in one process
     first.release()
-    again = train.RunLock(tmp_path)
+    again = run_state.RunLock(tmp_path)
     assert again.acquire() is None  # released cleanly: no stale holder left behind
     again.release()
     dead = subprocess.Popen(["true"])
     dead.wait()
     (tmp_path / ".lock").write_text(json.dumps({"pid": dead.pid, "host": "h", "started": "t"}))  # killed holder
-    stale = train.RunLock(tmp_path)
+    stale = run_state.RunLock(tmp_path)
     assert f"took over the stale lock of pid {dead.pid}" in stale.acquire()
     stale.release()
 

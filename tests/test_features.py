@@ -18,17 +18,17 @@ from PIL import Image
 from torch import nn
 
 import checkpoint
-import data
+import models
+from training import data
 from checkpoint import CheckpointManager
-from conftest import REPO, child_env
+from conftest import REPO, child_env, train_py
 
 TRAIN = str(REPO / "scripts" / "train.py")
 MLP = ["--model", "mlp", "--data", "digits", "--num-samples", "400", "--batch-size", "32", "--no-progress"]
 
 
 def run(args: list[str], expect: int = 0, timeout: int = 240) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, TRAIN, *args], cwd=REPO, env=child_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    proc = train_py(args, timeout=timeout)
     assert proc.returncode == expect, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
     return proc
 
@@ -88,11 +88,10 @@ def test_best_entry_is_never_pruned_while_best(tmp_path):
 
 
 def test_ema_averages_parameters_and_batchnorm_buffers():
-    sys.path.insert(0, str(REPO / "scripts"))
-    import train
+    from training import run_state
 
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
-    ema = train.build_ema(model, 0.9)
+    ema = run_state.build_ema(model, 0.9)
     old = {k: v.clone() for k, v in ema.module.state_dict().items()}
     ema.update_parameters(model)  # first update copies
     model(torch.randn(8, 3) * 5 + 2)  # moves the BN running stats
@@ -121,7 +120,7 @@ def test_ema_best_and_logging_in_a_run(tmp_path):
     assert best_step in [s for s, _ in mgr.entries()]
     # EMA weights: a component of every entry, and ema.pth in the layout checkpoint.load(ema=True) reads
     final = mgr.latest()
-    from checkpoint._states import read_states
+    from checkpoint.states import read_states
     state = read_states(final)
     assert not (final / "state.pth").exists()  # the EMA's OrderedDict goes into state.safetensors, no pickle
     ema_file = checkpoint.load_state_dict(out / "ema.pth", ema=True)
@@ -129,10 +128,28 @@ def test_ema_best_and_logging_in_a_run(tmp_path):
     for k, v in ema_file.items():
         assert torch.equal(v, state["ema"]["module." + k])
     assert not torch.equal(ema_file["1.weight"], checkpoint.load_state_dict(final)["1.weight"])
-    # --resume best evaluates exactly the best entry
-    proc = run([*MLP, "--eval-only", "--resume", "best", "--ema", "0.9", "--output-dir", str(out)])
+    # ema=True reads the entry's own EMA component: from the entry, the checkpoints/ directory (latest), and the
+    # latest/best pointer files; load() fills a model with it; convert --ema writes it
+    ckpts = out / "checkpoints"
+    for where in (final, ckpts, ckpts / "latest"):
+        assert checkpoint.load_state_dict(where, ema=True).keys() == ema_file.keys()
+        assert all(torch.equal(v, ema_file[k]) for k, v in checkpoint.load_state_dict(where, ema=True).items())
+    best_ema = checkpoint.load_state_dict(ckpts / "best", ema=True)
+    best_state = read_states(mgr.best())["ema"]
+    assert all(torch.equal(v, best_state["module." + k]) for k, v in best_ema.items())
+    model = models.build_model("mlp", **json.loads((final / "manifest.json").read_text())["model_options"])
+    report = checkpoint.load(ckpts / "best", model, ema=True)
+    assert "weights taken from the entry's 'ema' component" in str(report) and report.step == best_step
+    assert all(torch.equal(v, best_ema[k]) for k, v in model.state_dict().items())
+    converted = tmp_path / "ema.safetensors"
+    conv = subprocess.run([sys.executable, "-m", "checkpoint", "convert", str(final), str(converted), "--ema"],
+                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert conv.returncode == 0, conv.stderr
+    assert all(torch.equal(v, ema_file[k]) for k, v in checkpoint.load_state_dict(converted).items())
+    # --eval-only --resume best evaluates exactly the best entry, and its EMA without --ema being given
+    proc = run([*MLP, "--eval-only", "--resume", "best", "--output-dir", str(out)])
     best_acc = dict(evals)[best_step]
-    assert f"accuracy {best_acc:.4f}" in proc.stderr + proc.stdout
+    assert f"accuracy {best_acc:.4f}" in proc.stderr + proc.stdout and "ema_accuracy" in proc.stderr + proc.stdout
     # hyperparameters in TensorBoard
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -162,7 +179,6 @@ def test_compile_keeps_checkpoints_canonical(tmp_path):
     assert set(json.loads((out / "summary.json").read_text())["eval"]) == {"accuracy", "ema_accuracy"}
     keys = set(checkpoint.load_state_dict(out / "checkpoints"))
     assert keys and not any("_orig_mod" in k or k.startswith("module.") for k in keys)
-    import models
 
     model = models.build_model("mlp", **json.loads((out / "checkpoints" / "step-3" / "manifest.json").read_text())["model_options"])
     checkpoint.load(out / "checkpoints", model)  # strict load into a plain model
@@ -208,7 +224,6 @@ def test_compile_under_ddp_and_fsdp_trains_like_eager_and_saves_canonical_keys(t
     nothing: FSDP's hooks break every graph, and "compiled" fsdp ran eagerly).
     Cost: ~30 s per compiled launch on 2 CPU cores without inductor's cache (~10 s with it), 3 launches.
     """
-    import models
 
     args = [*MLP, "--max-steps", "5", "--log-every", "1", "--no-tensorboard"]
     torchrun(2, ["--strategy", "ddp", *args, "--output-dir", str(tmp_path / "eager")])

@@ -15,7 +15,7 @@ import torch
 
 import checkpoint
 import models
-from conftest import BIN, REPO, child_env, free_port
+from conftest import BIN, REPO, child_env, free_port, train_py
 
 pytestmark = pytest.mark.multiproc
 WORKER = str(REPO / "tests" / "_fsdp_worker.py")
@@ -57,7 +57,7 @@ def test_save_from_fsdp_x2_is_torchs_full_state_and_loads_into_fsdp_x3(tmp_path,
     assert manifest["topology"]["wrappers"] == ["FSDP"]
     # the manager entry holds the same weights and name-keyed, full (unsharded) AdamW moments
     assert_exact(checkpoint.load_state_dict(tmp_path / "mgr" / "step-1"), saved)
-    from checkpoint._states import read_states
+    from checkpoint.states import read_states
 
     state = read_states(tmp_path / "mgr" / "step-1")["optimizer"]["state"]
     assert {k: v["exp_avg"].shape for k, v in state.items()} == {k: saved[k].shape for k in state}
@@ -122,8 +122,8 @@ def tied_and_dcp(root: Path, saved: dict[str, torch.Tensor]) -> None:
     assert_exact(torch.load(root / "dcp-loaded-w3.pt", weights_only=True), saved)
     # rows 5..9 of the 10-row hidden layer are rank 1's chunk at world 2: read straight from that chunk's bytes
     # in its .distcp file (DCP's reader not asked); with that path off, DCP is asked for that chunk only
-    import checkpoint._dcp_stream as stream
-    from checkpoint.formats import read_source
+    import checkpoint.dcp as stream
+    from checkpoint.readers import read_source
     from torch.distributed.checkpoint import FileSystemReader
 
     real, real_offset = FileSystemReader.read_data, stream.chunk_data_offset
@@ -166,7 +166,7 @@ def sharded_bad_input(root: Path, saved: dict[str, torch.Tensor], ref_optim: dic
     conv = subprocess.run([*cli, "convert", str(entry), str(root.parent / "whole")], cwd=REPO, env=child_env(),
                           capture_output=True, text=True, timeout=120)
     assert conv.returncode == 0, conv.stderr
-    from checkpoint._states import read_states
+    from checkpoint.states import read_states
 
     assert_optim_exact(read_states(root.parent / "whole")["optimizer"], ref_optim)
     # a corrupted rank file (same size): latest() falls back to the previous entry; load with verify names it
@@ -198,15 +198,15 @@ MLP = ["--model", "mlp", "--data", "digits", "--num-samples", "400", "--batch-si
 
 def train(kind: str, out: Path, *extra: str, nproc: int = 1, expect: int = 0) -> subprocess.CompletedProcess:
     args = [*MLP, "--output-dir", str(out), *extra]
-    if kind in ("python", "accelerate"):
-        cmd = [sys.executable, TRAIN]
-        env = child_env()
-        if kind == "accelerate":  # accelerate launch on CPU, the strategy given to train.py as for torchrun
-            cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(nproc), "--num_machines",
-                   "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-                   TRAIN]
-            env = child_env(ACCELERATE_USE_CPU="1")
-        proc = subprocess.run([*cmd, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    if kind == "python":
+        proc = train_py(args)
+        assert proc.returncode == expect, proc.stderr[-4000:]
+        return proc
+    if kind == "accelerate":  # accelerate launch on CPU, the strategy given to train.py as for torchrun
+        cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(nproc), "--num_machines",
+               "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), TRAIN]
+        proc = subprocess.run([*cmd, *args], cwd=REPO, env=child_env(ACCELERATE_USE_CPU="1"), capture_output=True,
+                              text=True, timeout=240)
         assert proc.returncode == expect, proc.stderr[-4000:]
         return proc
     return torchrun(TRAIN, *args, "--strategy", kind, nproc=nproc, expect=expect)
@@ -347,7 +347,7 @@ def test_every_rank_writes_its_rows_into_the_one_file_streams_when_it_cannot_and
     parallel is torch's full state and byte for byte the file streamed to rank 0 when a rank cannot open it;
     a rank whose own write fails makes every rank raise and leaves no file; a sharded entry's sha256, computed
     while writing, is the sha256 of each file on disk."""
-    from checkpoint.formats import sha256_file
+    from checkpoint.storage import sha256_file
 
     torchrun(str(REPO / "tests" / "_fsdp_parallel_worker.py"), tmp_path, nproc=3)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)]

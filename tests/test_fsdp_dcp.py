@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 import checkpoint
-from checkpoint.formats import DCPTensor, read_source
+from checkpoint.dcp import DCPTensor
+from checkpoint.readers import read_source
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -68,7 +69,7 @@ def _reader_asks(monkeypatch) -> list:
 
 
 def _no_direct_path(monkeypatch) -> None:
-    import checkpoint._dcp_stream as stream
+    import checkpoint.dcp as stream
 
     monkeypatch.setattr(stream, "chunk_data_offset", lambda *a, **k: None)
 
@@ -158,7 +159,7 @@ def _deflate_item(directory, fqn: str) -> None:
     import pickle
     import zipfile
 
-    from checkpoint.formats import _DCPMetadataUnpickler
+    from checkpoint.dcp import _DCPMetadataUnpickler
 
     with open(directory / ".metadata", "rb") as f:
         md = _DCPMetadataUnpickler(f).load()
@@ -201,7 +202,7 @@ def test_dcp_archive_pickle_is_never_run(tmp_path):
     DCP's reader, whose torch.load(weights_only=True) refuses it too)."""
     import zipfile
 
-    from checkpoint._dcp_stream import chunk_data_offset
+    from checkpoint.dcp import chunk_data_offset
 
     marker = tmp_path / "ran"
     evil = f"cos\nsystem\n(S'touch {marker}'\ntR.".encode()

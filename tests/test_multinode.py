@@ -22,7 +22,7 @@ from launcher import LaunchError
 from launcher.dist import explain_init_failure, resolve_timeout
 from launcher.env import read_env
 from _netns import two_hosts, unavailable
-from conftest import REPO, child_env, free_port
+from conftest import REPO, child_env, free_port, train_py
 
 pytestmark = pytest.mark.multiproc
 
@@ -75,8 +75,7 @@ def _same_metrics(run: dict, ref: dict) -> None:
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("single")
-    done = subprocess.run([sys.executable, TRAIN, *MLP, "--output-dir", str(out)], cwd=REPO, env=child_env(),
-                          capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    done = train_py([*MLP, "--output-dir", str(out)], timeout=RUN_TIMEOUT)
     assert done.returncode == 0, done.stderr[-3000:]
     return _summary(out)
 

@@ -32,7 +32,7 @@ import torch
 
 import checkpoint
 
-from conftest import BIN, REPO, child_env, free_port
+from conftest import BIN, REPO, child_env, free_port, train_py
 
 pytestmark = pytest.mark.multiproc
 TRAIN = str(REPO / "scripts" / "train.py")
@@ -78,8 +78,7 @@ def rel(a: float, b: float) -> float:
 
 def train(nproc: int, args: list[str]) -> None:
     if nproc == 1:
-        proc = subprocess.run([sys.executable, TRAIN, *args], cwd=REPO, env=child_env(), capture_output=True,
-                              text=True, timeout=300)
+        proc = train_py(args, timeout=300)
         assert proc.returncode == 0, proc.stderr[-4000:]
     else:
         torchrun(nproc, TRAIN, ["--strategy", "ddp", *args])

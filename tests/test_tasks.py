@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import tasks
-from data import DataInfo
-from tasks import (Accuracy, Metric, SegmentationMetrics, build_task, classification_loss, dice_loss,
+from training import tasks
+from training.data import DataInfo
+from training.tasks import (Accuracy, Metric, SegmentationMetrics, build_task, classification_loss, dice_loss,
                    segmentation_loss)
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import checkpoint
-from conftest import BIN, REPO, child_env, free_port
+from conftest import BIN, REPO, child_env, free_port, train_py
 
 TRAIN = str(REPO / "scripts" / "train.py")
 pytestmark = pytest.mark.multiproc
@@ -27,8 +27,10 @@ MLP_FAST = ["--model", "mlp", "--data", "digits", "--num-samples", "400", "--bat
 def launch(kind: str, args: list[str], *, nproc: int = 2, expect: int = 0, env: dict | None = None,
            timeout: int = 240) -> subprocess.CompletedProcess:
     if kind == "python":
-        cmd = [sys.executable, TRAIN]
-    elif kind == "torchrun":
+        proc = train_py(args, timeout=timeout, **(env or {}))
+        assert proc.returncode == expect, f"exit {proc.returncode}\nSTDERR:\n{proc.stderr[-4000:]}"
+        return proc
+    if kind == "torchrun":
         cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", f"--master_port={free_port()}", TRAIN]
     elif kind == "accelerate":
         cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(nproc), "--num_machines", "1",
@@ -92,7 +94,7 @@ def write_segfolder(root: Path, n: int = 40) -> Path:
     import numpy as np
     from PIL import Image
 
-    from data import ShapesDataset
+    from training.data import ShapesDataset
 
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
@@ -227,8 +229,7 @@ def test_accelerate_cpu_flag_starting_one_process_is_refused(tmp_path):
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, args, needle):
     data = [] if "--data" in args else ["--data", "digits"]
-    p = subprocess.run([sys.executable, TRAIN, *args, *data, "--output-dir", str(tmp_path / "o"), "--no-progress"],
-                       cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
+    p = train_py([*args, *data, "--output-dir", str(tmp_path / "o"), "--no-progress"], timeout=120)
     assert p.returncode == 2, p.stderr
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert lines[-1].startswith("error:") and needle in lines[-1] and "Traceback" not in p.stderr

@@ -1,4 +1,9 @@
-"""Read DCP tensors straight from the ``.distcp`` storage files, when their layout can be proven.
+"""torch.distributed.checkpoint (DCP) folders as a ``Source``: ``read_dcp(directory)``.
+
+Only ``.metadata`` is read up front, by an unpickler that rebuilds DCP's plain metadata classes and nothing
+else; each tensor is read on demand (``DCPTensor``), one at a time.
+
+Reading DCP tensors straight from the ``.distcp`` storage files, when their layout can be proven:
 
 torch's ``FileSystemWriter`` (torch 2.x, the default ``torch_save`` serialization) writes each saved chunk of a
 tensor as one ``torch.save`` archive appended to a ``.distcp`` file; ``.metadata`` records where
@@ -29,7 +34,14 @@ import warnings
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from .errors import CheckpointError, first_line
+from .safetensors_io import TensorSlice, byte_view, copy_range, read_slices
+from .sources import Source
+
+if TYPE_CHECKING:
+    import torch
 
 _MAX_PICKLE = 1 << 20  # a single tensor's data.pkl is ~150 bytes; anything large is not what torch.save writes
 
@@ -266,3 +278,196 @@ def plan_rows(chunks: list[DCPChunk], dtype: Any, shape: tuple[int, ...], block_
             return None
         row = p[4]
     return pieces if row == r1 - r0 else None
+
+
+# ------------------------------------------------------------------------------------------- reader
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    """Rebuilds DCP's .metadata (a pickle) from an allow-list of plain metadata classes only."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch.distributed.checkpoint.metadata" or (
+                module == "torch.distributed.checkpoint.filesystem" and name == "_StorageInfo"):
+            return super().find_class(module, name)
+        import torch
+
+        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
+            return getattr(torch, name)
+        if (module, name) in {("torch.serialization", "_get_layout"), ("torch._utils", "_get_layout"),
+                              ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset")}:
+            return super().find_class(module, name)
+        if module == "pathlib" and name in {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"}:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to rebuild {module}.{name} from DCP metadata")
+
+
+def read_dcp(directory: Path) -> Source:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+    from torch.distributed.checkpoint.storage import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            try:
+                with open(directory / ".metadata", "rb") as f:
+                    md = _DCPMetadataUnpickler(f).load()
+            except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as e:
+                raise CheckpointError(f"{directory}/.metadata: unreadable DCP metadata ({e}); "
+                                      "the checkpoint is damaged or not from torch.distributed.checkpoint") from None
+            if getattr(md, "storage_meta", None) is None:
+                md.storage_meta = StorageMeta()
+            md.storage_meta.load_id = self.load_id
+            return md
+
+    reader = SafeReader(directory)
+    try:
+        md = reader.read_metadata()
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{directory}/.metadata: unreadable DCP metadata ({first_line(e)}); the checkpoint is damaged") from None
+    # Only .metadata is read here; each tensor is read on demand (DCPTensor), one at a time: its saved chunks'
+    # raw bytes straight from the .distcp files where their layout is proven (``plan_rows`` above),
+    # else through DCP's reader. inspect reads no data; load and convert hold no copy of a tensor.
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    items = getattr(md, "state_dict_metadata", {}) or {}
+    tensor_keys = [k for k, v in items.items() if isinstance(v, TensorStorageMetadata)]
+    notes = []
+    # A state saved as {"model": {...}, ...}: the weights are its 'model' entry (DCP's planner_data keeps the
+    # nesting: "model.a.w" -> ("model", "a.w")). Keys saved flat as "model.a.w" stay whole: the wrapper-prefix
+    # logic strips 'model.' where it is on every key and says so (--keep-prefix keeps it), as for other formats.
+    paths = getattr(md, "planner_data", None) or {}
+    nested = [k for k in tensor_keys if k.startswith("model.")
+              and (not isinstance(paths.get(k), (tuple, list)) or len(paths[k]) > 1 and paths[k][0] == "model")]
+    if nested:
+        keys = {k: k[len("model."):] for k in nested}
+        other = {k: "tensor" if k in tensor_keys else "bytes" for k in items if not k.startswith("model.")}
+        notes.append("weights taken from entry 'model'")
+    else:
+        keys = {k: k for k in tensor_keys}
+        other = {k: "bytes" for k in items if k not in keys}
+    if not keys:
+        raise CheckpointError(f"{directory}: the DCP state holds no tensors (entries: {', '.join(sorted(items)[:8])}); "
+                              "is this a checkpoint of model weights?")
+
+    def load_one(fqn: str, out: "torch.Tensor", region: tuple[tuple[int, ...], tuple[int, ...]] | None = None) -> None:
+        try:
+            planner = _dcp_region_planner(fqn, *region) if region is not None else None
+            dcp_load({fqn: out}, storage_reader=SafeReader(directory), planner=planner, no_dist=True)
+        except CheckpointError:
+            raise
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # DCP wraps reader errors in CheckpointException, a BaseException
+            cause = e
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            if isinstance(cause, CheckpointError):
+                raise cause from None
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointError(f"{directory}: could not read {fqn!r} from the DCP checkpoint ({first}); "
+                                  "a data file is missing or damaged") from None
+
+    storage = storage_index(md)
+    tensors = {name: DCPTensor(fqn, tuple(items[fqn].size), items[fqn].properties.dtype, load_one,
+                               chunks_of(directory, md, storage, fqn))
+               for fqn, name in keys.items()}
+    files = sorted(directory.glob("*.distcp"))
+    return Source(directory, "dcp", tensors, None, other, files, notes)
+
+
+class DCPTensor:
+    """One tensor of a DCP folder, read when asked (``TensorSource``).
+
+    Its saved chunks' bytes are copied straight from the ``.distcp`` files into the destination (a tensor's
+    memory by ``os.preadv``, an output file by ``os.copy_file_range``) when the block asked for is a run of
+    whole rows covered by chunks of whole rows whose archive layout is proven (``plan_rows``);
+    anything else goes through DCP's own reader (``_load``), which materialises each saved chunk it reads.
+    """
+
+    __slots__ = ("fqn", "shape", "dtype", "_load", "chunks")
+
+    def __init__(self, fqn: str, shape: tuple[int, ...], dtype: "torch.dtype", load, chunks=()):
+        self.fqn, self.shape, self.dtype, self._load, self.chunks = fqn, shape, dtype, load, list(chunks)
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for s in self.shape:
+            n *= s
+        return n
+
+    def _plan(self, shape: tuple, offset: tuple):
+        return plan_rows(self.chunks, self.dtype, tuple(self.shape), tuple(shape), tuple(offset))
+
+    def read(self, out: "torch.Tensor | None" = None) -> "torch.Tensor":
+        import torch
+
+        t = torch.empty(self.shape, dtype=self.dtype) if out is None or not out.is_contiguous() else out
+        self._fill(t, tuple(self.shape), (0,) * len(self.shape), whole=True)
+        if out is not None and out is not t:
+            out.copy_(t)
+            return out
+        return t
+
+    def read_block(self, dst: "torch.Tensor", shape: tuple, offset: tuple) -> None:
+        """Fill ``dst`` (CPU, contiguous) with the block at ``offset`` of ``shape`` (one FSDP rank's shard):
+        only the saved chunks that overlap it are read (a DCP saved by N ranks: about 1/N of the tensor), by
+        their byte ranges when the block and chunks are whole rows, else through DCP's reader."""
+        self._fill(dst, tuple(shape), tuple(offset), whole=False)
+
+    def _fill(self, dst: "torch.Tensor", shape: tuple, offset: tuple, *, whole: bool) -> None:
+        pieces = self._plan(shape, offset) if dst.is_cpu and dst.is_contiguous() else None
+        if pieces is None:
+            self._load(self.fqn, dst, None if whole else (offset, shape))
+            return
+        flat = dst.view(-1) if dst.dim() else dst.view(1)
+        row = flat.numel() // max(shape[0], 1) if shape else 1
+        by_file: dict[Path, list] = {}
+        for path, start, n, a, b in pieces:
+            if n:
+                by_file.setdefault(path, []).append((TensorSlice(path, start, n, "", ()), flat[a * row:b * row]))
+        for path, items in by_file.items():
+            read_slices(path, items)
+
+    def identity(self) -> object:
+        return id(self)
+
+    def write_to(self, f) -> None:
+        """Append the tensor's bytes to ``f``: chunk by chunk file to file when the layout is proven (no copy
+        in memory), else the tensor read through DCP's reader."""
+        pieces = self._plan(tuple(self.shape), (0,) * len(self.shape))
+        if pieces is None:
+            f.write(byte_view(self.read()))
+            return
+        f.flush()
+        for path, start, n, _, _ in pieces:
+            if n:
+                with open(path, "rb", buffering=0) as src:
+                    copy_range(src.fileno(), f, start, n, path)
+
+
+def _dcp_region_planner(fqn: str, offset: tuple[int, ...], shape: tuple[int, ...]):
+    """A DCP load planner whose only target is the block ``offset``/``shape`` of ``fqn`` (the state dict holds
+    a tensor of that block's shape): DCP's resharding (``create_read_items_for_chunk_list``) then asks the
+    reader only for the saved chunks that overlap the block."""
+    import torch
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.planner import LoadPlan
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    class RegionPlanner(DefaultLoadPlanner):
+        def create_local_plan(self) -> LoadPlan:
+            chunk = ChunkStorageMetadata(offsets=torch.Size(offset), sizes=torch.Size(shape))
+            return LoadPlan(create_read_items_for_chunk_list(fqn, self.metadata.state_dict_metadata[fqn], [chunk]))
+
+        def lookup_tensor(self, index):  # the target is the block itself (read items index it by block offset)
+            return self.state_dict[index.fqn]
+
+    return RegionPlanner()

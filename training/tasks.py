@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from data import DataInfo
+    from .data import DataInfo
 
 __all__ = ["Metric", "Accuracy", "SegmentationMetrics", "classification_loss", "dice_loss",
            "segmentation_loss", "Task", "build_task"]
@@ -187,7 +187,7 @@ def build_task(info: DataInfo) -> Task:
     """The task for a dataset, from its :class:`datasets.DataInfo`.
 
     Example:
-        >>> from data import build_datasets
+        >>> from training.data import build_datasets
         >>> task = build_task(build_datasets("shapes:20")[2])
         >>> task.primary, sorted(task.make_metric().compute(torch.zeros(12)))
         ('dice', ['dice', 'miou'])

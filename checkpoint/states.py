@@ -25,9 +25,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
-from ._safetensors_io import CODE_OF_NAME, InMemory, dtype_name, read_header, read_slices, write_file
 from .errors import CheckpointError
-from .formats import SAFE_GLOBALS
+from .safetensors_io import CODE_OF_NAME, InMemory, dtype_name, read_header, read_slices, write_file
+from .torchfiles import SAFE_GLOBALS
 
 if TYPE_CHECKING:
     import torch
@@ -36,6 +36,7 @@ STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
 STATE_PICKLE = "state.pth"  # older entries, and states the two files above cannot hold
 STATE_FORMAT = 1
+EMA_COMPONENT = "ema"  # the component name of an EMA of the weights (``AveragedModel``): ``load(..., ema=True)``
 
 _TENSOR, _TUPLE, _DICT, _FLOAT = "__tensor__", "__tuple__", "__dict__", "__float__"
 _ODICT = "__odict__"  # {"__odict__": [[key, value], ...], "__metadata__": ...}: an OrderedDict, in order
@@ -177,9 +178,7 @@ def state_files(states: dict[str, Any]) -> dict[str, Callable[[BinaryIO], Any]]:
 def _torch_save(states: dict[str, Any], f: BinaryIO) -> None:
     import torch
 
-    from .manager import _to_cpu  # only the writer copies to CPU, and only here
-
-    torch.save(_to_cpu(states), _CopyingWriter(f))
+    torch.save(to_cpu(states), _CopyingWriter(f))  # only the writer copies to CPU, and only here
 
 
 class _CopyingWriter:
@@ -216,3 +215,48 @@ def read_states(entry: Path) -> dict[str, Any] | None:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(entry / STATE_PICKLE, map_location="cpu", weights_only=True)
     return None
+
+
+def to_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor in it detached and on the CPU (dicts, lists and tuples walked)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def component_tensors(entry: Path, component: str) -> dict[str, Any] | None:
+    """The tensors of one component of ``entry`` whose state is a flat mapping of tensors (an EMA's
+    ``AveragedModel.state_dict()``), by key, as sources read on demand: slices of ``state.safetensors`` (the
+    optimizer's tensors beside them are not read). None when the entry has no such component; an entry in
+    the older ``state.pth`` layout is loaded whole (``weights_only``) and the component taken from it."""
+    if (entry / STATE_JSON).is_file():
+        try:
+            doc = json.loads((entry / STATE_JSON).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{entry / STATE_JSON}: unreadable JSON ({e}); the entry is damaged, use an "
+                                  "earlier checkpoint") from None
+        node = (doc.get("states") or {}).get(component) if isinstance(doc, dict) else None
+        if node is None:
+            return None
+        items = node.get(_ODICT) if isinstance(node, dict) and _ODICT in node else \
+            list(node.items()) if isinstance(node, dict) else None
+        slices = read_header(entry / STATE_TENSORS)[0] if (entry / STATE_TENSORS).is_file() else {}
+        out: dict[str, Any] = {}
+        for key, value in items or []:
+            name = value.get(_TENSOR) if isinstance(value, dict) and len(value) == 1 else None
+            if not isinstance(key, str) or name is None or name not in slices:
+                raise CheckpointError(f"{entry}: its {component!r} state is not a mapping of tensors "
+                                      f"(entry {key!r}); it cannot be read as model weights")
+            out[key] = slices[name]
+        return out
+    states = read_states(entry)
+    state = states.get(component) if isinstance(states, dict) else None
+    if state is None:
+        return None
+    return {k: InMemory(v) for k, v in state.items()}

@@ -1,10 +1,14 @@
 """Unwrap live models by structure: DataParallel, DistributedDataParallel, torch.compile, in any nesting.
-FSDP2 (``fully_shard``) keeps the module itself (class-swapped to an FSDPModule): unwrap returns it as is."""
+FSDP2 (``fully_shard``) keeps the module itself (class-swapped to an FSDPModule): unwrap returns it as is.
+
+torch is imported when a model is unwrapped (a caller holding a model has imported it already)."""
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def _compiled_type():
@@ -18,6 +22,8 @@ def _compiled_type():
 
 def _peel(model: nn.Module) -> tuple[nn.Module, list[str]]:
     """The bare module inside ``model`` and the names of the wrappers around it, outermost first."""
+    from torch import nn
+
     names: list[str] = []
     compiled = _compiled_type()
     while True:
@@ -44,6 +50,8 @@ def unwrap(model: nn.Module) -> nn.Module:
         >>> unwrap(torch.nn.DataParallel(net)) is net
         True
     """
+    from torch import nn
+
     if not isinstance(model, nn.Module):
         raise TypeError(f"unwrap expects an nn.Module, got {type(model).__name__}")
     return _peel(model)[0]

@@ -30,8 +30,10 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable
 
-from ._safetensors_io import InMemory, TensorSource
+from .canonical import canonical_state, dedupe
 from .errors import CheckpointError
+from .safetensors_io import InMemory, TensorSource
+from .storage import inline_hashing
 
 if TYPE_CHECKING:
     import torch
@@ -262,8 +264,6 @@ class ModelPlan:
         return self.entries
 
     def _build(self, model: nn.Module, sd: dict[str, torch.Tensor], pool: BufferPool) -> None:
-        from ._save import canonical_state, dedupe
-
         canonical, info = canonical_state(model, to_cpu=False)
         unique, aliases = dedupe(canonical)
         pool.start()
@@ -309,8 +309,6 @@ class BackgroundWriter:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anytopo-ckpt")
 
         def run() -> None:
-            from ._save import inline_hashing
-
             self._thread = threading.current_thread()
             if later is not None:
                 later.run()

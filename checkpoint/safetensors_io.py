@@ -23,9 +23,10 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Iterable, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Iterable, Protocol
 
 from .errors import CheckpointError
+from .storage import libc_function
 
 if TYPE_CHECKING:
     import torch
@@ -121,7 +122,7 @@ class TensorSlice:
             copy_range(src.fileno(), f, self.offset, self.nbytes, self.path)
 
 
-def _byte_view(t: "torch.Tensor") -> memoryview:
+def byte_view(t: "torch.Tensor") -> memoryview:
     """A flat byte view of a CPU contiguous tensor's memory, no copy (the caller keeps ``t`` alive)."""
     n = t.numel() * t.element_size()
     if n == 0:
@@ -146,7 +147,7 @@ def read_slices(path: Path, items: "list[tuple[TensorSlice, torch.Tensor]]") -> 
             views: list[memoryview] = []
             while (i < len(items) and items[i][0].offset == end and len(views) < _IOV_MAX
                    and end - start < _MAX_RUN):
-                views.append(_byte_view(items[i][1]))
+                views.append(byte_view(items[i][1]))
                 end += items[i][0].nbytes
                 i += 1
             done = os.preadv(fd, views, start)
@@ -332,7 +333,7 @@ class InMemory:
 
     def write_to(self, f: BinaryIO) -> None:
         t = self.tensor
-        f.write(_byte_view(t if t.is_contiguous() else t.contiguous()))
+        f.write(byte_view(t if t.is_contiguous() else t.contiguous()))
 
 
 _COPY_CHUNK = 8 << 20
@@ -367,19 +368,8 @@ def copy_range(src_fd: int, f: BinaryIO, offset: int, n: int, path: Path) -> Non
         n -= len(piece)
 
 
-def libc_function(name: str, argtypes: list) -> Any:
-    """A libc call through ctypes (int result), or None where this platform has no such call."""
-    try:
-        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
-    except (AttributeError, OSError, TypeError):  # TypeError: Windows' ctypes cannot open "no name"
-        return None
-    fn.argtypes = argtypes
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_sync_file_range = libc_function("sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])
-_SYNC_FILE_RANGE_WRITE = 2  # start writeback of the range's dirty pages; do not wait for it
+sync_file_range = libc_function("sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])
+SYNC_FILE_RANGE_WRITE = 2  # start writeback of the range's dirty pages; do not wait for it
 WRITEBACK_CHUNK = 32 << 20
 
 
@@ -400,7 +390,7 @@ class EarlyWriteback:
         self.f = f
         self.start = self.pos = pos
         try:
-            self.fd = f.fileno() if _sync_file_range is not None else -1
+            self.fd = f.fileno() if sync_file_range is not None else -1
         except (AttributeError, OSError, ValueError):  # BytesIO and friends
             self.fd = -1
 
@@ -408,7 +398,7 @@ class EarlyWriteback:
         self.pos += n
         if self.fd >= 0 and self.pos - self.start >= WRITEBACK_CHUNK:
             self.f.flush()
-            if _sync_file_range(self.fd, self.start, self.pos - self.start, _SYNC_FILE_RANGE_WRITE) != 0:
+            if sync_file_range(self.fd, self.start, self.pos - self.start, SYNC_FILE_RANGE_WRITE) != 0:
                 self.fd = -1  # EINVAL/ESPIPE etc.: not a regular file on a filesystem that supports it
             self.start = self.pos
 
@@ -429,17 +419,3 @@ def write_file(f: BinaryIO, entries: list[tuple[str, TensorSource]], metadata: d
             e.write_to(f)
             wb.advance(n)
     return len(header) + sum(sizes)
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename inside it is durable (no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

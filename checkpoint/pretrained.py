@@ -11,7 +11,8 @@ from pathlib import Path
 
 from torch import nn
 
-from ._load import LoadReport, load
+from .loading import load
+from .plan import LoadReport
 from .errors import CheckpointError, and_more
 
 _MAX_KEYS = 10
