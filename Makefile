@@ -22,7 +22,7 @@ demo: install
 test: install
 	$(PY) -m pytest
 
-# The long runs kept out of `make test` (README, "Tests"): minutes on 2 cores.
+# The long fault, cluster and trajectory runs kept out of `make test` (README, "Setup"); .ci/run runs both.
 test-slow: install
 	$(PY) -m pytest -m slow
 

@@ -81,12 +81,12 @@ def local_part(full: "torch.Tensor", local_shape: tuple[int, ...], offset: tuple
     return view
 
 
-def describe_layout(model: "nn.Module") -> str | None:
+def describe_layout(model: "nn.Module", sd: Mapping[str, Any] | None = None) -> str | None:
     """'fsdp x3: 12 tensors sharded on dim 0 (8 uneven), 4 replicated' for a model holding DTensors."""
-    sd = model.state_dict(keep_vars=True)
     dt = dtensor_type()
-    if dt is None:
+    if dt is None:  # torch.distributed.tensor never imported: no DTensor can exist (spares a state_dict walk)
         return None
+    sd = model.state_dict(keep_vars=True) if sd is None else sd  # the caller's walk, when it has one
     sharded = [v for v in sd.values() if isinstance(v, dt)]
     if not sharded:
         return None

@@ -62,11 +62,12 @@ def load(path: str | Path, model: nn.Module, *, strict: bool = True, device: str
         raise strict_error(report, type(target).__name__)
     report.checks.append(f"keys: {len(plan)}/{len(tsd)} model tensors matched"
                          + (" (strict)" if strict else " (non-strict)"))
-    report.layout = describe_layout(target)
+    report.layout = describe_layout(target, tsd)
     direct: dict[Path, list[tuple[TensorSlice, torch.Tensor]]] = {}
+    sharded = report.layout is not None
     with torch.no_grad():
         for dst, s, same_dtype in plan:
-            layout = shard_layout(dst) if report.layout else None
+            layout = shard_layout(dst) if sharded else None
             if layout is not None:  # a DTensor: fill only this rank's shard
                 _load_shard(dst.to_local(), s, same_dtype, layout, direct)
                 continue

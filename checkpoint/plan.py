@@ -123,7 +123,7 @@ def plan_load(src: Source, target: dict[str, Any], report: LoadReport, *,
     pairs = []
     for tkey, skey in km.mapping.items():  # ~1000 entries for big models: keep the loop lean
         s, d = src.tensors[skey], target[tkey]
-        if tuple(d.shape) != tuple(s.shape):
+        if d.shape != s.shape:  # torch.Size is a tuple: compares with a source's tuple directly
             report.shape_mismatches.append((tkey, list(s.shape), list(d.shape)))
             continue
         same_dtype = s.dtype == d.dtype

@@ -21,9 +21,10 @@ import json
 import math
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Iterable, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Iterable, Iterator, Protocol
 
 from .errors import CheckpointError
 from .storage import libc_function
@@ -58,6 +59,7 @@ def torch_dtypes() -> dict[str, "torch.dtype"]:
 
 
 _DTYPE_NAMES: dict = {}
+_DTYPES: dict = {}  # torch_dtypes(), filled on the first TensorSlice.dtype (every load asks ~1000 times)
 
 
 def dtype_name(dtype: "torch.dtype") -> str:
@@ -89,7 +91,7 @@ class TensorSlice:
 
     @property
     def dtype(self) -> "torch.dtype":
-        dtype = torch_dtypes().get(self.code)
+        dtype = (_DTYPES or _DTYPES.update(torch_dtypes()) or _DTYPES).get(self.code)  # a dict lookup once warm
         if dtype is None:
             import torch
 
@@ -135,35 +137,121 @@ def byte_view(t: "torch.Tensor") -> memoryview:
 def read_slices(path: Path, items: "list[tuple[TensorSlice, torch.Tensor]]") -> None:
     """Read many slices of one file straight into their destination tensors (CPU, contiguous, right dtype).
 
-    One open; slices in file order; each run of adjacent slices is filled by one ``os.preadv`` into the
-    destinations' memory, so loading costs about one page-cache copy, like a raw read of the file.
+    One open; slices in file order, cut into runs of adjacent bytes (at most ``READ_CHUNK`` bytes and
+    ``_IOV_MAX`` buffers each), each run filled by one ``os.preadv`` into the destinations' memory: about one
+    page-cache copy, like a raw read of the file. A read of more than ``PARALLEL_MIN`` bytes of a file that is
+    in the page cache is read by ``READ_THREADS`` threads, this one and helpers, each taking every
+    ``READ_THREADS``-th run (``preadv`` releases the GIL): the kernel's copies proceed in parallel. A file that is not in the
+    cache is read in order by one thread: the kernel's readahead then streams it from the disk, where reads
+    from several threads at several offsets defeat it (measured: ~1.6x slower, docs/performance.md).
     """
     items = sorted((it for it in items if it[0].nbytes), key=lambda it: it[0].offset)
+    if not items:
+        return
+    total = sum(it[0].nbytes for it in items)
     fd = os.open(path, os.O_RDONLY)
     try:
-        i = 0
-        while i < len(items):
-            start = end = items[i][0].offset
-            views: list[memoryview] = []
-            while (i < len(items) and items[i][0].offset == end and len(views) < _IOV_MAX
-                   and end - start < _MAX_RUN):
-                views.append(byte_view(items[i][1]))
-                end += items[i][0].nbytes
-                i += 1
-            done = os.preadv(fd, views, start)
-            if done < end - start:  # short read (rare: signals, runs over ~2 GiB): finish buffer by buffer
-                offset = start
-                for v in views:
-                    pos = min(max(done - (offset - start), 0), len(v))
-                    while pos < len(v):
-                        n = os.preadv(fd, [v[pos:]], offset + pos)
-                        if n == 0:
-                            raise CheckpointError(f"{path}: file ended early (truncated?); re-copy it or use an "
-                                                  "earlier checkpoint")
-                        pos += n
-                    offset += len(v)
+        end = items[-1][0].offset + items[-1][0].nbytes
+        if total < PARALLEL_MIN or READ_THREADS < 2 or not _in_page_cache(fd, items[0][0].offset, end):
+            for start, pieces in _runs(items, _MAX_RUN):
+                _read_run(fd, start, pieces, path)
+            return
+        runs = list(_runs(items, READ_CHUNK))
+        lanes = [runs[i::READ_THREADS] for i in range(READ_THREADS)]  # lane 0: this thread's own
+        futures = [_reader_pool().submit(_read_lane, fd, lane, path) for lane in lanes[1:] if lane]
+        error: BaseException | None = None
+        try:
+            _read_lane(fd, lanes[0], path)
+        except BaseException as e:  # noqa: BLE001 -- raised below, once the other lanes have stopped
+            error = e
+        errors = [f.exception() for f in futures]  # every lane ends before the descriptor closes
+        first = error or next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise first
     finally:
         os.close(fd)
+
+
+READ_CHUNK = 16 << 20  # bytes per preadv of a parallel read
+PARALLEL_MIN = 64 << 20  # below this a thread pool costs more than it saves
+READ_THREADS = max(1, min(4, os.cpu_count() or 1))  # this thread and READ_THREADS - 1 helpers
+_POOL: list[ThreadPoolExecutor] = []
+
+
+def _reader_pool() -> ThreadPoolExecutor:
+    """The process's helper reader threads, started on the first parallel read and kept (idle threads cost
+    nothing; starting them at every load cost more than the overhead the target allows)."""
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(max(1, READ_THREADS - 1), thread_name_prefix="anytopo-read"))
+    return _POOL[0]
+
+
+def _read_lane(fd: int, runs: list, path: Path) -> None:
+    for start, pieces in runs:
+        _read_run(fd, start, pieces, path)
+
+
+def _in_page_cache(fd: int, start: int, end: int) -> bool:
+    """Whether the byte range ``start:end`` of ``fd`` looks cached: a page at its start, middle and end each
+    read without waiting for the disk (``RWF_NOWAIT``; a cold page answers EAGAIN). False where the flag is
+    unavailable."""
+    flag = getattr(os, "RWF_NOWAIT", None)
+    if flag is None or end <= start:
+        return False
+    probe = bytearray(4096)
+    for offset in (start, (start + end) // 2, max(start, end - len(probe))):
+        try:
+            if os.preadv(fd, [probe], offset, flag) <= 0:
+                return False
+        except OSError:  # BlockingIOError (not cached), or a filesystem that refuses the flag
+            return False
+    return True
+
+
+def _runs(items: "list[tuple[TensorSlice, torch.Tensor]]", chunk: int) -> "Iterator[tuple[int, list[tuple]]]":
+    """(file offset, pieces) of each run of adjacent bytes: at most ``chunk`` bytes and ``_IOV_MAX`` pieces, a
+    piece being (destination tensor, byte offset in it, length): a destination larger than ``chunk`` is cut
+    into several. The buffers themselves are made where the run is read (``_read_run``, possibly a reader
+    thread), so building them overlaps the other runs' copies."""
+    start = end = -1
+    pieces: list[tuple] = []
+    size = 0
+    for s, t in items:
+        n, offset = s.nbytes, s.offset
+        for a in range(0, n, chunk):
+            length = min(chunk, n - a)
+            if pieces and (offset + a != end or len(pieces) >= _IOV_MAX or size + length > chunk):
+                yield start, pieces
+                pieces, size = [], 0
+            if not pieces:
+                start = end = offset + a
+            pieces.append((t, a, length))
+            end += length
+            size += length
+    if pieces:
+        yield start, pieces
+
+
+def _read_run(fd: int, start: int, pieces: list[tuple], path: Path) -> None:
+    """Fill ``pieces`` (destination tensor, byte offset in it, length) from ``fd`` at ``start``: one
+    ``preadv``, then buffer by buffer if it came back short (rare: signals, runs over ~2 GiB)."""
+    views, want = [], 0
+    for t, a, n in pieces:
+        v = byte_view(t)
+        views.append(v if a == 0 and n == len(v) else v[a:a + n])
+        want += n
+    done = os.preadv(fd, views, start)
+    if done >= want:
+        return
+    offset = start
+    for v in views:
+        pos = min(max(done - (offset - start), 0), len(v))
+        while pos < len(v):
+            n = os.preadv(fd, [v[pos:]], offset + pos)
+            if n == 0:
+                raise CheckpointError(f"{path}: file ended early (truncated?); re-copy it or use an earlier checkpoint")
+            pos += n
+        offset += len(v)
 
 
 def _safetensors_verdict(path: Path) -> str | None:

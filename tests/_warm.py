@@ -59,6 +59,8 @@ def serve() -> None:
                     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past it fails with EFBIG instead
                 sys.argv = [TRAIN, *req["args"]]
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
+                if req.get("preamble"):  # the test's own patches (e.g. a spy on the checkpoint manager)
+                    exec(compile(req["preamble"], "<preamble>", "exec"), {"__name__": "__preamble__"})
                 launcher.run_main(training.cli)
             except SystemExit as e:  # run_main's sys.exit: end as the interpreter would, then leave the fork
                 launcher.exit_process(e.code, skip_finalization=True)
@@ -105,10 +107,15 @@ class _Server:
 
 
 def train_py(args: list[str], *, env: dict[str, str], timeout: float = 240, cwd: str | Path = REPO,
-             fsize: int | None = None) -> subprocess.CompletedProcess:
+             fsize: int | None = None, preamble: str | None = None) -> subprocess.CompletedProcess:
     """``scripts/train.py *args`` in a fresh process forked from the warm server (see the module docstring);
-    ``fsize``: the run's file-size limit in bytes (RLIMIT_FSIZE, SIGXFSZ ignored: writes past it fail)."""
+    ``fsize``: the run's file-size limit in bytes (RLIMIT_FSIZE, SIGXFSZ ignored: writes past it fail);
+    ``preamble``: Python code the process runs first (a test's patches)."""
     args = [str(a) for a in args]
+    if ALL_REAL and preamble:
+        code = f"{preamble}\nimport runpy, sys\nsys.argv = [{TRAIN!r}] + sys.argv[1:]\nrunpy.run_path({TRAIN!r}, run_name='__main__')"
+        return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=timeout)
     if ALL_REAL:
         def limit() -> None:
             if fsize is not None:
@@ -122,7 +129,7 @@ def train_py(args: list[str], *, env: dict[str, str], timeout: float = 240, cwd:
     with tempfile.TemporaryDirectory(prefix="anytopo-warm-") as tmp:
         out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
         req = {"args": args, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err), "timeout": timeout,
-               "fsize": fsize}
+               "fsize": fsize, "preamble": preamble}
         reply = _Server.request(req, env, timeout)
         stdout, stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
     if reply["timed_out"]:

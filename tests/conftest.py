@@ -28,10 +28,11 @@ def bin_dir() -> Path:
 
 
 def train_py(args: list, *, timeout: float = 240, fsize: int | None = None, cwd: Path = REPO,
-             **env: str) -> subprocess.CompletedProcess:
+             preamble: str | None = None, **env: str) -> subprocess.CompletedProcess:
     """``python scripts/train.py *args`` with ``child_env(**env)``, run by a process forked from a warm
     interpreter (tests/_warm.py: the same code path, without ~2.6 s of imports per run);
-    ``ANYTOPO_TEST_REAL_TRAIN=1`` runs a fresh interpreter each time. ``fsize``: a file-size limit in bytes."""
+    ``ANYTOPO_TEST_REAL_TRAIN=1`` runs a fresh interpreter each time. ``fsize``: a file-size limit in bytes;
+    ``preamble``: code the run executes first (a test's patches)."""
     from _warm import train_py as run
 
-    return run(list(args), env=child_env(**env), timeout=timeout, cwd=cwd, fsize=fsize)
+    return run(list(args), env=child_env(**env), timeout=timeout, cwd=cwd, fsize=fsize, preamble=preamble)

@@ -456,8 +456,7 @@ def _losses(out: Path) -> dict[int, float]:
 def _train_recording(args: list[str], record: Path) -> subprocess.CompletedProcess:
     """train.py in a child that appends one line to ``record`` per save: 'background' for a save that went
     through the asynchronous path (snapshot, background write), 'sync' for one written before returning."""
-    script = textwrap.dedent(f"""
-        import runpy, sys
+    preamble = textwrap.dedent(f"""
         from checkpoint import CheckpointManager
         real_bg, real_sync = CheckpointManager._save_in_background, CheckpointManager._write_entry
         def log(kind):
@@ -470,11 +469,8 @@ def _train_recording(args: list[str], record: Path) -> subprocess.CompletedProce
             log("sync")
             return real_sync(self, *a, **k)
         CheckpointManager._save_in_background, CheckpointManager._write_entry = bg, sync
-        sys.argv = [{TRAIN!r}] + sys.argv[1:]
-        runpy.run_path({TRAIN!r}, run_name="__main__")
     """)
-    return subprocess.run([sys.executable, "-c", script] + MLP + args, cwd=REPO, env=child_env(), capture_output=True,
-                          text=True, timeout=240)
+    return train_py(MLP + args, preamble=preamble)
 
 
 @pytest.mark.timeout(300)

@@ -316,6 +316,7 @@ def _mlp() -> nn.Module:
 
 # --------------------------------------------------------------------------------- bench subset
 
+@pytest.mark.slow  # a long fault/cluster run (~21 s on 2 cores): `make test-slow`, which .ci/run runs after `make test`
 @pytest.mark.timeout(300)
 def test_faults_save_quick_kills_and_disk_full():
     """bench/faults_save.py --quick: 10 SIGKILLs at random points of a ResNet-18 save, 2+2 disk-full trials."""

@@ -176,7 +176,7 @@ COUNTS_RDZV_CONF = ("join_timeout=60,last_call_timeout=3,close_timeout=10,keep_a
 @pytest.mark.multiproc
 @pytest.mark.timeout(200)
 @pytest.mark.parametrize("share_store", [
-    True,
+    pytest.param(True, marks=pytest.mark.slow),  # ~13 s: `make test-slow` (.ci/run runs it too)
     # one clean-clone CI run saw node b's agent raise torch's RendezvousTimeoutError in the second round
     # (before any anytopo code ran in it) with these short rendezvous timeouts: `make test-slow`
     pytest.param(False, marks=pytest.mark.slow)], ids=["agent-store", "store-per-round"])
@@ -212,6 +212,7 @@ def test_nodes_whose_agents_counted_restarts_differently_form_one_group(tmp_path
 
 
 @pytest.mark.multiproc
+@pytest.mark.slow  # a long fault/cluster run (~22 s on 2 cores): `make test-slow`, which .ci/run runs after `make test`
 @pytest.mark.timeout(300)
 def test_torchrun_restart_onto_a_smaller_world_resumes_at_the_same_sample(tmp_path):
     """Two agents (--nnodes=1:2), one SIGKILLed with its worker after the first checkpoint: the other
@@ -240,6 +241,7 @@ def test_resume_with_dropout_continues_the_uninterrupted_run_exactly(tmp_path):
 
 
 @pytest.mark.multiproc
+@pytest.mark.slow  # a long fault/cluster run (~37 s on 2 cores): `make test-slow`, which .ci/run runs after `make test`
 @pytest.mark.timeout(600)
 def test_torchrun_restart_and_sigterm_trials(tmp_path):
     """bench/faults.py --quick: a SIGKILLed worker is restarted by torchrun and the run ends with the

@@ -209,6 +209,7 @@ def torchrun(nproc: int, args: list[str], timeout: int = 300, **env: str) -> sub
 
 
 @pytest.mark.multiproc
+@pytest.mark.slow  # three compiled launches (~18 s on 2 cores): `make test-slow`; make test keeps the single-process compile
 @pytest.mark.timeout(500)
 def test_compile_under_ddp_and_fsdp_trains_like_eager_and_saves_canonical_keys(tmp_path):
     """--compile with --strategy ddp and fsdp at world 2: the losses are the eager ddp run's within 1e-4 relative,

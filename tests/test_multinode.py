@@ -195,6 +195,7 @@ def test_two_nodes_static_and_c10d_equal_one_process(hosts, one_process, tmp_pat
         _same_metrics(_summary(out), one_process)
 
 
+@pytest.mark.slow  # a long fault/cluster run (~17 s on 2 cores): `make test-slow`, which .ci/run runs after `make test`
 def test_missing_node_is_reported_within_the_bound(hosts):
     a, b = hosts
     join = 8
@@ -326,6 +327,7 @@ def test_peer_of_a_rank_that_fails_in_gloo_connect_does_not_hang(hosts, tmp_path
     assert elapsed < timeout / 2, f"{elapsed:.0f}s"  # well before the timeout, let alone 5x it
 
 
+@pytest.mark.slow  # a long fault/cluster run (~15 s on 2 cores): `make test-slow`, which .ci/run runs after `make test`
 @pytest.mark.timeout(60)
 def test_peer_watch_waits_for_a_store_that_is_not_up_yet():
     """A rank that starts before the host of the rendezvous store (plain srun, hand-set env) keeps waiting:
