@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.anytopo-installed
 
-.PHONY: install demo test test-slow bench bench-quick gpu-check clean
+.PHONY: install demo test test-slow test-cluster slurm-deps slurm-cluster bench bench-quick gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,18 @@ test: install
 # The long fault, cluster and trajectory runs kept out of `make test` (README, "Setup"); .ci/run runs both.
 test-slow: install
 	$(PY) -m pytest -m slow
+
+# Against a real two-node Slurm cluster the tests start and stop (tests/_slurm.py); root, Debian's Slurm 22.05.
+test-cluster: install slurm-deps
+	$(PY) -m pytest -m cluster
+
+slurm-deps:
+	@command -v slurmctld >/dev/null && command -v munged >/dev/null || { \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge; }
+
+# A cluster to try things by hand: prints how to reach it, stays up until Ctrl-C.
+slurm-cluster: install slurm-deps
+	cd tests && PYTHONPATH=../bench ../$(PY) _slurm.py up
 
 # Performance ratios, measured side by side (minutes; not part of `make test`). Results: bench/results/.
 bench: install

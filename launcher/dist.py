@@ -34,6 +34,7 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
+from . import preflight, slurm
 from .env import LaunchEnv, read_env
 from .errors import LaunchError
 
@@ -139,7 +140,18 @@ def setup(strategy: str = "single", *, backend: str | None = None, timeout_s: fl
     device, backend = plan_device(env, strategy, backend, cuda_count=_visible_gpus(env))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    restart = restart_attempt()
+    if env.launcher == "slurm" and env.master_addr and not os.environ.get("MASTER_ADDR"):
+        # derived from the job (launcher.slurm): torch's env:// store reads the variables themselves
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = env.master_addr, str(env.master_port)
+    if env.launcher == "slurm" and env.num_nodes > 1 and not any(os.environ.get(v) for v in preflight.IFNAME_VARS):
+        # srun started the ranks (no torchrun, no anytopo-launch): gloo/NCCL would advertise the address of
+        # this host's name, which may resolve nowhere or to loopback; pin them to the route to rank 0
+        iface = preflight.route_interface(preflight.resolve(env.master_addr, env.master_port))
+        if iface:
+            for var in preflight.IFNAME_VARS:
+                os.environ[var] = iface
+    # a requeued Slurm job (SLURM_RESTART_COUNT) is a restart like torchrun's: it resumes its own latest entry
+    restart = max(restart_attempt(), slurm.restart_count(os.environ))
     if backend is not None:
         _Owned.rounds = 0
         _init_group(env, backend, device, resolve_timeout(timeout_s))

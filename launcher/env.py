@@ -8,8 +8,9 @@ processes train alone or collide. Sources, in order of precedence:
   ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``GROUP_RANK`` (node rank), ``GROUP_WORLD_SIZE`` (node count),
   ``MASTER_ADDR``/``MASTER_PORT``.
 * otherwise ``SLURM_NTASKS > 1``: ``srun`` tasks. ``SLURM_PROCID``, ``SLURM_LOCALID``, ``SLURM_NODEID`` and
-  ``SLURM_NTASKS_PER_NODE`` or ``SLURM_TASKS_PER_NODE`` (``"4(x2),3"``); the user exports ``MASTER_ADDR``
-  and ``MASTER_PORT``.
+  ``SLURM_NTASKS_PER_NODE`` or ``SLURM_TASKS_PER_NODE`` (``"4(x2),3"``); ``MASTER_ADDR``/``MASTER_PORT`` when
+  exported, else the step's first node and a port from the job id (:mod:`launcher.slurm`, which asks
+  ``scontrol``: the one thing here that is not pure parsing).
 * otherwise one process (launcher ``"none"``, or ``"accelerate"`` for ``accelerate launch`` of one process).
 
 The launcher is labelled ``"accelerate"`` whenever ``ACCELERATE_MIXED_PRECISION`` or ``ACCELERATE_USE_CPU``
@@ -23,6 +24,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from . import slurm
 from .errors import LaunchError
 
 LAUNCHERS = ("none", "torchrun", "accelerate", "slurm")
@@ -192,13 +194,16 @@ def _from_slurm(env: Mapping[str, str], use_cpu: bool) -> LaunchEnv:
             "SLURM_NTASKS > 1 but neither SLURM_NTASKS_PER_NODE nor SLURM_TASKS_PER_NODE is set: "
             "start the tasks with srun"
         )
-    if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+    if "MASTER_ADDR" in env and "MASTER_PORT" in env:
+        master_addr, master_port = env["MASTER_ADDR"], _int(env, "MASTER_PORT")
+    elif slurm.in_step(env):  # rank 0's node (by name, or by the NodeAddr Slurm reaches it at), a port per job
+        master_addr, master_port = slurm.master(env)
+    else:
         raise LaunchError(f"SLURM job of {world} tasks but MASTER_ADDR/MASTER_PORT are not set: {_SLURM_MASTER_FIX}")
     layout = _check_layout(rank, world, local_rank, lws, node_rank, num_nodes, nodes_uniform=uniform)
     return LaunchEnv(
         launcher="slurm", rank=rank, world_size=world, local_rank=local_rank, local_world_size=lws,
-        node_rank=node_rank, num_nodes=layout, master_addr=env["MASTER_ADDR"],
-        master_port=_int(env, "MASTER_PORT"), use_cpu=use_cpu,
+        node_rank=node_rank, num_nodes=layout, master_addr=master_addr, master_port=master_port, use_cpu=use_cpu,
     )
 
 

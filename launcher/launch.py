@@ -19,7 +19,7 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 
-from . import preflight
+from . import preflight, slurm
 from .errors import LaunchError
 
 ENGINES = ("torchrun", "accelerate")
@@ -36,13 +36,15 @@ def get_args_parser() -> argparse.ArgumentParser:
         prog="anytopo-launch", description="Plan, check and start a run on one node or N (torchrun/accelerate).",
         epilog="example, on each of 2 nodes: anytopo-launch --nnodes 2 --nproc-per-node 8 --node-rank R "
                "--master node01:29500 scripts/train.py --strategy ddp ...")
-    p.add_argument("--nnodes", default="1", metavar="N[:M]", help="nodes; a range N:M is elastic (c10d only)")
+    p.add_argument("--nnodes", default=None, metavar="N[:M]",
+                   help="nodes; a range N:M is elastic (c10d only). Default: 1, or under srun the step's nodes")
     p.add_argument("--nproc-per-node", default="auto", metavar="K|auto",
                    help="processes per node (auto: the visible GPUs, or 1 on CPU)")
     p.add_argument("--node-rank", type=int, default=None,
                    help="this node's rank under static rendezvous (default: $SLURM_NODEID); 0 is the master")
     p.add_argument("--master", default=None, metavar="HOST:PORT",
-                   help="rendezvous address on the master node (default: $MASTER_ADDR:$MASTER_PORT)")
+                   help="rendezvous address on the master node (default: $MASTER_ADDR:$MASTER_PORT, or under srun "
+                        "the step's first node, by name or by its Slurm NodeAddr, and a port from the job id)")
     p.add_argument("--rdzv", choices=RDZV, default="static",
                    help="static: fixed nodes, node rank 0 is rank 0; c10d: elastic, ranks in order of joining")
     p.add_argument("--rdzv-id", default=None, help="c10d run id, the same on every node (default: from the master)")
@@ -58,7 +60,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "round closes (torch's default 30 s); a node that comes later joins at the next restart")
     p.add_argument("--ifname", default=None, metavar="IFACE|auto",
                    help="pin gloo/NCCL to this interface (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME); auto: the "
-                        "interface that routes to the master")
+                        "interface that routes to the master (the default for several nodes under srun)")
     p.add_argument("--forward-signal", action="append", default=[], metavar="SIG",
                    help="also forward this signal from torchrun to the workers (e.g. SIGUSR1 for SLURM --signal)")
     p.add_argument("--dry-run", action="store_true", help="print every node's command and exit")
@@ -137,15 +139,24 @@ class LaunchConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace, env: dict[str, str] | os._Environ = os.environ, *,
                   gpus: int, need_master: bool = True) -> "LaunchConfig":
-        nmin, nmax = _parse_nnodes(args.nnodes)
+        in_step = slurm.in_step(env)  # a task of srun: the job says what the flags do not
+        nnodes = args.nnodes if args.nnodes is not None else str(slurm.num_nodes(env) or 1) if in_step else "1"
+        nmin, nmax = _parse_nnodes(nnodes)
         nproc = _parse_nproc(args.nproc_per_node, gpus)
         master = args.master
         if master is None and env.get("MASTER_ADDR") and env.get("MASTER_PORT"):
             master = f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
+        if master is None and nmax > 1 and in_step and need_master:
+            master = "{}:{}".format(*slurm.master(env))
         if master is None and nmax > 1 and need_master:
-            raise LaunchError(f"--nnodes {args.nnodes} needs the master's address: pass --master HOST:PORT (the "
+            raise LaunchError(f"--nnodes {nnodes} needs the master's address: pass --master HOST:PORT (the "
                               "same on every node; HOST is the node with --node-rank 0)")
         host, port = _parse_master(master) if master else ("127.0.0.1", DEFAULT_PORT)
+        if master and slurm.in_job(env) and nmax > 1 and need_master:
+            host = slurm.node_address(host, env)  # a node name that does not resolve: Slurm's NodeAddr for it
+        ifname = args.ifname
+        if ifname is None and in_step and nmax > 1 and not any(env.get(v) for v in preflight.IFNAME_VARS):
+            ifname = "auto"  # node names may resolve nowhere (or to loopback): pin gloo to the route to rank 0
         node_rank = args.node_rank
         if node_rank is None and args.rdzv == "static":
             if nmax > 1 and env.get("SLURM_NODEID", "").isdigit():
@@ -157,7 +168,7 @@ class LaunchConfig:
                    master_host=host, master_port=port, master_given=master is not None, rdzv=args.rdzv,
                    rdzv_id=args.rdzv_id, engine=args.engine, max_restarts=args.max_restarts,
                    join_timeout=args.join_timeout, node_loss_timeout=args.node_loss_timeout,
-                   last_call=args.last_call, ifname=args.ifname,
+                   last_call=args.last_call, ifname=ifname,
                    forward_signals=tuple(_signal_name(s) for s in args.forward_signal), gpus=gpus)
 
 
@@ -256,13 +267,19 @@ def plan(cfg: LaunchConfig) -> list[tuple[str, NodeCommand]]:
              node_command(cfg, r, ifname=ifname)) for r in range(cfg.nnodes_max)]
 
 
+SLURM_SIGNAL_LEAD_S = 120
+"""Seconds before the time limit at which Slurm signals the batch script (``--signal=B:USR1@120``)."""
+
+
 def slurm_script(cfg: LaunchConfig, *, launcher_cmd: str) -> str:
     """An sbatch script that starts this run on ``cfg.nnodes_max`` nodes: one srun task (one torchrun) each.
 
-    Rank 0 is the first host of the allocation (static rendezvous), the port comes from the job id (two jobs
-    sharing a node do not collide), SLURM sends SIGUSR1 two minutes before the time limit and torchrun forwards
-    it to the workers (train.py gets ``--preempt-signal SIGUSR1``: it checkpoints and exits 143), and ``--requeue`` puts a preempted job back in the queue, where ``--resume auto``
-    continues from the last checkpoint.
+    Each task runs this launcher with no address flags: under srun it reads its node, the master (the step's
+    first node, by name or by the ``NodeAddr`` Slurm knows it by) and a port from the job id, and pins gloo to
+    the route to the master. Preemption: Slurm signals the batch script (``--signal=B:USR1@N``; also ``scancel
+    --signal=USR1 --batch|--full``), which forwards it through srun to torchrun, which forwards it to the
+    workers (train.py gets ``--preempt-signal SIGUSR1``: it checkpoints at its next step and exits 143); the
+    script then requeues the job, and the rerun resumes from that checkpoint (``--resume auto``).
     """
     script_args = list(cfg.script_args)
     if os.path.basename(cfg.script) == "train.py":
@@ -270,9 +287,8 @@ def slurm_script(cfg: LaunchConfig, *, launcher_cmd: str) -> str:
             script_args += ["--resume", "auto"]  # a requeued job continues; a fresh one starts (nothing to resume)
         if "--preempt-signal" not in script_args:
             script_args += ["--preempt-signal", "SIGUSR1"]  # the --signal below: checkpoint, then exit 143
-    opts = [f"--nnodes {cfg.nnodes_max}", f"--nproc-per-node {cfg.nproc_per_node}", f"--rdzv {cfg.rdzv}",
-            f"--engine {cfg.engine}", f"--join-timeout {cfg.join_s}", f"--max-restarts {cfg.max_restarts}",
-            '--master "$MASTER_ADDR:$MASTER_PORT"', "--forward-signal SIGUSR1"]
+    opts = [f"--nproc-per-node {cfg.nproc_per_node}", f"--rdzv {cfg.rdzv}", f"--engine {cfg.engine}",
+            f"--join-timeout {cfg.join_s}", f"--max-restarts {cfg.max_restarts}", "--forward-signal SIGUSR1"]
     if cfg.ifname:
         opts.append(f"--ifname {shlex.quote(cfg.ifname)}")
     gres = [f"#SBATCH --gpus-per-node={cfg.nproc_per_node}"] if cfg.gpus else []
@@ -283,18 +299,32 @@ def slurm_script(cfg: LaunchConfig, *, launcher_cmd: str) -> str:
         f"#SBATCH --nodes={cfg.nnodes_max}",
         "#SBATCH --ntasks-per-node=1            # one torchrun agent per node; it starts the processes",
         *gres,
-        "#SBATCH --signal=USR1@120              # SIGUSR1 to every task 120 s before the time limit",
-        "#SBATCH --requeue                      # a preempted or signalled job goes back in the queue",
+        f"#SBATCH --signal=B:USR1@{SLURM_SIGNAL_LEAD_S}           # SIGUSR1 to this script {SLURM_SIGNAL_LEAD_S} s "
+        "before the time limit: B:USR1@SECONDS to change",
+        "#SBATCH --requeue                      # may go back in the queue (node failure, or requeued below)",
         "#SBATCH --open-mode=append",
         "#SBATCH --output=anytopo-%j.out",
-        "set -euo pipefail",
-        "# node rank 0 (and so global rank 0, which writes the checkpoints) is the first host of the allocation",
-        'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
-        "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 40000))",
-        "# checkpoints must be on a filesystem every node sees: rank 0 writes them, a restart may run elsewhere",
-        "# each task reads its node rank from $SLURM_NODEID; anytopo-launch checks the node, then execs torchrun",
+        "set -uo pipefail",
+        "# Each task runs anytopo-launch, which reads its node, the master (the job's first node, by name or by its",
+        "# Slurm NodeAddr) and a port from the job, checks the node, then execs torchrun. Rank 0 writes the",
+        "# checkpoints: --output-dir must be on a filesystem every node sees (a rerun may start elsewhere).",
+        "# Preemption: SIGUSR1 (the --signal above, or scancel --signal=USR1 --batch|--full JOB) goes through srun",
+        "# to torchrun and the workers; train.py checkpoints at its next step and exits 143; this script then",
+        "# requeues the job, and the rerun (SLURM_RESTART_COUNT=1, 2, ...) resumes from that checkpoint. Slurm",
+        "# checks the time limit every 30 s: the signal can come up to a minute before the lead time.",
+        "preempted=0",
+        'forward() { preempted=1; kill -USR1 "$step" 2>/dev/null; }',
+        "trap forward USR1",
         f"srun --kill-on-bad-exit=1 {launcher_cmd} {' '.join(opts)} \\",
-        f"    {train}",
+        f"    {train} &",
+        "step=$!",
+        'wait "$step"; rc=$?',
+        'while kill -0 "$step" 2>/dev/null; do wait "$step"; rc=$?; done  # a trapped signal ends wait early',
+        'if [ "$preempted" = 1 ] || [ "$rc" = 143 ]; then',
+        '    echo "anytopo: job $SLURM_JOB_ID preempted (run ${SLURM_RESTART_COUNT:-0}): requeueing it; the rerun resumes"',
+        '    scontrol requeue "$SLURM_JOB_ID" && exit 0',
+        "fi",
+        'exit "$rc"',
         "",
     ]
     return "\n".join(lines)

@@ -7,6 +7,8 @@
   the bare model before wrapping; under fsdp each unit's forward after sharding), wrap;
 - ``unwrap(model)``: the bare module (by structure: DataParallel, DDP, torch.compile; FSDP2 keeps the module);
 - ``no_sync(model)``: skip the gradient all-reduce of a micro-batch that is not the last (ddp);
+- ``settle(model, loss)``: before the first step, what makes a resumed run repeat the uninterrupted one (ddp:
+  its gradient buckets' final layout);
 - ``unsharded(model)``: keep an FSDP2 model's parameters gathered inside the block (evaluation);
 - ``sync_buffers(model)``: rank 0's buffers (BatchNorm statistics) on every rank;
 - ``topology()``: what a checkpoint records of it (strategy, world size, device type, launcher).
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager, nullcontext
-from typing import Any, ClassVar, ContextManager, Iterator
+from typing import Any, Callable, ClassVar, ContextManager, Iterator
 
 import torch
 import torch.distributed as dist
@@ -85,6 +87,11 @@ class Strategy:
         """Inside: forwards need no communication (fsdp gathers every unit once, up front)."""
         return nullcontext(model)
 
+    def settle(self, model: nn.Module, loss: Callable[[], torch.Tensor]) -> None:
+        """Whatever the wrapper must settle before the first step so that every run, fresh or resumed, takes
+        the same steps the same way (see :meth:`DDPStrategy.settle`); ``loss`` computes a loss of one batch.
+        Nothing to do here."""
+
     def sync_buffers(self, model: nn.Module) -> None:
         """Rank 0's buffers on every rank (see :func:`sync_buffers`)."""
         sync_buffers(model, self.info)
@@ -121,6 +128,26 @@ class DDPStrategy(Strategy):
 
     def no_sync(self, model: nn.Module) -> ContextManager[Any]:
         return model.no_sync() if isinstance(model, DistributedDataParallel) else nullcontext()
+
+    def settle(self, model: nn.Module, loss: Callable[[], torch.Tensor]) -> None:
+        """DDP lays out its gradient buckets twice: by reverse parameter order at construction, then (at the
+        second forward) in the order the first backward produced the gradients. Where a parameter sits in the
+        flat bucket decides the order in which the ranks' gradients are summed, which changes float rounding
+        from 3 ranks on. A run that starts training at step 0 and one that resumes at step K would then use
+        different layouts at the same step, and a resumed run would not repeat the uninterrupted one bit for
+        bit. So before the first step every run records that order with one pass of zero loss (eval mode: no
+        BatchNorm statistics move and no dropout draws from the random streams) and all-reduces zeros; the
+        first real step then already trains with the final layout. A collective."""
+        if not isinstance(model, DistributedDataParallel):
+            return
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.enable_grad():
+                (loss() * 0.0).backward()
+        finally:
+            model.zero_grad(set_to_none=True)
+            model.train(was_training)
 
 
 class FSDPStrategy(Strategy):

@@ -1,4 +1,6 @@
-"""``python -m launcher.torchrun ARGS`` is ``torchrun ARGS``, except that a rendezvous that fails ends in one line.
+"""``python -m launcher.torchrun ARGS`` is ``torchrun ARGS``, except that a rendezvous that fails ends in one line,
+and a signal the agent forwards (SIGTERM, SIGUSR1 for SLURM's --signal, ...) ends it with exit status 143 after
+the workers stopped, instead of a traceback.
 
 torchrun's own agent starts, watches and restarts the processes (this module calls
 ``torch.distributed.run.main``, the function behind the ``torchrun`` console script). Only the rendezvous
@@ -14,19 +16,30 @@ import sys
 import time
 
 from .errors import LaunchError
+from .preempt import PREEMPTED_EXIT_CODE
 
 _JOINED = re.compile(r"(\d+)/(\d+) clients joined")
 
 
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed import run
+    from torch.distributed.elastic.multiprocessing import SignalException
 
     argv = sys.argv[1:] if argv is None else argv
     args = run.parse_args(argv)
     handlers = _capture_handlers()
+    _one_shutdown_per_run()
     start = time.monotonic()
     try:
         run.main(argv)
+    except SignalException as e:
+        # torch's agent already sent the signal to the workers and waited for them (train.py checkpoints at its
+        # next step and exits 143); what is left to say fits one line, and the status tells a job script to
+        # requeue, or torchrun's caller to restart
+        print(f"anytopo-launch: {e.sigval.name} received: the workers were told and have stopped (train.py "
+              f"checkpoints first); exiting {PREEMPTED_EXIT_CODE} so the job can be requeued or restarted",
+              file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT_CODE
     except Exception as e:
         msg = explain(e, args, time.monotonic() - start, handlers)
         if msg is None:
@@ -34,6 +47,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {msg}", file=sys.stderr, flush=True)
         return LaunchError.exit_code
     return 0
+
+
+def _one_shutdown_per_run() -> None:
+    """torch's agent turns each handled signal into an exception that starts the workers' shutdown; a second
+    signal during that shutdown (SLURM's ``scancel --full`` signals the agent directly AND through the batch
+    script's srun; schedulers repeat SIGTERM) would interrupt the wait for the workers' checkpoint. So only the
+    first one raises; the repeats are already being acted on."""
+    import torch.distributed.elastic.multiprocessing.api as mp_api
+
+    real = mp_api._terminate_process_handler
+    seen: list[int] = []
+
+    def first_only(signum, frame):
+        if seen:
+            return
+        seen.append(signum)
+        real(signum, frame)
+
+    mp_api._terminate_process_handler = first_only
 
 
 def explain(e: BaseException, args, elapsed: float, handlers: list) -> str | None:

@@ -305,7 +305,7 @@ def test_wrap_ddp_world_of_one_and_sync_bn_is_a_noop():
 
 def test_wrap_sync_bn_on_cpu_world_of_two_uses_the_gloo_batchnorm():
     from launcher.syncbn import SyncBatchNorm
-    from launcher.wrap import _sync_batchnorm
+    from launcher.strategy import _sync_batchnorm
 
     net = bn_net()
     keys = list(net.state_dict())

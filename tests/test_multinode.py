@@ -119,18 +119,21 @@ def test_dry_run_prints_every_nodes_command(capsys):
 
 
 def test_slurm_prints_a_ready_sbatch_script(capsys):
+    """The script itself (tests/test_slurm.py runs it on a real cluster): one task per node, no address flags
+    (each task reads them from the job), the preemption signal to the batch script, forwarded and requeued."""
     assert launch.main(["--nnodes", "4", "--nproc-per-node", "8", "--slurm", TRAIN, "--strategy", "ddp"]) == 0
     script = capsys.readouterr().out
     lines = script.splitlines()
     assert lines[0] == "#!/bin/bash" and "#SBATCH --nodes=4" in lines and "#SBATCH --requeue" in script
     assert any(ln.startswith("#SBATCH --ntasks-per-node=1") for ln in lines)
-    assert any(ln.startswith("#SBATCH --signal=USR1@") for ln in lines)
-    assert 'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)' in lines
-    assert any(ln.startswith("export MASTER_PORT=$((") and "SLURM_JOB_ID" in ln for ln in lines)
+    assert any(ln.startswith("#SBATCH --signal=B:USR1@120") for ln in lines)
+    assert "trap forward USR1" in lines and 'forward() { preempted=1; kill -USR1 "$step" 2>/dev/null; }' in lines
+    assert '    scontrol requeue "$SLURM_JOB_ID" && exit 0' in lines
     srun = next(ln for ln in lines if ln.startswith("srun "))
-    assert "-m launcher --nnodes 4 --nproc-per-node 8 --rdzv static" in srun
-    assert '--master "$MASTER_ADDR:$MASTER_PORT" --forward-signal SIGUSR1' in srun
-    assert script.rstrip().endswith(f"{TRAIN} --strategy ddp --resume auto --preempt-signal SIGUSR1")
+    assert "-m launcher --nproc-per-node 8 --rdzv static" in srun and "--forward-signal SIGUSR1" in srun
+    assert "--master" not in srun and "--nnodes" not in srun  # from the job, on each node
+    assert next(ln for ln in lines if ln.lstrip().startswith(TRAIN)).endswith(
+        "--strategy ddp --resume auto --preempt-signal SIGUSR1 &")
     # bash accepts it
     assert subprocess.run(["bash", "-n"], input=script, text=True, timeout=10).returncode == 0
 

@@ -277,6 +277,13 @@ class Trainer:
         out = model(images, data.extra_feature(images)) if self.extra else model(images)
         return out if self.aux else (out, None)
 
+    def _settling_loss(self) -> torch.Tensor:
+        """The loss of one training sample (the first), for ``Strategy.settle``; draws nothing from the
+        sampler, so the data order is untouched."""
+        images, targets = self.train_ds[0]
+        b = self._to_device(images.unsqueeze(0), torch.as_tensor(targets).unsqueeze(0))
+        return self._loss(b)
+
     def _autocast(self):
         if self.amp_dtype is None:
             return nullcontext()
@@ -427,6 +434,7 @@ class Trainer:
     def fit(self) -> tuple[float | None, dict[str, float], Path | None]:
         cfg, info = self.cfg, self.info
         self.model.train()
+        self.strategy.settle(self.model, self._settling_loss)  # fresh or resumed, the same steps from here
         start = self.step
         if start >= self.total_steps:
             self.log.info("checkpoint is at step %d, the run has %d steps: nothing to train", start, self.total_steps)
