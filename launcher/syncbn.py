@@ -22,6 +22,9 @@ Example:
 """
 from __future__ import annotations
 
+import functools
+import sys
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -53,10 +56,18 @@ class _AllReduceSum(Function):
         return grad, None
 
 
-@torch.compiler.disable  # a collective inside a custom Function: run it eagerly under torch.compile
 def all_reduce_sum_differentiable(tensor: Tensor, group=None) -> Tensor:
-    """Sum ``tensor`` over the ranks of ``group`` (default: the world), differentiably."""
+    """Sum ``tensor`` over the ranks of ``group`` (default: the world), differentiably. Under torch.compile
+    (dynamo imported: it is by then) the collective runs eagerly, as ``torch.compiler.disable`` makes it."""
+    if "torch._dynamo" in sys.modules:
+        return _eager_all_reduce()(tensor, group)
     return _AllReduceSum.apply(tensor, group)
+
+
+@functools.cache
+def _eager_all_reduce():
+    # decorated on first use: torch.compiler.disable imports dynamo, ~1 s of every process's start otherwise
+    return torch.compiler.disable(lambda tensor, group: _AllReduceSum.apply(tensor, group))
 
 
 class SyncBatchNorm(_BatchNorm):

@@ -14,13 +14,23 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
-import torchvision
 from torch import nn
 
 from ._registry import check_bool, check_choice, check_int, example_generator, register_model
+
+if TYPE_CHECKING:
+    import torchvision
+
+
+def _torchvision_models():
+    """torchvision's model builders, imported when a ResNet is built: ``import torchvision`` imports its ops,
+    and through them torch._dynamo, ~0.8 s that a process training another model need not pay."""
+    import torchvision.models
+
+    return torchvision.models
 
 HEADS = ("linear", "mlp")
 MLP_HEAD_HIDDEN = 128
@@ -198,28 +208,28 @@ def _resnet_example_inputs(cfg: ResNetConfig, batch_size: int,
 @register_model("resnet18", config=ResNetConfig, example_inputs=_resnet_example_inputs)
 def resnet18(cfg: ResNetConfig) -> ResNet:
     """ResNet-18 (BasicBlock, [2, 2, 2, 2]) from ``torchvision.models.resnet18``, modified per ``cfg``."""
-    return _create_resnet(torchvision.models.resnet18, cfg)
+    return _create_resnet(_torchvision_models().resnet18, cfg)
 
 
 @register_model("resnet34", config=ResNetConfig, example_inputs=_resnet_example_inputs)
 def resnet34(cfg: ResNetConfig) -> ResNet:
     """ResNet-34 (BasicBlock, [3, 4, 6, 3]) from ``torchvision.models.resnet34``, modified per ``cfg``."""
-    return _create_resnet(torchvision.models.resnet34, cfg)
+    return _create_resnet(_torchvision_models().resnet34, cfg)
 
 
 @register_model("resnet50", config=ResNetConfig, example_inputs=_resnet_example_inputs)
 def resnet50(cfg: ResNetConfig) -> ResNet:
     """ResNet-50 (Bottleneck, [3, 4, 6, 3]) from ``torchvision.models.resnet50``, modified per ``cfg``."""
-    return _create_resnet(torchvision.models.resnet50, cfg)
+    return _create_resnet(_torchvision_models().resnet50, cfg)
 
 
 @register_model("resnet101", config=ResNetConfig, example_inputs=_resnet_example_inputs)
 def resnet101(cfg: ResNetConfig) -> ResNet:
     """ResNet-101 (Bottleneck, [3, 4, 23, 3]) from ``torchvision.models.resnet101``, modified per ``cfg``."""
-    return _create_resnet(torchvision.models.resnet101, cfg)
+    return _create_resnet(_torchvision_models().resnet101, cfg)
 
 
 @register_model("resnet152", config=ResNetConfig, example_inputs=_resnet_example_inputs)
 def resnet152(cfg: ResNetConfig) -> ResNet:
     """ResNet-152 (Bottleneck, [3, 8, 36, 3]) from ``torchvision.models.resnet152``, modified per ``cfg``."""
-    return _create_resnet(torchvision.models.resnet152, cfg)
+    return _create_resnet(_torchvision_models().resnet152, cfg)

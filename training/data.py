@@ -30,10 +30,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Subset, TensorDataset
-from torchvision import datasets as tv_datasets
-from torchvision import transforms as T
 
 from checkpoint.errors import and_more  # the project's one "a, b and N more" (message text only)
+
+# torchvision (transforms, ImageFolder) is imported by the folder readers that use it: importing it costs ~0.8 s
+# (its ops import torch._dynamo) that a run on digits, mnist5k or shapes need not pay at every start.
 
 __all__ = ["AUGMENTS", "Augmented", "DataInfo", "ShapesDataset", "SegmentationFolder", "Shape", "build_datasets",
            "extra_feature", "EXTRA_FEATURE"]
@@ -494,6 +495,9 @@ def _imagefolder_datasets(root: Path, *, seed: int, image_size: int | None, in_c
                           test_fraction: float,
                           num_samples: int | None) -> tuple[Dataset, Dataset, DataInfo]:
     """``root/<class>/<image>``, or ``root/train/<class>/...`` with ``root/val/`` (or ``test/``)."""
+    from torchvision import datasets as tv_datasets
+    from torchvision import transforms as T  # noqa: N812 -- torchvision's own abbreviation
+
     _existing_dir(root, "imagefolder")
     held_out = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
     presplit = (root / "train").is_dir() and held_out is not None
@@ -546,6 +550,8 @@ class SegmentationFolder(Dataset):
 
     def __init__(self, pairs: list[tuple[Path, Path]], *, image_size: int, in_channels: int,
                  num_classes: int) -> None:
+        from torchvision import transforms as T  # noqa: N812
+
         self.pairs, self.image_size, self.num_classes = pairs, image_size, num_classes
         self.mode = "L" if in_channels == 1 else "RGB"
         self.to_tensor = T.Compose([T.Resize((image_size, image_size)), T.ToTensor()])
@@ -578,6 +584,8 @@ def _segfolder_datasets(root: Path, *, seed: int, image_size: int | None, in_cha
                         test_fraction: float,
                         num_samples: int | None) -> tuple[Dataset, Dataset, DataInfo]:
     """``root/images/<stem>.png|jpg`` with ``root/masks/<stem>.png``; optional ``root/classes.txt``."""
+    from torchvision import datasets as tv_datasets
+
     _existing_dir(root, "segfolder")
     image_dir, mask_dir = root / "images", root / "masks"
     if not (image_dir.is_dir() and mask_dir.is_dir()):
