@@ -236,7 +236,9 @@ def node_command(cfg: LaunchConfig, node_rank: int | None, *, ifname: str | None
     nnodes = str(cfg.nnodes_max) if cfg.nnodes_min == cfg.nnodes_max else f"{cfg.nnodes_min}:{cfg.nnodes_max}"
     argv += [f"--nnodes={nnodes}", f"--nproc-per-node={cfg.nproc_per_node}"]
     if not cfg.multinode and not cfg.master_given:
-        argv.append("--standalone")  # c10d on a free localhost port: nothing to collide with
+        # c10d on a free localhost port: nothing to collide with; the workers reach it at 127.0.0.1, not at this
+        # host's name (a Slurm node's name may resolve nowhere: torch then retries the lookup for minutes)
+        argv += ["--standalone", "--local-addr=127.0.0.1"]
     elif cfg.rdzv == "static":
         argv += [f"--node-rank={node_rank}", f"--master-addr={cfg.master_host}", f"--master-port={cfg.master_port}"]
     else:
@@ -297,7 +299,6 @@ def slurm_script(cfg: LaunchConfig, *, launcher_cmd: str) -> str:
         "#!/bin/bash",
         "#SBATCH --job-name=anytopo",
         f"#SBATCH --nodes={cfg.nnodes_max}",
-        "#SBATCH --ntasks-per-node=1            # one torchrun agent per node; it starts the processes",
         *gres,
         f"#SBATCH --signal=B:USR1@{SLURM_SIGNAL_LEAD_S}           # SIGUSR1 to this script {SLURM_SIGNAL_LEAD_S} s "
         "before the time limit: B:USR1@SECONDS to change",
@@ -315,7 +316,10 @@ def slurm_script(cfg: LaunchConfig, *, launcher_cmd: str) -> str:
         "preempted=0",
         'forward() { preempted=1; kill -USR1 "$step" 2>/dev/null; }',
         "trap forward USR1",
-        f"srun --kill-on-bad-exit=1 {launcher_cmd} {' '.join(opts)} \\",
+        "# one task per node (one torchrun agent, which starts the processes): a range such as sbatch --nodes=1-2",
+        "# then gets every node it can, and a rerun after a lost node runs on the ones left",
+        'srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \\',
+        f"    {launcher_cmd} {' '.join(opts)} \\",
         f"    {train} &",
         "step=$!",
         'wait "$step"; rc=$?',

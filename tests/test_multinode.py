@@ -125,11 +125,12 @@ def test_slurm_prints_a_ready_sbatch_script(capsys):
     script = capsys.readouterr().out
     lines = script.splitlines()
     assert lines[0] == "#!/bin/bash" and "#SBATCH --nodes=4" in lines and "#SBATCH --requeue" in script
-    assert any(ln.startswith("#SBATCH --ntasks-per-node=1") for ln in lines)
     assert any(ln.startswith("#SBATCH --signal=B:USR1@120") for ln in lines)
     assert "trap forward USR1" in lines and 'forward() { preempted=1; kill -USR1 "$step" 2>/dev/null; }' in lines
     assert '    scontrol requeue "$SLURM_JOB_ID" && exit 0' in lines
-    srun = next(ln for ln in lines if ln.startswith("srun "))
+    i = next(i for i, ln in enumerate(lines) if ln.startswith("srun "))
+    assert lines[i].startswith('srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 ')
+    srun = lines[i + 1]  # one task per node, whatever the allocation (a range --nodes=1-2 included)
     assert "-m launcher --nproc-per-node 8 --rdzv static" in srun and "--forward-signal SIGUSR1" in srun
     assert "--master" not in srun and "--nnodes" not in srun  # from the job, on each node
     assert next(ln for ln in lines if ln.lstrip().startswith(TRAIN)).endswith(
