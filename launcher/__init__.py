@@ -23,6 +23,7 @@ One entry point per concern; ``launcher`` knows nothing of checkpoints or models
 """
 from .dist import (STRATEGIES, DistInfo, all_reduce_sum, distributed, exit_process, restart_attempt, run_main, setup,
                    teardown)
+from . import peers
 from .errors import LaunchError
 from .log import get_logger
 from .preempt import PREEMPTED_EXIT_CODE, Preemption, parse_signal
@@ -47,6 +48,7 @@ __all__ = [
     "get_logger",
     "is_fsdp",
     "parse_signal",
+    "peers",
     "per_rank_batch",
     "restart_attempt",
     "run_main",

@@ -7,11 +7,14 @@ torchrun's own agent starts, watches and restarts the processes (this module cal
 failures are rewritten, because torch reports them as a traceback whose last line says
 ``RendezvousTimeoutError`` (no text) or ``Timed out after 901 seconds waiting for clients. 1/2 clients
 joined.`` (no address, no fix). Here they end as ``error: ...`` with the elapsed time, how many nodes joined,
-the address they waited on and what to do, and exit status 2.
+the address they waited on and what to do, and exit status 2. Workers that failed end in one line naming
+them (their own errors come before it) and exit status 1.
 """
 from __future__ import annotations
 
+import os
 import re
+import socket
 import sys
 import time
 
@@ -19,11 +22,14 @@ from .errors import LaunchError
 from .preempt import PREEMPTED_EXIT_CODE
 
 _JOINED = re.compile(r"(\d+)/(\d+) clients joined")
+DEBUG_VAR = "ANYTOPO_DEBUG"
+"""Set (to anything) to keep torch's own tracebacks and failure tables."""
 
 
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed import run
     from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     argv = sys.argv[1:] if argv is None else argv
     args = run.parse_args(argv)
@@ -40,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
               f"checkpoints first); exiting {PREEMPTED_EXIT_CODE} so the job can be requeued or restarted",
               file=sys.stderr, flush=True)
         return PREEMPTED_EXIT_CODE
+    except ChildFailedError as e:
+        if os.environ.get(DEBUG_VAR):
+            raise
+        print(f"anytopo-launch: {failed_workers(e)}", file=sys.stderr, flush=True)
+        return 1
     except Exception as e:
         msg = explain(e, args, time.monotonic() - start, handlers)
         if msg is None:
@@ -47,6 +58,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {msg}", file=sys.stderr, flush=True)
         return LaunchError.exit_code
     return 0
+
+
+def failed_workers(e) -> str:
+    """One line for torch's ``ChildFailedError``: which ranks of this node exited and how (their own errors are
+    above it), instead of a traceback and a table whose "root cause" is whichever rank's second came first."""
+    def how(code: int) -> str:
+        if code < 0:
+            import signal
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exit code {code}"
+
+    parts = [f"rank {rank} (pid {f.pid}) {how(f.exitcode)}" for rank, f in sorted(e.failures.items())]
+    return (f"{e.name} failed on {socket.gethostname()}: {', '.join(parts)} (each rank's own error is above; "
+            f"{DEBUG_VAR}=1 for torch's traceback)")
 
 
 def _one_shutdown_per_run() -> None:

@@ -54,6 +54,20 @@ def test_preemption_flag_survives_repeated_signals_and_restores_handlers():
             launcher.parse_signal(bad)
 
 
+def test_a_lost_peer_is_recognised_in_gloo_and_nccl_texts_and_nothing_else():
+    gloo = RuntimeError("[../gloo/transport/tcp/pair.cc:545] Read error [10.231.5.2]:27830: Connection reset by "
+                        "peer. This is typically caused by a remote worker hanging or bugs in the application.")
+    assert launcher.peers.lost_peer(gloo) == ("Connection reset by peer", "10.231.5.2")
+    wrapped = ValueError("while averaging")
+    wrapped.__cause__ = RuntimeError("NCCL error: remote process exited or there was a network error")
+    assert launcher.peers.lost_peer(wrapped) == ("remote process exited", None)
+    assert launcher.peers.lost_peer(ValueError("Connection reset by peer")) is None  # not from a backend
+    assert launcher.peers.lost_peer(RuntimeError("shape mismatch")) is None
+    line = launcher.peers.describe(gloo, rank=3, world_size=4, env={})  # no Slurm job: the address alone
+    assert line.startswith("rank 3/4 on ") and "the peer at 10.231.5.2 went away during a collective" in line
+    assert launcher.peers.describe(RuntimeError("shape mismatch"), rank=0, world_size=2, env={}) is None
+
+
 def test_restart_attempt_reads_torchelastic_count():
     assert launcher.restart_attempt({}) == 0
     assert launcher.restart_attempt({"TORCHELASTIC_RESTART_COUNT": "2"}) == 2
@@ -162,6 +176,41 @@ def test_torchrun_restart_forms_the_process_group_again():
                            env=child_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=90)
         assert p.returncode == 0, p.stdout[-1500:] + p.stderr[-2500:]
         assert all(f"attempt 1 rank {r} formed the group: 2" in p.stdout for r in (0, 1)), p.stdout
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(150)
+def test_a_rank_killed_mid_run_ends_the_run_with_one_line_per_survivor_and_per_agent(tmp_path):
+    """rank 1 SIGKILLed after the first checkpoint, no restarts: rank 0 says in one line that its peer went away
+    during a collective (the address it had), torchrun's agent names the killed rank and its signal in one line;
+    no traceback, exit 1, and the checkpoint stays for a resume."""
+    out = tmp_path / "o"
+    log = tmp_path / "run.log"
+    args = [a if a != "4" else "200" for a in faults.MODEL_ARGS]  # --epochs 200: the kill lands mid-run
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "launcher.torchrun", "--standalone", "--nproc_per_node=2",
+                                 "--max-restarts=0", "--monitor-interval=0.1", TRAIN, *args, "--output-dir", str(out)],
+                                cwd=REPO, env=faults._env(), stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        assert faults.wait_for(lambda: (out / "checkpoints" / "latest").is_file(), 90), log.read_text()[-2000:]
+        victim = faults.wait_for(lambda: faults.workers(proc).get(1), 10)
+        os.kill(victim, signal.SIGKILL)
+        rc = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = log.read_text()
+    assert rc == 1, text[-3000:]
+    survivor = [ln for ln in text.splitlines() if ln.startswith("error: rank 0/2 on ")]
+    assert len(survivor) == 1 and "went away during a collective" in survivor[0], text[-3000:]
+    assert "--resume auto" in survivor[0]
+    agent = [ln for ln in text.splitlines() if ln.startswith("anytopo-launch: ")]
+    assert len(agent) == 1 and f"rank 1 (pid {victim}) killed by SIGKILL" in agent[0], text[-3000:]
+    assert "Traceback" not in text and "ChildFailedError" not in text, text[-3000:]
+    from checkpoint.resume import latest
+    assert latest(out / "checkpoints") is not None
 
 
 # No node dies in this test, so a node's keep-alive may lapse for 10 s before the store drops it. With the fault

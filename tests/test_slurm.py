@@ -8,6 +8,7 @@ installed. Every job is bounded by a timeout; the cluster is torn down whatever 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -162,3 +163,39 @@ def test_a_signalled_job_checkpoints_requeues_itself_and_the_rerun_resumes_exact
     assert "Traceback" not in log and "SignalException" not in log
     want, got = _weights(uninterrupted), _weights(out)
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+# ------------------------------------------------------------------------------------------ a lost node
+
+@pytest.mark.timeout(240)
+def test_a_lost_node_ends_the_job_naming_it_and_the_requeued_rerun_resumes_on_the_node_left(tmp_path):
+    """sbatch --nodes=1-2 of the generated script; after the first checkpoint node2 dies (its slurmd and the job's
+    processes there, SIGKILL). The ranks on node1 each say in one line that the peer on node2 went away, the job
+    leaves RUNNING within SlurmdTimeout (10 s here) plus slack, Slurm requeues it (--requeue), and the rerun,
+    given node1 alone, resumes from the newest checkpoint at world size 2 and finishes the run."""
+    with _slurm.slurm_cluster(tag=(os.getpid() + 53) % 100000) as c:  # its own: node2 stays down
+        out = tmp_path / "run"
+        job = c.sbatch(generated_sbatch("--strategy", "ddp", *LONG, "--max-steps", "150", "--output-dir", str(out)),
+                       "--nodes=1-2", f"--output={c.root}/job-%j.out", cwd=REPO)
+        deadline = time.monotonic() + 90
+        while not (out / "checkpoints" / "step-10").is_dir():
+            assert time.monotonic() < deadline, c.job(job)
+            time.sleep(0.2)
+        assert c.job(job)["NodeList"] == "node[1-2]"
+        c.kill_node("node2")
+        killed = time.monotonic()
+        fields = c.wait_job(job, ("PENDING", "REQUEUED", *DONE), 60, restarts=1)
+        left_after = time.monotonic() - killed
+        fields = c.wait_job(job, DONE, 120, restarts=1)
+        log = (c.root / f"job-{job}.out").read_text(errors="replace")
+        assert left_after <= 10 + 20, (left_after, fields)
+        assert fields["JobState"] == "COMPLETED" and fields["NodeList"] == "node1", (fields, log[-4000:])
+        lines = [ln for ln in log.splitlines() if ln.startswith("error: rank ")]
+        named = [ln for ln in lines if f"the peer at {c.addr('node2')} (node node2) went away during a collective"
+                 in ln]
+        assert named and all(" on node1:" in ln for ln in lines), log[-4000:]
+        assert "Traceback" not in log and "ChildFailedError" not in log, log[-4000:]
+        resumed = re.search(r"restart 1: resuming from step-(\d+)", log)
+        assert resumed and int(resumed.group(1)) >= 10, log[-4000:]
+        done = summary(out)
+        assert done["world_size"] == 2 and done["steps"] == 150

@@ -6,6 +6,7 @@ Bad input exits 2 with one line on stderr (``--debug`` shows the traceback).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -77,5 +78,18 @@ def cli(argv: list[str] | None = None) -> int:
         # separately, so two ranks' lines could run together
         sys.stderr.write(f"error: {checkpoint.errors.first_line(e)}\n")
         return 2
+    except Exception as e:
+        # a peer that died mid-collective: one line per survivor naming it, exit 1 (a restart resumes the run)
+        line = None if args.debug else launcher.peers.describe(e, rank=_env_int("RANK", 0),
+                                                               world_size=_env_int("WORLD_SIZE", 1))
+        if line is None:
+            raise
+        sys.stderr.write(f"error: {line}\n")
+        return 1
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    return int(value) if value.isdigit() else default
 
 
