@@ -48,11 +48,11 @@ def one_process(tmp_path_factory) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
-def generated_sbatch(*train_args: str, nproc: int = 2) -> str:
+def generated_sbatch(*train_args: str, nproc: int = 2, engine: str = "torchrun") -> str:
     """What a user gets from ``anytopo-launch --slurm`` for a two-node run of train.py."""
     return subprocess.run([sys.executable, "-m", "launcher", "--nnodes", "2", "--nproc-per-node", str(nproc),
-                           "--slurm", "scripts/train.py", *train_args], cwd=REPO, capture_output=True, text=True,
-                          check=True, timeout=60).stdout
+                           "--engine", engine, "--slurm", "scripts/train.py", *train_args], cwd=REPO,
+                          capture_output=True, text=True, check=True, timeout=60).stdout
 
 
 def run_job(cluster: _slurm.SlurmCluster, script: str, *sbatch_args: str, timeout: float = JOB_TIMEOUT):
@@ -75,20 +75,26 @@ def same_metrics(run: dict, ref: dict, world: int = 4) -> None:
 
 # ---------------------------------------------------------------------------------------- the script
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy,engine", [("ddp", "torchrun"), ("fsdp", "torchrun"), ("ddp", "accelerate")])
 @pytest.mark.timeout(180)
-def test_the_generated_sbatch_runs_unchanged_on_two_nodes_like_one_process(cluster, one_process, tmp_path, strategy):
-    """`anytopo-launch --slurm` -> sbatch, not edited: 2 nodes x 2 processes train like one process. The node
-    names resolve nowhere here: each task finds rank 0 by Slurm's NodeAddr and pins gloo to the route to it."""
+def test_the_generated_sbatch_runs_unchanged_on_two_nodes_like_one_process(cluster, one_process, tmp_path, strategy,
+                                                                           engine):
+    """`anytopo-launch --slurm` -> sbatch, not edited: 2 nodes x 2 processes train like one process, under torchrun
+    or accelerate launch. The node names resolve nowhere here: each task finds rank 0 by Slurm's NodeAddr and
+    pins gloo to the route to it."""
     out = tmp_path / "run"
-    script = generated_sbatch("--strategy", strategy, *MLP, "--output-dir", str(out))
+    script = generated_sbatch("--strategy", strategy, *MLP, "--output-dir", str(out), engine=engine)
+    assert f"--engine {engine}" in script
     _, fields, log = run_job(cluster, script)
     assert fields["JobState"] == "COMPLETED", log[-4000:]
     assert fields["NodeList"] == "node[1-2]"
     master = cluster.addr("node1")
-    assert f"--master-addr={master} " in log and "does not resolve" not in log  # NodeAddr, found by the launcher
+    flag = "--master-addr=" if engine == "torchrun" else "--main_process_ip "
+    assert f"{flag}{master} " in log and "does not resolve" not in log, log[-4000:]  # NodeAddr, found by the launcher
     same_metrics(summary(out), one_process)
-    assert checkpoint.read_manifest(out / "checkpoints")["topology"]["strategy"] == strategy
+    manifest = checkpoint.read_manifest(out / "checkpoints")
+    assert manifest["topology"]["strategy"] == strategy
+    assert manifest["topology"]["launcher"] == engine, manifest["topology"]
 
 
 @pytest.mark.timeout(180)
