@@ -18,6 +18,7 @@ from .errors import CheckpointError, and_more, first_line
 from .keys import wrapper_prefix
 from .plan import LoadReport, plan_load, strict_error
 from .manifest import MANIFEST, POINTER, TOPOLOGY, Manifest, build_manifest, is_ours
+from .objstore import as_path, is_url
 from .rank_files import attach_state_shards, materialize_sources
 from .readers import read_source
 from .safetensors_io import TensorSource
@@ -125,9 +126,12 @@ def _for_model(args: argparse.Namespace, src: Source) -> tuple[dict[str, TensorS
 def cmd_convert(args: argparse.Namespace) -> tuple[int, dict[str, Any], str]:
     if args.keep_prefix and (args.prefix or args.model):
         raise CheckpointError("--keep-prefix keeps the file's keys as they are; drop --prefix/--model, or drop --keep-prefix")
+    if is_url(args.dst):
+        raise CheckpointError(f"convert writes to a local path, not {args.dst}; convert to a local file or folder "
+                              "(training saves go to a store with --checkpoint-dir s3://...)")
     src = read_source(args.src, ema=args.ema, allow_pickle=args.allow_pickle)
     dst = Path(args.dst)
-    check_destination(Path(args.src), src.path, dst, overwrite=args.overwrite)  # before the (long) hashing
+    check_destination(as_path(args.src), src.path, dst, overwrite=args.overwrite)  # before the (long) hashing
     # an entry's other states go along (not with --ema: the EMA weights are not what its optimizer state belongs to)
     states, dropped = ({}, []) if args.ema else entry_states(src.path, src.manifest or {}, dst, args.format)
     checks = check_integrity(src, hashes=True)
@@ -183,7 +187,7 @@ def check_destination(src_arg: Path, src_path: Path, dst: Path, *, overwrite: bo
                                       "choose a destination under a directory")
             break
     dst_r = dst.resolve()
-    for s in {src_arg.resolve(), src_path.resolve()}:
+    for s in {p.resolve() for p in (src_arg, src_path) if not is_url(p)}:  # a local dst never holds an object
         if dst_r == s or dst_r in s.parents or (s.is_dir() and s in dst_r.parents):
             raise CheckpointError(f"{dst} is the source {src_arg}, holds it or lies inside it: converting there "
                                   "would change what is being read; write to another path, then move it")
@@ -236,7 +240,7 @@ def entry_states(src_path: Path, manifest: dict[str, Any], dst: Path, fmt: str |
 
     def copier(path: Path):
         def write(f) -> None:
-            with open(path, "rb") as src:
+            with path.open("rb") as src:  # a local file or an object (ranged GETs)
                 while chunk := src.read(8 << 20):
                     f.write(chunk)
         return write

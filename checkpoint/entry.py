@@ -19,6 +19,7 @@ import collective
 from .dtensors import buffer_agreement, shard_layout, tied_keys
 from .errors import CheckpointError, agree_written
 from .manifest import MANIFEST, TOPOLOGY, build_manifest
+from .objstore import S3Path, clear_prefix, publish_directory, staging
 from .rank_files import SHARD_FILE, rank_entries, split_state_shards
 from .safetensors_io import CODE_OF_NAME, InMemory, dtype_name, write_file
 from .states import state_files
@@ -43,7 +44,13 @@ def entry_manifest(step: int, components: Any, metadata: Mapping[str, Any] | Non
 
 def write_entry(path: Path, manifest: dict[str, Any], entries: dict[str, Any], states: dict[str, Any]) -> None:
     """The writer's entry: model files, then the states, then manifest.json, committed in one step. No
-    collective here (the background writer runs it)."""
+    collective here (the background writer runs it). On an object store the entry is written to a local
+    staging directory, uploaded, and committed by its manifest, put last (``objstore.publish_directory``)."""
+    if isinstance(path, S3Path):
+        with staging(path.name) as local:
+            write_directory(local, list(entries.items()), manifest, extra_files=state_files(states))
+            publish_directory(local, path, commit_name=MANIFEST)
+        return
     write_directory(path, list(entries.items()), manifest, extra_files=state_files(states))
 
 
@@ -59,6 +66,7 @@ def write_sharded_entry(path: Path, step: int, model: nn.Module, components: Any
     ``failure`` words an OSError of the writer (what was kept, the fix).
     """
     world, rank = collective.world_size(), collective.rank()
+    remote = isinstance(path, S3Path)  # each rank stages its file on its own disk and uploads it
     bare = unwrap(model)
     buffers = buffer_agreement(bare)  # collective: before anything can fail on one rank only
     error: BaseException | None = None
@@ -67,47 +75,65 @@ def write_sharded_entry(path: Path, step: int, model: nn.Module, components: Any
     if collective.is_writer():
         try:
             prepare()
-            tmp = str(stack.enter_context(atomic_dir(path)))
+            if remote:
+                clear_prefix(path, commit_name=MANIFEST)
+                tmp = str(path)
+            else:
+                tmp = str(stack.enter_context(atomic_dir(path)))
         except Exception as e:  # noqa: BLE001 -- told to every rank by agree_written()
             error = CheckpointError(failure(e)) if isinstance(e, OSError) else e
     tmp = collective.broadcast_from_writer(tmp)
     sd = bare.state_dict(keep_vars=True)
     states, state_shards = split_state_shards(states)  # sharded optimizer moments: per rank too
     mine: dict[str, Any] = {}
-    if tmp is not None:
-        try:
-            entries, pieces = rank_entries({**sd, **state_shards}, rank)
-            name = SHARD_FILE.format(rank=rank, world=world)
-            # hashed while written (a helper thread, overlapping the copies and the fsync): not a second
-            # pass over the finished file, which cost as much as the write itself
-            with atomic_file(Path(tmp) / name, sha256=True) as f:
-                write_file(f, entries, {"format": "pt", "anytopo_rank": f"{rank}/{world}"})
-            mine = {"name": name, "bytes": (Path(tmp) / name).stat().st_size, "sha256": f.hexdigest(),
-                    "pieces": pieces}
-        except Exception as e:  # noqa: BLE001
-            mine = {"error": collective.Failure.of(e)}
-    reports = collective.gather_objects(mine)
-    if collective.is_writer() and error is None:
-        try:
-            failed = [(r, rep["error"]) for r, rep in enumerate(reports) if "error" in rep]
-            if failed:
-                r, why = failed[0]
-                raise CheckpointError(f"rank {r} could not write its shard file ({why.kind}: {why.line})")
-            manifest = _sharded_manifest(step, model, sd, state_shards, components, metadata, buffers, reports, world)
-            files = {rep["name"]: {"bytes": rep["bytes"], "sha256": rep["sha256"]} for rep in reports}
-            for name, data in state_files(states).items():
-                with atomic_file(Path(tmp) / name, sha256=True) as f:
-                    data(f)
-                files[name] = {"bytes": (Path(tmp) / name).stat().st_size, "sha256": f.hexdigest()}
-            manifest["files"] = files
-            atomic_write_text(Path(tmp) / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
-            stack.close()  # the commit: step-N is now the new entry
-            on_commit()
-        except Exception as e:  # noqa: BLE001
-            stack.__exit__(type(e), e, e.__traceback__)  # the temp goes; step-N stays what it was
-            error = CheckpointError(failure(e)) if isinstance(e, OSError) else e
-    elif error is not None:
-        stack.close()
+    with ExitStack() as local_stack:
+        local = Path(local_stack.enter_context(staging(path.name))) if remote and tmp is not None else \
+            Path(tmp) if tmp is not None else None
+        if remote and local is not None:
+            local.mkdir()
+        if local is not None:
+            try:
+                entries, pieces = rank_entries({**sd, **state_shards}, rank)
+                name = SHARD_FILE.format(rank=rank, world=world)
+                # hashed while written (a helper thread, overlapping the copies and the fsync): not a second
+                # pass over the finished file, which cost as much as the write itself
+                with atomic_file(local / name, sha256=True) as f:
+                    write_file(f, entries, {"format": "pt", "anytopo_rank": f"{rank}/{world}"})
+                if remote:
+                    (path / name).upload(local / name)  # every rank uploads what it owns
+                mine = {"name": name, "bytes": (local / name).stat().st_size, "sha256": f.hexdigest(),
+                        "pieces": pieces}
+            except Exception as e:  # noqa: BLE001
+                mine = {"error": collective.Failure.of(e)}
+        reports = collective.gather_objects(mine)
+        if collective.is_writer() and error is None:
+            try:
+                failed = [(r, rep["error"]) for r, rep in enumerate(reports) if "error" in rep]
+                if failed:
+                    r, why = failed[0]
+                    raise CheckpointError(f"rank {r} could not write its shard file ({why.kind}: {why.line})")
+                manifest = _sharded_manifest(step, model, sd, state_shards, components, metadata, buffers, reports,
+                                             world)
+                files = {rep["name"]: {"bytes": rep["bytes"], "sha256": rep["sha256"]} for rep in reports}
+                for name, data in state_files(states).items():
+                    with atomic_file(local / name, sha256=True) as f:
+                        data(f)
+                    files[name] = {"bytes": (local / name).stat().st_size, "sha256": f.hexdigest()}
+                    if remote:
+                        (path / name).upload(local / name)
+                manifest["files"] = files
+                text = json.dumps(manifest, indent=1, sort_keys=True)
+                if remote:
+                    (path / MANIFEST).put_bytes(text.encode(), create_only=True)  # the commit
+                else:
+                    atomic_write_text(local / MANIFEST, text)
+                    stack.close()  # the commit: step-N is now the new entry
+                on_commit()
+            except Exception as e:  # noqa: BLE001
+                stack.__exit__(type(e), e, e.__traceback__)  # the temp goes; step-N stays what it was
+                error = CheckpointError(failure(e)) if isinstance(e, OSError) else e
+        elif error is not None:
+            stack.close()
     agree_written(error, path)
 
 

@@ -30,6 +30,7 @@ from .errors import CheckpointError, agree_written
 from .loading import load
 from .plan import LoadReport
 from .manifest import MANIFEST, POINTER, TOPOLOGY, check_json, read_pointer, topology_of
+from .objstore import as_path, is_url
 from .optimizer_state import OptimizerState
 from .rank_files import attach_state_shards, materialize_sources
 from .saving import write_collectively
@@ -86,7 +87,7 @@ class CheckpointManager:
         if sharded and async_save:
             raise CheckpointError("async_save with sharded=True is not supported (every rank writes its own file, "
                                   "which needs collectives after the write): use one or the other")
-        self.directory = Path(directory)
+        self.directory = as_path(directory)  # a local/shared directory, or s3://bucket/prefix (objstore)
         self.keep_last = keep_last
         self.every = every
         self.sharded = sharded
@@ -298,8 +299,13 @@ class CheckpointManager:
                errno.EROFS: "save to a writable directory",
                errno.EACCES: "make the directory writable or save elsewhere"}.get(e.errno, "check the directory, "
                                                                                       "then save again")
-        previous = read_pointer(self.directory / POINTER)
-        kept = f"`latest` still points to {previous}, intact" if previous else "nothing earlier was changed"
+        if is_url(self.directory):
+            newest = policy.scan_entries(self.directory)
+            kept = (f"the newest committed entry, {newest[-1][1].name}, stays the latest" if newest else
+                    "nothing earlier was changed")
+        else:
+            previous = read_pointer(self.directory / POINTER)
+            kept = f"`latest` still points to {previous}, intact" if previous else "nothing earlier was changed"
         return f"could not write checkpoint {path}: {e.strerror or e}; {kept}; {fix}"
 
     # -- best entry (by a metric the caller names; the manager knows nothing of training)

@@ -31,7 +31,7 @@ import collective
 
 from .errors import CheckpointError
 from .safetensors_io import TensorSource
-from .storage import sha256_file
+from .storage import child, sha256_file
 
 VERSION = "0.1.0"  # anytopo's, recorded in every manifest (``checkpoint.__version__``)
 FORMAT_TAG = "anytopo"
@@ -248,7 +248,7 @@ def verify_files(directory: Path, manifest: dict[str, Any], *, hashes: bool) -> 
     """
     files = manifest.get("files") or {}
     for name, info in sorted(files.items()):
-        p = directory / name
+        p = child(directory, name, listed_in=MANIFEST)
         if not p.is_file():
             raise CheckpointError(f"{p}: missing file listed in {MANIFEST}; the checkpoint is incomplete, "
                                   "re-copy the whole directory or use an earlier checkpoint")

@@ -15,6 +15,7 @@ from typing import Any, Iterable, Sequence
 
 from .errors import CheckpointError
 from .manifest import BEST_POINTER, MANIFEST, POINTER, Manifest, is_ours
+from .objstore import S3Path, delete_tree, is_url
 from .storage import atomic_write_text, read_json, recover_dirs
 
 # ------------------------------------------------------------------------------------------------ rules
@@ -68,8 +69,26 @@ def scan_entries(directory: Path) -> list[tuple[int, Path]]:
 
 
 def point_latest(directory: Path, step: int) -> None:
-    """Move ``latest`` to entry ``step`` (atomically: the old or the new name, never a torn file)."""
-    atomic_write_text(directory / POINTER, entry_name(step) + "\n")
+    """Move ``latest`` to entry ``step`` (atomically: the old or the new name, never a torn file). On an object
+    store there is no pointer: the newest committed entry is the latest, so nothing can point ahead of data."""
+    if not is_url(directory):
+        atomic_write_text(directory / POINTER, entry_name(step) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
+    if isinstance(path, S3Path):
+        path.put_bytes(text.encode())  # one PUT: the old or the new object, never a torn one
+    else:
+        atomic_write_text(path, text)
+
+
+def remove_entry(path: Path) -> None:
+    """Delete an entry: on an object store its manifest (the commit) first, so it stops existing before its
+    objects go."""
+    if isinstance(path, S3Path):
+        delete_tree(path, first=MANIFEST)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def best_record(directory: Path) -> dict[str, Any] | None:
@@ -90,7 +109,7 @@ def point_best(directory: Path, step: int, metric: str, value: float, mode: str)
     if not (directory / entry_name(step) / MANIFEST).is_file():
         raise CheckpointError(f"update_best: no entry {entry_name(step)} in {directory}; save it first")
     record = {"entry": entry_name(step), "step": step, "metric": metric, "value": value, "mode": mode}
-    atomic_write_text(directory / BEST_POINTER, json.dumps(record) + "\n")
+    _write_text(directory / BEST_POINTER, json.dumps(record) + "\n")
 
 
 def prune(directory: Path, keep_last: int | None, protect: int) -> None:
@@ -99,14 +118,22 @@ def prune(directory: Path, keep_last: int | None, protect: int) -> None:
     best = best_record(directory)
     protected = [protect] + ([best["step"]] if best else [])  # the best entry is never pruned while best
     for step in select_prune(list(entries), keep_last, protect=protected):
-        shutil.rmtree(entries[step], ignore_errors=True)
+        remove_entry(entries[step])
+    if is_url(directory) and entries:
+        # objects of saves that never committed (a crash mid-upload), older than the newest committed entry
+        committed = {p.name for p in entries.values()}
+        newest = max(entries)
+        for p in directory.glob("step-*"):
+            number = p.name[len("step-"):]
+            if p.name not in committed and number.isdigit() and int(number) < newest:
+                delete_tree(p)
 
 
 def clean_temps(directory: Path) -> None:
     """Put back an entry whose commit was interrupted between its two renames (``storage.recover_dirs``),
     then remove what interrupted saves left: entry temp dirs and pointer temp files."""
-    if not directory.is_dir():
-        return
+    if is_url(directory) or not directory.is_dir():
+        return  # an object store: nothing is renamed, a save that never committed is invisible (prune removes it)
     recover_dirs(directory)
     for pattern in (".step-*", f".{POINTER}.*.tmp", f".{BEST_POINTER}.*.tmp"):
         for p in directory.glob(pattern):

@@ -15,12 +15,12 @@ pieces under "states", exactly as for the model's tensors. No rank ever gathers 
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Mapping
 
 from .dtensors import dtensor_type, local_part, local_slice, shard_layout, tied_keys
 from .errors import CheckpointError
 from .manifest import TOPOLOGY
+from .objstore import as_path
 from .safetensors_io import InMemory, TensorSlice, byte_view, read_header, read_slices
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ class ShardedEntry:
 def read_sharded(directory, manifest: dict[str, Any], table_name: str = "tensors") -> dict[str, ShardedEntry]:
     """The tensors of a sharded checkpoint directory, from its manifest and its rank files' headers
     (``table_name`` "states": the sharded optimizer-state tensors, keyed ``STATE_SHARD + path``)."""
-    directory = Path(directory)
+    directory = as_path(directory)
     table = manifest.get("sharded") or {}
     files, world = table.get("files") or [], table.get("world_size")
     if not files or world != len(files) or (manifest.get(TOPOLOGY) or {}).get("world_size", world) != world:

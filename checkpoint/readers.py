@@ -20,11 +20,13 @@ from typing import TYPE_CHECKING, Any
 from .dcp import read_dcp
 from .errors import CheckpointError
 from .manifest import BEST_POINTER, MANIFEST, POINTER, Manifest, is_ours, manifest_from_metadata, read_pointer
+from .objstore import as_path, is_url
+from .policy import scan_entries
 from .rank_files import read_sharded
 from .safetensors_io import InMemory, TensorSource, read_header
 from .sources import Source, with_aliases
 from .states import EMA_COMPONENT, component_tensors
-from .storage import read_json
+from .storage import child, read_json
 from .torchfiles import sniff, torch_load
 from .wrappers import unwrap
 
@@ -132,7 +134,7 @@ def _read_index(index_path: Path, *, allow_pickle: bool) -> Source:
     shards = sorted(set(idx["weight_map"].values()))
     tensors: dict[str, TensorSource] = {}
     for shard in shards:
-        p = directory / shard
+        p = child(directory, shard, listed_in=f"{index_path.name}'s weight_map")
         if not p.is_file():
             raise CheckpointError(f"{p}: missing shard listed in {index_path.name}; the checkpoint is incomplete, "
                                   "re-copy all shards or use an earlier checkpoint")
@@ -164,7 +166,7 @@ def _read_directory(path: Path, *, ema: bool, allow_pickle: bool) -> Source:
                 raise CheckpointError(f"{path}: a sharded entry holds the model's weights only, no EMA weights "
                                       "(--ema is refused with fsdp); drop ema / --ema")
             tensors = with_aliases(read_sharded(path, manifest), manifest)  # tied: one source, several keys
-            files = [path / n for n in manifest["sharded"]["files"]]
+            files = [child(path, n, listed_in=MANIFEST) for n in manifest["sharded"]["files"]]
             return Source(path, "anytopo-sharded-ranks", tensors, manifest, {}, files,
                           [f"assembled from {len(files)} rank files (world {manifest['sharded']['world_size']})"])
         if is_ours(manifest) and ema:
@@ -173,7 +175,7 @@ def _read_directory(path: Path, *, ema: bool, allow_pickle: bool) -> Source:
             weights = manifest.get("weights")
             if not weights:
                 raise CheckpointError(f"{manifest_path}: lists no weights file; the checkpoint is damaged")
-            src = read_source(path / weights, ema=ema, allow_pickle=allow_pickle)
+            src = read_source(child(path, weights, listed_in=MANIFEST), ema=ema, allow_pickle=allow_pickle)
             src.manifest = {**(src.manifest or {}), **manifest}
             src.tensors = with_aliases(src.tensors, src.manifest)
             src.format = "anytopo-" + ("sharded" if weights.endswith(".index.json") else Path(weights).suffix.lstrip("."))
@@ -186,6 +188,10 @@ def _read_directory(path: Path, *, ema: bool, allow_pickle: bool) -> Source:
             raise CheckpointError(f"{pointer}: points to {target!r}, which is not an entry here; use "
                                   "CheckpointManager(dir).latest() to find the newest good entry")
         return read_source(path / target, ema=ema, allow_pickle=allow_pickle)
+    if is_url(path):  # an object store keeps no pointer: its newest committed entry is the latest
+        entries = scan_entries(path)
+        if entries:
+            return read_source(entries[-1][1], ema=ema, allow_pickle=allow_pickle)
     indexes = sorted(path.glob("*.index.json"))
     if len(indexes) == 1:
         return _read_index(indexes[0], allow_pickle=allow_pickle)
@@ -202,6 +208,9 @@ def _read_directory(path: Path, *, ema: bool, allow_pickle: bool) -> Source:
                     else src.format
             return src
     if (path / ".metadata").is_file():
+        if is_url(path):
+            raise CheckpointError(f"{path}: a torch.distributed.checkpoint folder is read from a local path only; "
+                                  "copy it to a disk first (or `anytopo-ckpt convert` it there)")
         return read_dcp(path)
     found = sorted(p.name for p in path.iterdir())[:8]
     raise CheckpointError(f"{path} is a directory but not a checkpoint (found: {', '.join(found) or 'nothing'}); "
@@ -257,7 +266,7 @@ def read_source(path: str | Path, *, ema: bool = False, allow_pickle: bool = Fal
     Raises:
         CheckpointError: the path is missing, empty, damaged, not a checkpoint, or needs ``allow_pickle``.
     """
-    path = Path(path)
+    path = as_path(path)
     if not path.exists():
         raise CheckpointError(f"no such checkpoint: {path}; check the path")
     if path.is_dir():
@@ -265,7 +274,7 @@ def read_source(path: str | Path, *, ema: bool = False, allow_pickle: bool = Fal
     entry = _follow_pointer_file(path)
     if entry is not None:
         return read_source(entry, ema=ema, allow_pickle=allow_pickle)
-    if path.name == ".metadata":
+    if path.name == ".metadata" and not is_url(path):
         return read_dcp(path.parent)
     if path.name.endswith(".index.json"):
         return _read_index(path, allow_pickle=allow_pickle)
@@ -295,12 +304,15 @@ def read_manifest(path: str | Path) -> dict[str, Any] | None:
     Resolves a manager directory through its ``latest`` pointer, and a ``latest``/``best`` pointer file to its
     entry (unverified; use ``CheckpointManager.latest()``/``.best()`` for the verified choice).
     """
-    path = Path(path)
+    path = as_path(path)
     if path.is_dir():
         if (path / MANIFEST).is_file():
             m = read_json(path / MANIFEST)
             return m if is_ours(m) else None
         target = read_pointer(path / POINTER)
+        if target is None and is_url(path):
+            entries = scan_entries(path)
+            return read_manifest(entries[-1][1]) if entries else None
         return read_manifest(path / target) if target else None
     entry = _follow_pointer_file(path)
     if entry is not None:

@@ -14,6 +14,7 @@ import collective
 
 from .errors import CheckpointError
 from .manifest import MANIFEST, POINTER, Manifest, read_pointer, verify_files
+from .objstore import as_path, is_url
 from .policy import best_record, scan_entries
 from .storage import read_json, recover_dirs, sha256_file
 
@@ -61,7 +62,8 @@ def verifies(path: Path) -> bool:
 def latest(directory: Path) -> Path | None:
     """The entry ``latest`` points to if it verifies (sha256 of every file), else the newest entry that does;
     None when there is none. An entry whose commit was interrupted mid-swap is put back first."""
-    recover_dirs(directory)
+    if not is_url(directory):
+        recover_dirs(directory)
     name = read_pointer(directory / POINTER)  # None for a missing, torn or binary pointer: fall back to the scan
     if name:
         target = directory / name
@@ -92,8 +94,9 @@ def resolve(directory: Path, path: str | Path | None = None) -> Path:
         if found is None:
             raise CheckpointError(f"no checkpoint in {directory}; start without --resume or point at one")
         return found
-    path = Path(path)
-    if path.is_dir() and (path / POINTER).is_file() and not (path / MANIFEST).is_file():
+    path = as_path(path)
+    if path.is_dir() and not (path / MANIFEST).is_file() and \
+            ((path / POINTER).is_file() or (is_url(path) and scan_entries(path))):  # a run's checkpoint dir
         found = latest(path)
         if found is None:
             raise CheckpointError(f"{path}: no entry verifies (all damaged or incomplete); point at a good entry")
@@ -131,7 +134,7 @@ def _claim(directory: Path, path: str | Path | None, missing_ok: bool) -> dict[s
     claim: dict[str, Any] = {"error": None, "path": None, "in_directory": False, "directory": str(directory),
                              "step": None, "manifest_sha256": None, "size": None}
     try:
-        if path is not None and path != "best" and not Path(path).exists():
+        if path is not None and path != "best" and not as_path(path).exists():
             raise CheckpointError(f"{path}: no such file or directory; point at a checkpoint entry, a run's "
                                   "checkpoints/ directory or a weights file")
         if path == "best":  # resolved here, on rank 0 alone, like "latest": the others check the claim
@@ -168,7 +171,7 @@ def _check_claim(directory: Path, claim: dict[str, Any], rank: int, *, auto: boo
             return None, (f"rank {rank} finds checkpoints in {directory} but rank 0 finds none in "
                           f"{claim['directory']}: {shared}")
         return None, None
-    theirs = Path(claim["path"])
+    theirs = as_path(claim["path"])
     mine = directory / theirs.name if claim["in_directory"] else theirs
     if rank == 0:
         return mine, None

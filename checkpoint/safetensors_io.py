@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Iterable, Iterator, Protocol
 
 from .errors import CheckpointError
+from .objstore import READ_RUN, is_url
 from .storage import libc_function
 
 if TYPE_CHECKING:
@@ -120,6 +121,10 @@ class TensorSlice:
         """Copy this tensor's bytes into ``f`` file to file (``os.copy_file_range``: no user-space buffer,
         so converting keeps a flat resident set; a bounded read/write loop where that is unavailable)."""
         f.flush()
+        if is_url(self.path):  # an object: ranged GETs, a part at a time
+            for a in range(0, self.nbytes, READ_RUN):
+                f.write(self.path.read_range(self.offset + a, min(READ_RUN, self.nbytes - a)))
+            return
         with open(self.path, "rb", buffering=0) as src:
             copy_range(src.fileno(), f, self.offset, self.nbytes, self.path)
 
@@ -149,6 +154,9 @@ def read_slices(path: Path, items: "list[tuple[TensorSlice, torch.Tensor]]") -> 
     if not items:
         return
     total = sum(it[0].nbytes for it in items)
+    if is_url(path):  # an object: ranged GETs of the same runs, copied into the destinations
+        path.read_into([(start, _views(pieces)[0]) for start, pieces in _runs(items, READ_RUN)])
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         end = items[-1][0].offset + items[-1][0].nbytes
@@ -235,11 +243,7 @@ def _runs(items: "list[tuple[TensorSlice, torch.Tensor]]", chunk: int) -> "Itera
 def _read_run(fd: int, start: int, pieces: list[tuple], path: Path) -> None:
     """Fill ``pieces`` (destination tensor, byte offset in it, length) from ``fd`` at ``start``: one
     ``preadv``, then buffer by buffer if it came back short (rare: signals, runs over ~2 GiB)."""
-    views, want = [], 0
-    for t, a, n in pieces:
-        v = byte_view(t)
-        views.append(v if a == 0 and n == len(v) else v[a:a + n])
-        want += n
+    views, want = _views(pieces)
     done = os.preadv(fd, views, start)
     if done >= want:
         return
@@ -252,6 +256,16 @@ def _read_run(fd: int, start: int, pieces: list[tuple], path: Path) -> None:
                 raise CheckpointError(f"{path}: file ended early (truncated?); re-copy it or use an earlier checkpoint")
             pos += n
         offset += len(v)
+
+
+def _views(pieces: list[tuple]) -> tuple[list[memoryview], int]:
+    """The byte views of ``pieces`` (destination tensor, byte offset in it, length), and their total length."""
+    views, want = [], 0
+    for t, a, n in pieces:
+        v = byte_view(t)
+        views.append(v if a == 0 and n == len(v) else v[a:a + n])
+        want += n
+    return views, want
 
 
 def _safetensors_verdict(path: Path) -> str | None:
@@ -288,6 +302,45 @@ def _looks_truncated(path: Path, size: int) -> bool:
         return False
 
 
+def _truncated(path: Path, size: int) -> CheckpointError:
+    return CheckpointError(f"{path}: truncated: the safetensors header describes more bytes than the file's {size}; "
+                           "the save or copy was interrupted, re-copy it or use an earlier checkpoint")
+
+
+def _invalid(path: Path, problem: str) -> CheckpointError:
+    return CheckpointError(f"{path}: not a valid safetensors file (safetensors: {problem}); the file is damaged, "
+                           "re-copy it or use an earlier checkpoint")
+
+
+def _remote_header(path) -> tuple[int, dict]:
+    """The header of a safetensors object, by two ranged GETs, validated by the installed ``safetensors`` on a
+    sparse local stand-in of the object's size (its header, then a hole: safe_open maps it and reads no
+    tensor), so the same rules apply to objects as to files without downloading the data."""
+    import tempfile
+
+    size = path.stat().st_size
+    if size < 8:
+        raise _invalid(path, f"{size} bytes, fewer than the 8-byte header length")
+    (n,) = struct.unpack("<Q", bytes(path.read_range(0, 8)))
+    if n > 100_000_000:
+        raise _invalid(path, f"header of {n} bytes is over the 100 MB limit")
+    if 8 + n > size:
+        raise _truncated(path, size)
+    raw = bytes(path.read_range(8, n))
+    with tempfile.NamedTemporaryFile(prefix="anytopo-header-", suffix=".safetensors") as stand_in:
+        stand_in.write(struct.pack("<Q", n) + raw)
+        stand_in.truncate(size)
+        stand_in.flush()
+        problem = _safetensors_verdict(Path(stand_in.name))
+    if problem is not None:
+        try:
+            ends = [v["data_offsets"][1] for k, v in json.loads(raw).items() if k != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            ends = []
+        raise _truncated(path, size) if 8 + n + max(ends, default=0) > size else _invalid(path, problem)
+    return n, json.loads(raw)
+
+
 def read_header(path: Path) -> tuple[dict[str, TensorSlice], dict[str, str]]:
     """Parse a safetensors header as the installed ``safetensors`` defines it. Returns (tensors by name,
     __metadata__).
@@ -298,17 +351,18 @@ def read_header(path: Path) -> tuple[dict[str, TensorSlice], dict[str, str]]:
     shape x dtype size == byte count, metadata str -> str). safetensors does not expose the offsets, so
     they are read from the same, now validated, header.
     """
-    size = path.stat().st_size
-    problem = _safetensors_verdict(path)
-    if problem is not None:
-        if _looks_truncated(path, size):
-            raise CheckpointError(f"{path}: truncated: the safetensors header describes more bytes than the file's "
-                                  f"{size}; the save or copy was interrupted, re-copy it or use an earlier checkpoint")
-        raise CheckpointError(f"{path}: not a valid safetensors file (safetensors: {problem}); the file is damaged, "
-                              "re-copy it or use an earlier checkpoint")
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+    if is_url(path):
+        n, header = _remote_header(path)
+    else:
+        size = path.stat().st_size
+        problem = _safetensors_verdict(path)
+        if problem is not None:
+            if _looks_truncated(path, size):
+                raise _truncated(path, size)
+            raise _invalid(path, problem)
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
     metadata = header.pop("__metadata__", None) or {}
     base = 8 + n
     tensors: dict[str, TensorSlice] = {}

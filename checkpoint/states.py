@@ -212,8 +212,8 @@ def read_states(entry: Path) -> dict[str, Any] | None:
                                   "update anytopo to read it")
         return doc["states"]
     if (entry / STATE_PICKLE).is_file():
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(entry / STATE_PICKLE, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(SAFE_GLOBALS), (entry / STATE_PICKLE).open("rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
     return None
 
 

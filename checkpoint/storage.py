@@ -264,6 +264,8 @@ def fsync_dir(path: Path) -> None:
 
 
 def sha256_file(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
+    if not isinstance(path, (str, os.PathLike)) and hasattr(path, "sha256"):  # an objstore.S3Path: streamed GET
+        return path.sha256()
     h = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
         buf = bytearray(chunk)
@@ -271,6 +273,18 @@ def sha256_file(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
         while n := f.readinto(buf):
             h.update(view[:n])
     return h.hexdigest()
+
+
+def child(directory: Path, name: Any, *, listed_in: str = "its manifest") -> Path:
+    """``directory / name`` for a file name a checkpoint's own index or manifest gave: only a relative path that
+    stays inside ``directory`` (no absolute path, no ``..``, no backslash). Anything else is refused in one line,
+    so a crafted index cannot make a load read ``/etc/passwd`` or a file beside the checkpoint."""
+    ok = isinstance(name, str) and name and not name.startswith("/") and "\\" not in name and "\x00" not in name \
+        and ".." not in name.split("/") and not os.path.isabs(name)
+    if not ok:
+        raise CheckpointError(f"{directory}: {listed_in} names {name!r}, which is not a file inside the checkpoint's "
+                              "folder; refused (a checkpoint may name only files under its own folder or prefix)")
+    return directory / name
 
 
 def read_json(path: Path) -> Any:

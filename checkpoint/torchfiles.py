@@ -27,7 +27,7 @@ SAFE_GLOBALS = [argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath, path
 def sniff(path: Path) -> str:
     """'safetensors', 'zip', 'pickle' or 'unknown', from the first bytes."""
     size = path.stat().st_size
-    with open(path, "rb") as f:
+    with path.open("rb") as f:  # a pathlib.Path, or an objstore.S3Path (ranged GETs)
         head = f.read(64)
     if head[:4] == b"PK\x03\x04":
         return "zip"
@@ -48,7 +48,7 @@ def _first_global(path: Path) -> str | None:
     successive pickles are scanned. Raises CheckpointError when the first bytes are not a parseable
     pickle (damaged rather than code-carrying).
     """
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         for n in range(5):
             strings: list[str] = []
             try:
@@ -67,6 +67,16 @@ def _first_global(path: Path) -> str | None:
     return None
 
 
+def _load(path: Path, *, weights_only: bool, mmap: bool) -> Any:
+    """torch.load of a local file (mapped when asked), or of an object through its ranged-read file."""
+    import torch
+
+    if isinstance(path, Path):
+        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
+    with path.open("rb") as f:
+        return torch.load(f, map_location="cpu", weights_only=weights_only)
+
+
 def torch_load(path: Path, *, allow_pickle: bool, mmap: bool) -> Any:
     """torch.load with weights_only=True; unsafe pickles only with explicit opt-in."""
     import torch
@@ -75,7 +85,7 @@ def torch_load(path: Path, *, allow_pickle: bool, mmap: bool) -> Any:
         with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
             # raw pickles (not torch.save) make torch warn about the protocol before refusing them
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            return _load(path, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         msg = str(e)
         m = re.search(r"GLOBAL ([\w.]+)", msg)
@@ -96,7 +106,7 @@ def torch_load(path: Path, *, allow_pickle: bool, mmap: bool) -> Any:
                               "the file is damaged or truncated, re-copy it or use an earlier checkpoint") from None
     # Explicit opt-in: the caller trusts this file.
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return _load(path, weights_only=False, mmap=False)
     except Exception as e:
         raise CheckpointError(f"{path}: could not unpickle it even with allow_pickle ({first_line(e)}); the file is damaged "
                               "or needs code that is not importable here") from None

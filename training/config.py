@@ -102,6 +102,11 @@ class TrainConfig:
                                               "collective (default: $ANYTOPO_DIST_TIMEOUT, which anytopo-launch "
                                               "sets to its --join-timeout, else 300)", metavar="SECONDS")
     output_dir: Path = option(Path("runs/train"), "checkpoints, metrics, curves and summary go here")
+    checkpoint_dir: str | None = option(None, "where the checkpoints go: a directory every node sees, or an "
+                                              "object store, s3://BUCKET/PREFIX (credentials and endpoint from "
+                                              "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, "
+                                              "AWS_ENDPOINT_URL); default OUTPUT_DIR/checkpoints",
+                                        metavar="DIR|URL")
     save_every: int | None = option(None, "save a checkpoint every N steps (and at the end)")
     keep_last: int = option(3, "checkpoints kept (0 keeps all)")
     save_sharded: bool = option(False, "every rank writes its own shard file (fsdp), plus one manifest")

@@ -24,6 +24,7 @@ import checkpoint
 import collective
 import launcher
 import models
+from checkpoint import objstore
 
 from . import data, tasks
 from .config import AMP_DTYPES, DTYPES, ConfigError, TrainConfig
@@ -152,7 +153,11 @@ class Trainer:
     def _build(self) -> None:
         cfg, info, log = self.cfg, self.info, self.log
         background = cfg.async_save and not cfg.save_sharded  # a sharded save needs every rank: synchronous
-        self.manager = checkpoint.CheckpointManager(self.out / "checkpoints", keep_last=cfg.keep_last,
+        ckpt_dir = cfg.checkpoint_dir or self.out / "checkpoints"
+        if objstore.is_url(ckpt_dir):  # bad credentials, bucket or endpoint: now, in seconds
+            collective.decide(lambda: objstore.check_access(ckpt_dir),
+                              fail=lambda failure, own: ConfigError(f"--checkpoint-dir: {failure}"))
+        self.manager = checkpoint.CheckpointManager(ckpt_dir, keep_last=cfg.keep_last,
                                                     every=cfg.save_every, sharded=cfg.save_sharded,
                                                     async_save=background, overlap_snapshot=background)
         if cfg.save_sharded and cfg.async_save:
@@ -163,7 +168,8 @@ class Trainer:
                                           fail=lambda failure, own: checkpoint.CheckpointError(str(failure)))
         if self.resume_path is None and not cfg.eval_only and holds_entries:
             raise ConfigError(f"{self.manager.directory} already holds checkpoints of another run: "
-                              "pass --resume auto to continue it, or choose another --output-dir")
+                              "pass --resume auto to continue it, or choose another --output-dir"
+                              + (" / --checkpoint-dir" if cfg.checkpoint_dir else ""))
         try:
             self.train_ds, self.test_ds, self.data = data.build_datasets(
                 cfg.data, seed=cfg.seed, image_size=cfg.image_size, num_samples=cfg.num_samples, augment=cfg.augment)
