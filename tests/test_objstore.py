@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -266,3 +267,103 @@ m.CheckpointManager._after_commit = after
     assert "Traceback" not in done.stderr
     mgr = checkpoint.CheckpointManager(url)
     assert [s for s, _ in mgr.entries()] == [5] and mgr.latest() == S3Path.from_url(f"{url}/step-5")
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("trials", [pytest.param(5, id="5"),
+                                    pytest.param(60, id="60", marks=pytest.mark.slow)])  # ~2-3 min: make test-slow
+def test_a_writer_sigkilled_at_random_points_of_its_uploads_never_leaves_a_commit_without_its_data(s3, trials):
+    """tests/_s3_kill.py: after every SIGKILL, every committed entry verifies and loads the weights saved at its
+    step, and latest is the newest of them; the kills landed mostly mid-upload."""
+    url = s3.url(f"kill-{trials}/ckpt")
+    done = subprocess.run([sys.executable, str(REPO / "tests" / "_s3_kill.py"), url, str(trials), "0"],
+                          capture_output=True, text=True, timeout=560, env=child_env(**s3.env, PYTHONPATH=str(REPO)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["bad"] == [] and result["checks"] == trials + 1, result
+    assert result["kills_landed_in"].get("upload", 0) >= trials // 4, result
+    assert result["final_steps"], result  # entries did commit between the kills
+
+
+# ------------------------------------------------------------------------------ no shared filesystem
+
+SHARDED = ["--model", "mlp", "--data", "digits", "--num-samples", "400", "--batch-size", "32", "--epochs", "100",
+           "--max-steps", "300", "--save-every", "4", "--lr", "0.01", "--warmup-steps", "1", "--no-progress", "--no-tensorboard",
+           "--log-every", "1"]
+
+
+@pytest.mark.slow  # three runs, two of them on two hosts (~1 min): make test-slow
+@pytest.mark.timeout(400)
+def test_two_hosts_without_a_shared_disk_save_to_the_store_lose_a_node_and_resume_on_one(tmp_path):
+    """Two network namespaces, each node with its own local --output-dir, FSDP over both with --save-sharded:
+    every rank uploads its own rank file, rank 0 commits. Node b is killed after the step-4 entry committed;
+    node a's rank ends with its one line; then node a alone (one process, no FSDP) resumes from the store and
+    trains to step 300 (the same schedule): its weights equal an uninterrupted one-process run's within float rounding (1e-5
+    relative; the first steps ran at world 2)."""
+    from _netns import two_hosts
+    from _netns import unavailable as netns_unavailable
+
+    why = netns_unavailable() or _s3.unavailable()
+    if why:
+        pytest.fail(why)
+    ref_out = tmp_path / "ref"
+    ref = train_py([*SHARDED, "--output-dir", str(ref_out)])
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    with two_hosts() as (a, b), _s3.s3_server(ip=a.addr, netns=a.ns) as store:
+        url = store.url("nodes/ckpt")
+        env = child_env(**store.env, PYTHONPATH=str(REPO))
+
+        def in_a(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
+            return subprocess.run(a.cmd(list(argv)), capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+
+        def committed() -> int:
+            """The step of the newest committed entry (0 for none)."""
+            shown = in_a(str(BIN / "anytopo-ckpt"), "inspect", url, "--json")
+            return (json.loads(shown.stdout).get("manifest") or {}).get("step", 0) if shown.returncode == 0 else 0
+
+        port = free_port_in_ns()
+        nodes = [h.cmd([sys.executable, "-m", "launcher", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank",
+                        str(r), "--master", f"{a.addr}:{port}", "--ifname", h.ifname, "--join-timeout", "60",
+                        str(REPO / "scripts" / "train.py"), *SHARDED, "--strategy", "fsdp", "--save-sharded",
+                        "--output-dir", str(tmp_path / f"node-{r}"), "--checkpoint-dir", url])
+                 for r, h in enumerate((a, b))]
+        procs = [subprocess.Popen(n, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  start_new_session=True) for n in nodes]
+        try:
+            deadline = time.monotonic() + 120
+            while not committed():
+                assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+                    [p.poll() for p in procs]
+                time.sleep(0.5)
+            for pid in subprocess.run(["ip", "netns", "pids", b.ns], capture_output=True, text=True).stdout.split():
+                os.kill(int(pid), 9)  # node b is gone: every process in its namespace (torchrun's workers too)
+            out_a = procs[0].communicate(timeout=120)[0]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, 9)
+                p.wait()
+        assert procs[0].returncode != 0
+        assert any(ln.startswith("error: rank 0/2 on ") and "went away during a collective" in ln
+                   for ln in out_a.splitlines()), out_a[-3000:]
+        assert not (tmp_path / "node-0" / "checkpoints").exists() and not (tmp_path / "node-1" / "checkpoints").exists()
+        # node a alone, from the store: a different topology (one process) and its own fresh output dir
+        resumed = in_a(sys.executable, str(REPO / "scripts" / "train.py"), *SHARDED,
+                       "--output-dir", str(tmp_path / "alone"), "--checkpoint-dir", url, "--resume", "auto",
+                       timeout=240)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        step = re.search(r"resumed from \S+/step-(\d+)", resumed.stderr)
+        assert step and 4 <= int(step.group(1)) < 300, resumed.stderr[-3000:]
+        got = json.loads(in_a(sys.executable, "-c", "import checkpoint, json, sys; sd = checkpoint.load_state_dict("
+                              f"{url + '/step-300'!r}); print(json.dumps({{k: v.double().flatten().tolist() for k, v in "
+                              "sd.items()}))", timeout=120).stdout)
+    want = checkpoint.load_state_dict(ref_out / "checkpoints" / "step-300")
+    assert got.keys() == want.keys()
+    for k, w in want.items():
+        g = torch.tensor(got[k], dtype=torch.float64)
+        assert float((g - w.double().flatten()).norm() / max(w.double().norm(), 1e-12)) <= 1e-5, k
+
+
+def free_port_in_ns() -> int:
+    """A port number for a listener inside a fresh namespace (nothing else listens there)."""
+    return 29400 + os.getpid() % 1000
