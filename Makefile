@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.anytopo-installed
 
-.PHONY: install demo test test-slow test-cluster slurm-deps slurm-cluster bench bench-quick gpu-check clean
+.PHONY: install demo test test-slow test-cluster slurm-deps slurm-cluster s3-server bench bench-quick gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,16 +38,22 @@ slurm-deps:
 slurm-cluster: install slurm-deps
 	cd tests && PYTHONPATH=../bench ../$(PY) _slurm.py up
 
+# An S3 server (SeaweedFS, from the test extra) to try --checkpoint-dir s3://... by hand; Ctrl-C stops it.
+s3-server: install
+	$(PY) bench/_s3.py up
+
 # Performance ratios, measured side by side (minutes; not part of `make test`). Results: bench/results/.
 bench: install
 	$(PY) bench/ckpt_io.py
 	$(PY) bench/train_loop.py
 	$(PY) bench/ddp_step.py
+	$(PY) bench/s3_io.py
 
 bench-quick: install
 	$(PY) bench/ckpt_io.py --quick
 	$(PY) bench/train_loop.py --quick
 	$(PY) bench/ddp_step.py --quick
+	$(PY) bench/s3_io.py --quick
 
 # CUDA paths (nccl DDP, DP on 1 GPU, AMP, channels_last, cuda->cpu, FSDP2, SyncBatchNorm, pinned async saves); on a GPU machine.
 gpu-check: install

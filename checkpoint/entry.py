@@ -23,7 +23,7 @@ from .objstore import S3Path, clear_prefix, publish_directory, staging
 from .rank_files import SHARD_FILE, rank_entries, split_state_shards
 from .safetensors_io import CODE_OF_NAME, InMemory, dtype_name, write_file
 from .states import state_files
-from .storage import atomic_dir, atomic_file, atomic_write_text
+from .storage import atomic_dir, atomic_file, atomic_write_text, volatile
 from .wrappers import describe_wrapping, unwrap
 from .writer import write_directory
 
@@ -48,7 +48,8 @@ def write_entry(path: Path, manifest: dict[str, Any], entries: dict[str, Any], s
     staging directory, uploaded, and committed by its manifest, put last (``objstore.publish_directory``)."""
     if isinstance(path, S3Path):
         with staging(path.name) as local:
-            write_directory(local, list(entries.items()), manifest, extra_files=state_files(states))
+            with volatile():  # a staging copy: the commit on the store is what makes the entry durable
+                write_directory(local, list(entries.items()), manifest, extra_files=state_files(states))
             publish_directory(local, path, commit_name=MANIFEST)
         return
     write_directory(path, list(entries.items()), manifest, extra_files=state_files(states))
@@ -91,6 +92,7 @@ def write_sharded_entry(path: Path, step: int, model: nn.Module, components: Any
             Path(tmp) if tmp is not None else None
         if remote and local is not None:
             local.mkdir()
+            local_stack.enter_context(volatile())  # staging copies: the store's commit makes the entry durable
         if local is not None:
             try:
                 entries, pieces = rank_entries({**sd, **state_shards}, rank)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, BinaryIO, Iterable, Iterator, Protocol
 
 from .errors import CheckpointError
 from .objstore import READ_RUN, is_url
-from .storage import libc_function
+from .storage import durable, libc_function
 
 if TYPE_CHECKING:
     import torch
@@ -532,7 +532,7 @@ class EarlyWriteback:
         self.f = f
         self.start = self.pos = pos
         try:
-            self.fd = f.fileno() if sync_file_range is not None else -1
+            self.fd = f.fileno() if sync_file_range is not None and durable() else -1
         except (AttributeError, OSError, ValueError):  # BytesIO and friends
             self.fd = -1
 

@@ -115,6 +115,27 @@ class HashingFile:
         return self._digest
 
 
+_DURABILITY = threading.local()
+
+
+@contextmanager
+def volatile() -> Iterator[None]:
+    """Within this block, on this thread, files and directories are written without fsync (and without early
+    writeback): for a staging copy whose durability comes from elsewhere (an entry uploaded to an object store
+    and committed there), where making it durable on the local disk only adds the disk's time."""
+    before = getattr(_DURABILITY, "volatile", False)
+    _DURABILITY.volatile = True
+    try:
+        yield
+    finally:
+        _DURABILITY.volatile = before
+
+
+def durable() -> bool:
+    """Whether writes on this thread are made durable (False inside ``volatile()``)."""
+    return not getattr(_DURABILITY, "volatile", False)
+
+
 @contextmanager
 def atomic_file(path: Path, *, sha256: bool = False) -> Iterator[Any]:
     """Open a temp file beside ``path``; on success flush+fsync+rename over ``path``, else delete it.
@@ -133,7 +154,8 @@ def atomic_file(path: Path, *, sha256: bool = False) -> Iterator[Any]:
             (f or raw).temp_path = tmp  # for writers that open it again (every rank of a sharded model)
             yield f or raw
             raw.flush()
-            os.fsync(raw.fileno())
+            if durable():
+                os.fsync(raw.fileno())
         if hashing is not None:
             hashing.hexdigest()  # joined after the fsync, which it overlapped
         os.replace(tmp, path)
@@ -250,7 +272,9 @@ def recover_dirs(directory: Path) -> list[Path]:
 
 
 def fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename inside it is durable (no-op where unsupported)."""
+    """fsync a directory so a rename inside it is durable (no-op where unsupported, and inside ``volatile()``)."""
+    if not durable():
+        return
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

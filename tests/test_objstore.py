@@ -1,4 +1,4 @@
-"""Checkpoints on an object store (checkpoint/objstore.py), against a real S3 server (SeaweedFS, tests/_s3.py):
+"""Checkpoints on an object store (checkpoint/objstore.py), against a real S3 server (SeaweedFS, bench/_s3.py):
 entries uploaded and committed by their manifest, put last and create-only; latest and best from committed
 entries; loads by byte ranges; the CLI on URLs; bad credentials, bucket and endpoint; faults.
 

@@ -5,7 +5,7 @@ port it opens picked free, its data, configuration and log in one private direct
 identity with random credentials and one bucket; it yields an :class:`S3Server` whose ``env`` holds the
 standard variables a client reads (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL), and
 stops it by pid and deletes everything on exit. ``stop()``/``start()`` kill and restart it on the same data
-(the fault tests). ``python tests/_s3.py up`` (``make s3-server``) starts one to try things by hand.
+(the fault tests). ``python bench/_s3.py up`` (``make s3-server``) starts one to try things by hand.
 """
 from __future__ import annotations
 
@@ -154,7 +154,7 @@ def s3_server(*, ip: str = "127.0.0.1", netns: str | None = None, bucket: str = 
 
 def main(argv: list[str]) -> int:
     if argv[:1] != ["up"]:
-        print("usage: python tests/_s3.py up   (a SeaweedFS S3 server on 127.0.0.1 until Ctrl-C)")
+        print("usage: python bench/_s3.py up   (a SeaweedFS S3 server on 127.0.0.1 until Ctrl-C)")
         return 2
     why = unavailable()
     if why:
