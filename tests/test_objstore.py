@@ -215,6 +215,29 @@ def test_train_saves_to_the_store_and_resumes_from_it(s3, tmp_path):
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["steps"] == 2 * summary["steps"]
 
 
+@pytest.mark.timeout(240)
+def test_every_rank_uploads_its_own_rank_file_and_one_process_resumes_the_sharded_entry(s3, tmp_path):
+    """torchrun x2, FSDP with --save-sharded to the store: each entry holds both ranks' files (each uploaded by
+    its rank) under a manifest that lists them with their sha256; one process then resumes it by URL."""
+    url = s3.url("sharded/ckpt")
+    args = ["--model", "mlp", "--data", "digits", "--num-samples", "200", "--batch-size", "32", "--max-steps", "6",
+            "--save-every", "3", "--no-progress", "--no-tensorboard"]
+    done = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(REPO / "scripts" / "train.py"),
+                           *args, "--strategy", "fsdp", "--save-sharded", "--output-dir", str(tmp_path / "a"),
+                           "--checkpoint-dir", url], env=child_env(**s3.env), capture_output=True, text=True,
+                          timeout=200, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    entry = checkpoint.CheckpointManager(url).latest()
+    manifest = json.loads((entry / "manifest.json").read_text())
+    ranks = manifest["sharded"]["files"]
+    assert len(ranks) == 2 and all(name in manifest["files"] for name in ranks)
+    assert set(ranks) <= {p.name for p in entry.iterdir()}
+    resumed = train_py([*args, "--max-steps", "9", "--output-dir", str(tmp_path / "b"), "--checkpoint-dir", url,
+                        "--resume", "auto"], **s3.env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {entry}" in resumed.stderr and "(world 2)" in resumed.stderr, resumed.stderr[-3000:]
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("fault", ["credentials", "bucket", "endpoint"])
 def test_bad_credentials_bucket_or_endpoint_exit_2_in_seconds_with_the_fix(s3, tmp_path, fault):
