@@ -62,6 +62,8 @@ WAITING = frozenset({"backward", "collective"})
 """Phases in which a healthy rank may be blocked by a peer (DDP all-reduces gradients during backward)."""
 LOCAL = frozenset({"data", "forward", "optimizer"})
 """Phases whose time is this rank's own work (its step time: :meth:`Watchdog.take_step_times`)."""
+BETWEEN_STEPS = frozenset({"setup", "save", "eval", "done"})
+"""Phases that are not part of a training step's wall time."""
 
 FLOOR_S = 60.0
 """The default limit of a measured phase is at least this."""
@@ -208,7 +210,8 @@ class Watchdog:
         self._now: tuple[int, str, float] = (0, "setup", time.monotonic())
         self._longest: dict[str, float] = {}
         self._step_local = 0.0
-        self._step_times: list[float] = []
+        self._step_wall = 0.0
+        self._step_times: list[tuple[float, float]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._store = None
@@ -228,17 +231,20 @@ class Watchdog:
             self._longest[prev] = took
         if prev in self.local_phases:
             self._step_local += took
+        if prev not in BETWEEN_STEPS:
+            self._step_wall += took
         self._now = (step, name, now)
 
     def step_done(self) -> None:
-        """A training step ended: its time in the local phases joins :meth:`take_step_times`."""
-        self._step_times.append(self._step_local)
-        self._step_local = 0.0
+        """A training step ended: its times join :meth:`take_step_times`."""
+        self._step_times.append((self._step_local, self._step_wall))
+        self._step_local = self._step_wall = 0.0
 
-    def take_step_times(self) -> list[float]:
-        """This rank's own time (the local phases) in each step since the last call, in seconds."""
+    def take_step_times(self) -> tuple[list[float], list[float]]:
+        """Since the last call, per step: this rank's own time (the local phases), and the step's wall time
+        without the saves and evaluations between steps, in seconds."""
         out, self._step_times = self._step_times, []
-        return out
+        return [t[0] for t in out], [t[1] for t in out]
 
     def limit(self, phase: str) -> float:
         """How long ``phase`` may last on this rank before it counts as hung."""

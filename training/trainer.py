@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -505,11 +506,11 @@ class Trainer:
                 return
             yield self._to_device(images, targets)
 
-    def _step_spread(self, wall_s: float) -> dict[str, float]:
+    def _step_spread(self) -> dict[str, float]:
         """Every rank's own step times of the window (one all-gather, with rank 0's save and step seconds):
         their spread for metrics.csv, a warning naming a straggler, and the preemption-grace check."""
-        own = self.watch.take_step_times()
-        rows = launcher.gather_step_times(own + [self.save_seconds or 0.0, wall_s], self.info)
+        own, wall = self.watch.take_step_times()
+        rows = launcher.gather_step_times(own + [self.save_seconds or 0.0, statistics.median(wall)], self.info)
         self.step_seconds = rows[0][-1]
         self._check_grace(rows[0][-2], self.step_seconds)
         spread, warnings = self.stragglers.update(self.step - len(own) + 1, [r[:-2] for r in rows])
@@ -544,7 +545,7 @@ class Trainer:
                     final_loss = self._global_mean(loss)
                     elapsed = time.perf_counter() - window_t
                     throughput = window_steps * cfg.batch_size / max(elapsed, 1e-9)
-                    spread = self._step_spread(elapsed / window_steps)
+                    spread = self._step_spread()
                     self._log_row(self.step, epoch=epoch, loss=final_loss, lr=self.scheduler.get_last_lr()[0],
                                   throughput=round(throughput, 2),
                                   grad_norm=None if self.grad_norm is None else float(self.grad_norm), **spread)
