@@ -46,7 +46,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -193,7 +193,8 @@ class Watchdog:
         startup_s: the limit before a phase is measured (the collective timeout: never later than gloo).
         local_phases: the phases counted as this rank's own step time.
         poll_s: how often the heartbeat is published and the others read.
-        log: where the verdict goes besides stderr (a ``logging.Logger``).
+        log: where the watchdog's own troubles go (a ``logging.Logger``, debug level).
+        on_exit: called (best effort) just before a rank exits for a hang, e.g. to release the run's lock.
 
     Example:
         >>> with Watchdog(info, report_dir=out / "hangs", timeout_s=None, startup_s=300) as wd:
@@ -201,8 +202,9 @@ class Watchdog:
     """
 
     def __init__(self, info: DistInfo, *, report_dir: Path, timeout_s: float | None, startup_s: float,
-                 local_phases: Collection[str] = LOCAL, poll_s: float = 1.0, log: Any = None):
-        self.info, self.report_dir, self.log = info, Path(report_dir), log
+                 local_phases: Collection[str] = LOCAL, poll_s: float = 1.0, log: Any = None,
+                 on_exit: Callable[[], Any] | None = None):
+        self.info, self.report_dir, self.log, self.on_exit = info, Path(report_dir), log, on_exit
         self.timeout_s, self.startup_s = timeout_s, startup_s
         self.poll_s = max(poll_s, info.world_size / 64)  # every rank reads every heartbeat once per poll
         self.local_phases = frozenset(local_phases)
@@ -219,6 +221,8 @@ class Watchdog:
         self._beat = 0
         self._dump_file = None
         self._t0 = time.monotonic()
+        self.thread_cpu_s = 0.0
+        """CPU seconds the watchdog thread has used, over its runs so far (what it can take from training)."""
 
     # -- the main thread's side: cheap
 
@@ -260,6 +264,7 @@ class Watchdog:
     # -- lifetime
 
     def start(self) -> "Watchdog":
+        self._stop.clear()
         self._dump_file = tempfile.TemporaryFile()  # unlinked: a peer on this host reads it via /proc/PID/fd
         faulthandler.register(DUMP_SIGNAL, file=self._dump_file, all_threads=True, chain=False)
         self._t0 = time.monotonic()
@@ -331,6 +336,7 @@ class Watchdog:
                     self.log.debug("watchdog: %s", e)
             if now - reached > self.limit(self._now[1]):
                 self._act(self._offline_verdict(now, now - reached))
+        self.thread_cpu_s += time.thread_time()  # this thread's CPU time since it started
 
     def _tick(self, now: float) -> None:
         self._publish(now)
@@ -451,6 +457,11 @@ class Watchdog:
                 pass
         for child in multiprocessing.active_children():  # DataLoader workers: their parent is leaving now
             child.kill()
+        if self.on_exit is not None:
+            try:
+                self.on_exit()
+            except Exception:  # noqa: BLE001 -- leaving all the same
+                pass
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
@@ -462,8 +473,8 @@ class Watchdog:
         try:
             where.mkdir(parents=True, exist_ok=True)
             with open(where / f"rank-{self.info.rank}.txt", "a") as f:  # appends: faulthandler writes to its fd
-                f.write(f"rank {self.info.rank}/{self.info.world_size} pid {self.pid} on {self.host}"
-                        + (f": {view.describe()}" if view else "") + "\n\n")
+                f.write((view.describe() if view else f"rank {self.info.rank} (pid {self.pid} on {self.host})")
+                        + f"; stacks of every thread (faulthandler):\n\n")
                 f.flush()
                 faulthandler.dump_traceback(file=f, all_threads=True)
                 for child in multiprocessing.active_children():
@@ -490,8 +501,7 @@ class Watchdog:
             note = (f"state {state}, not publishing heartbeats; its stacks (faulthandler, {DUMP_SIGNAL.name}):\n"
                     f"{stacks}" if stacks else f"state {state}: no answer to the dump signal; SIGKILLed")
         try:
-            (where / f"rank-{view.rank}.txt").write_text(f"rank {view.rank} pid {view.pid} on {view.host}: "
-                                                         f"{view.describe()}\n\n{note}\n")
+            (where / f"rank-{view.rank}.txt").write_text(f"{view.describe()}\n\n{note}\n")
         except OSError:
             pass
         if state not in (None, "t", "Z"):

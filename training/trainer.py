@@ -234,7 +234,8 @@ class Trainer:
         # hung and slow ranks (issue 21): phases marked below, heartbeats and step times from the watchdog
         local = launcher.watchdog.LOCAL - ({"forward"} if self.strategy.shards_parameters else set())  # fsdp gathers
         self.watch = launcher.Watchdog(info, report_dir=self.out / "hangs", timeout_s=cfg.hang_timeout or None,
-                                       startup_s=launcher.resolve_timeout(cfg.dist_timeout), local_phases=local, log=log)
+                                       startup_s=launcher.resolve_timeout(cfg.dist_timeout), local_phases=local, log=log,
+                                       on_exit=self.lock.release if self.lock is not None else None)
         self.stragglers = launcher.Stragglers(cfg.straggler_steps)
         self.save_seconds: float | None = None  # the last save's time until durable (rank 0's; see _check_grace)
         self.step_seconds: float | None = None  # wall time per step of the last metrics window
@@ -242,6 +243,10 @@ class Trainer:
         self.auto_every: int | None = None  # a save interval shorter than --save-every (_check_grace)
         self._grace_warned = False
         if cfg.hang_timeout != 0:
+            if cfg.hang_timeout and cfg.hang_timeout >= self.watch.startup_s and info.is_main:
+                log.warning("--hang-timeout %g is not below the collective timeout (%g s): a rank waiting for a stuck "
+                            "peer fails with gloo's timeout first, which names neither; lower --hang-timeout or raise "
+                            "--dist-timeout", cfg.hang_timeout, self.watch.startup_s)
             self.watch.start()
 
     def _loader(self, ds, sampler, batch_size: int, drop_last: bool) -> DataLoader:
