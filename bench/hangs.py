@@ -1,20 +1,22 @@
 """Hung and slow ranks under real torchrun: how fast the watchdog finds a hang, and what it costs.
 
     python bench/hangs.py                 # detection latency at --hang-timeout 10/20/30 (3 trials each) and the
-                                          # watchdog's cost on step time (6 interleaved pairs of runs)
-    python bench/hangs.py --quick         # 1 trial at 10 s, 2 pairs
+                                          # watchdog's cost on step time (32 alternating blocks in one job)
+    python bench/hangs.py --quick         # 1 trial at 10 s, 8 blocks
     python bench/hangs.py --latency 0     # only the cost
+    python bench/hangs.py --pairs 6       # also 6 interleaved pairs of whole train.py runs, on and off
 
 (1) Detection latency: torchrun --standalone --nproc_per_node=2 on the MLP (scripts/train.py through
     bench/_hang_worker.py), rank 1 SIGSTOPped after the first checkpoint; latency = SIGSTOP -> the verdict's
     report.txt on disk, and SIGSTOP -> torchrun exited. The bound the tests assert is --hang-timeout + 10 s.
-(2) Cost: the same DDP x2 run (ResNet-18 on the digits, 60 steps) with the watchdog on (--hang-timeout 60)
-    and off (--hang-timeout 0), alternated; each run's step time is the median over its metrics rows of
-    (window seconds / window steps), the first row (warm-up) left out. Cost = median(on) / median(off) - 1
-    over the pairs, with every pair's ratio printed. Both arms mark phases and gather step times at metrics
-    rows (that is the trainer, not the watchdog); what differs is the watchdog thread (its heartbeats and reads
-    of the store, once a second) and the dump handler. Also printed: the cost of one Watchdog.phase() call
-    (timeit), times the calls per step, against the step time.
+(2) Cost, side by side in one job (bench/_watchdog_cost.py under torchrun x2): the trainer's step (ResNet-18,
+    DDP, the same phase marks) in blocks of 20 steps, the watchdog started and stopped between blocks in ABBA
+    order; cost = median(on blocks) / median(off blocks) - 1, with the median of the ABBA groups' ratios
+    beside it. Also: the CPU time the watchdog thread itself used over the on blocks' wall time (a bound on the
+    interpreter time it can take from training), and one Watchdog.phase() call (timeit) times the 5 calls per
+    step against the step time. --pairs N adds whole train.py runs (--hang-timeout 60 vs 0) alternated, each
+    run's step time the median of its metrics rows' window seconds per step (warm-up row left out): the
+    end-to-end check, noisier on a shared machine.
 """
 from __future__ import annotations
 
@@ -129,6 +131,28 @@ def cost(root: Path, pairs: int, timeout: float = 600) -> dict:
             "ratio_of_medians": statistics.median(on) / statistics.median(off), "median_ratio": statistics.median(ratios)}
 
 
+def cost_blocks(root: Path, blocks: int, steps: int = 20, timeout: float = 900, null: bool = False) -> dict:
+    """bench/_watchdog_cost.py under torchrun x2: per-block seconds per step with the watchdog on and off
+    (``null``: never on, the A/A control)."""
+    out = root / f"cost-blocks{'-null' if null else ''}.json"
+    cmd = [sys.executable, "-m", "launcher.torchrun", "--standalone", "--nproc_per_node=2",
+           str(REPO / "bench" / "_watchdog_cost.py"), str(out), str(blocks), str(steps), *(["null"] if null else [])]
+    p = subprocess.run(cmd, cwd=REPO, env=faults._env(), capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise RuntimeError(f"the cost job failed:\n{p.stderr[-2000:]}")
+    rows = json.loads(out.read_text())
+    on = [r["s_per_step"] for r in rows if r["on"]]
+    off = [r["s_per_step"] for r in rows if not r["on"]]
+    groups = [rows[i:i + 4] for i in range(0, len(rows) - 3, 4)]  # on, off, off, on
+    group_ratios = [(g[0]["s_per_step"] + g[3]["s_per_step"]) / (g[1]["s_per_step"] + g[2]["s_per_step"])
+                    for g in groups]
+    return {"blocks": blocks, "steps_per_block": steps, "rows": rows,
+            "ratio_of_medians": statistics.median(on) / statistics.median(off),
+            "median_group_ratio": statistics.median(group_ratios), "group_ratios": group_ratios,
+            "on_s": statistics.median(on), "off_s": statistics.median(off),
+            "thread_cpu_share": statistics.median(r["thread_cpu_share"] for r in rows if r["on"])}
+
+
 def phase_call_cost() -> float:
     """Seconds per Watchdog.phase() call (the main thread's whole share of the watchdog)."""
     import launcher
@@ -146,12 +170,15 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="1 latency trial at 10 s, 2 cost pairs")
     p.add_argument("--latency", type=int, default=3, help="trials per timeout (0: none)")
     p.add_argument("--timeouts", type=float, nargs="+", default=[10, 20, 30])
-    p.add_argument("--pairs", type=int, default=6, help="interleaved on/off pairs for the cost (0: none)")
+    p.add_argument("--blocks", type=int, default=32, help="alternating blocks of 20 steps for the cost (0: none)")
+    p.add_argument("--repeat", type=int, default=2, help="A/B block jobs, each followed by an A/A control job")
+    p.add_argument("--pairs", type=int, default=0, help="interleaved on/off pairs of whole train.py runs")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
-    trials, timeouts, pairs = (1, [10.0], 2) if args.quick else (args.latency, args.timeouts, args.pairs)
+    trials, timeouts, blocks, pairs = ((1, [10.0], 8, args.pairs) if args.quick else
+                                       (args.latency, args.timeouts, args.blocks, args.pairs))
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
-    res: dict = {"latency": [], "cost": None}
+    res: dict = {"latency": [], "cost": None, "blocks": None}
     with tempfile.TemporaryDirectory(prefix="anytopo-hangs-") as tmp:
         root = Path(tmp)
         for t in timeouts if trials else []:
@@ -159,6 +186,11 @@ def main() -> int:
                 r = trial_sigstop(root, f"stop-{t:g}-{i}", t)
                 res["latency"].append(r)
                 print(json.dumps({k: r[k] for k in ("hang_timeout", "ok", "rc", "detect_s", "exit_s")}))
+        for _ in range((1 if args.quick else args.repeat) if blocks else 0):  # A/B, then the A/A control, alternately
+            res.setdefault("blocks_runs", []).append(cost_blocks(root, blocks))
+            res.setdefault("null_runs", []).append(cost_blocks(root, blocks, null=True))
+        if blocks:
+            res["blocks"] = res["blocks_runs"][0]
         if pairs:
             res["cost"] = cost(root, pairs)
     res["phase_call_s"] = phase_call_cost()
@@ -171,14 +203,22 @@ def main() -> int:
             print(f"--hang-timeout {t:g}: SIGSTOP -> verdict on disk {min(d):.1f}-{max(d):.1f} s (timeout + "
                   f"{min(d) - t:.1f}..{max(d) - t:.1f} s), -> torchrun exited {min(e):.1f}-{max(e):.1f} s; "
                   f"{sum(r['ok'] for r in rows)}/{len(rows)} within timeout + 10 s")
+    for c, n in zip(res.get("blocks_runs", []), res.get("null_runs", [])):
+        print(f"watchdog cost, {c['blocks']} alternating blocks of {c['steps_per_block']} DDP steps in one job: "
+              f"{c['on_s'] * 1e3:.1f} ms per step on vs {c['off_s'] * 1e3:.1f} ms off, ratio of medians "
+              f"{c['ratio_of_medians']:.4f}, median of the ABBA groups' ratios {c['median_group_ratio']:.4f} (groups: "
+              f"{', '.join(f'{r:.3f}' for r in c['group_ratios'])}); the watchdog thread's own CPU time "
+              f"{c['thread_cpu_share'] * 100:.3f} % of the wall time; Watchdog.phase() {res['phase_call_s'] * 1e9:.0f} ns "
+              f"x 5 per step = {res['phase_call_s'] * 5 / c['off_s'] * 100:.4f} % of a step")
+        print(f"  A/A control (watchdog never on, same alternation): ratio of medians {n['ratio_of_medians']:.4f}, "
+              f"median group ratio {n['median_group_ratio']:.4f} (groups: "
+              f"{', '.join(f'{r:.3f}' for r in n['group_ratios'])})")
     c = res["cost"]
     if c:
         print(f"watchdog cost on step time: median of per-pair ratios {c['median_ratio']:.4f}, ratio of medians "
               f"{c['ratio_of_medians']:.4f} (pairs: {', '.join(f'{r:.3f}' for r in c['ratios'])}); step "
-              f"{statistics.median(c['off_s']) * 1e3:.1f} ms off, {statistics.median(c['on_s']) * 1e3:.1f} ms on")
-        per_step = res["phase_call_s"] * 8  # phase() calls per step: data, forward, backward, optimizer, collective x2..
-        print(f"Watchdog.phase(): {res['phase_call_s'] * 1e9:.0f} ns per call, ~8 calls per step = "
-              f"{per_step / statistics.median(c['off_s']) * 100:.4f} % of a step")
+              f"{statistics.median(c['off_s']) * 1e3:.1f} ms off, {statistics.median(c['on_s']) * 1e3:.1f} ms on "
+              "(whole train.py runs)")
     if args.json:
         args.json.write_text(json.dumps(res, indent=1, default=str))
     ok = all(r["ok"] for r in res["latency"])

@@ -108,6 +108,18 @@ def test_a_rank_three_times_slower_is_named_once_after_n_steps():
     assert launcher.Stragglers(steps=3).update(1, [[0.01] * 5, [0.019] * 5])[1] == []  # 1.9x is not a straggler
 
 
+def test_the_generated_slurm_script_requeues_a_job_whose_rank_hung_a_bounded_number_of_times():
+    from launcher import launch
+
+    p = subprocess.run([sys.executable, "-m", "launcher", "--nnodes", "2", "--nproc-per-node", "2", "--slurm",
+                        "scripts/train.py", "--strategy", "ddp"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    i = lines.index(f'if [ "$rc" = 124 ] && [ "${{SLURM_RESTART_COUNT:-0}}" -lt {launch.HANG_REQUEUES} ]; then')
+    assert lines[i + 2] == '    scontrol requeue "$SLURM_JOB_ID" && exit 0' and lines[-1] == 'exit "$rc"'
+    assert subprocess.run(["bash", "-n"], input=p.stdout, text=True).returncode == 0
+
+
 def test_bad_watchdog_flags_are_refused_with_the_fix():
     with pytest.raises(ConfigError, match=r"--hang-timeout must be >= 0 seconds \(0 turns the watchdog off\)"):
         TrainConfig(hang_timeout=-1)
@@ -198,7 +210,8 @@ def test_a_sigstopped_rank_is_named_within_the_timeout_and_the_job_ends_non_zero
     assert "Thread 0x" in stacks and "training/trainer.py" in stacks and "in fit" in stacks, stacks[:2000]
     assert "stopped (state T: SIGSTOP): a stopped process cannot dump its stacks; SIGKILLed" in (
         where / "rank-1.txt").read_text()
-    assert "rank 0 (pid" in text and "exit code 124" in text and "killed by SIGKILL" in text, text[-2000:]
+    assert re.search(r"rank 0 \(pid \d+\) exit code 124, rank 1 \(pid \d+\) killed by SIGKILL", text), text[-2000:]
+    assert r["rc"] == launcher.HUNG_EXIT_CODE  # the agent too, so that a job script can requeue on it
     assert "Traceback" not in text
     assert r["exit_s"] < 8 + 20  # not the 30 s torchrun gives a stopped worker, nor the 300 s collective timeout
 
@@ -217,6 +230,7 @@ def test_a_hang_under_torchrun_restarts_and_resumes_to_the_uninterrupted_weights
     assert r["ok"], (r, _log(out)[-3000:])
     text = _log(out)
     assert re.search(r"restart 1: resuming from step-(1|2)0", text), text[-3000:]
+    assert "stale lock" not in text  # the hung rank 0 released the run's lock on its way out
     assert faults.max_rel_diff(faults.final_weights(out), ref["weights"]) == 0.0
 
 
@@ -229,7 +243,7 @@ def test_a_rank_sleeping_in_its_data_loader_worker_is_named_with_the_workers_sta
     rc = faults.finish(proc, 150)
     text = _log(out)
     found = hangs.reports(out)
-    assert rc == 1 and found, text[-3000:]
+    assert rc == launcher.HUNG_EXIT_CODE and found, text[-3000:]
     line = found[0].read_text().splitlines()[0]
     assert re.match(r"hung: rank 1 \(pid \d+ on \S+\) in data of step \d+ for \d+ s; waiting for it: rank 0 in "
                     r"(backward|collective)", line), line
