@@ -238,7 +238,7 @@ class Trainer:
                                        on_exit=self.lock.release if self.lock is not None else None)
         self.stragglers = launcher.Stragglers(cfg.straggler_steps)
         self.save_seconds: float | None = None  # the last save's time until durable (rank 0's; see _check_grace)
-        self.step_seconds: float | None = None  # wall time per step of the last metrics window
+        self.step_seconds: float | None = None  # rank 0's median step wall time (saves, evals left out), last window
         self._save_started: float | None = None
         self.auto_every: int | None = None  # a save interval shorter than --save-every (_check_grace)
         self._grace_warned = False
