@@ -16,10 +16,11 @@ the main thread is blocked in one). The same thread reads every rank's heartbeat
 - a rank is *silent* when its heartbeat has not changed for :data:`SILENT_S` seconds: the process is stopped
   (SIGSTOP), frozen, or its host is gone; it is over once silent for ``--hang-timeout`` (default
   :data:`FLOOR_S`), whatever phase it last published;
-- the *stuck* ranks are the over ones that are silent or in a phase that does not wait for peers; ranks over
-  in ``backward``/``collective`` are only waiting for them. When every rank waits, and has waited a grace
-  beyond its limit, they wait for each other in collectives that never match (one skipped or added a
-  collective) and all are named.
+- the *stuck* ranks are the silent over ones, else the ones over in a phase that waits for no peer (data,
+  forward, optimizer); the others may be waiting for them (collectives run in backward, at step boundaries,
+  and inside save, eval and setup). Ranks over only in save/eval/setup are named once they are a grace past
+  their limit; when every rank waits in a collective past that, they wait for each other in collectives that
+  never match (one skipped or added a collective) and all are named (see :func:`find_hang`).
 
 The first rank that finds a hang claims it (an atomic counter in the store) and posts one verdict; every rank
 reads it within a second. Then every rank that can still run Python prints the verdict's one line, writes its
@@ -133,17 +134,26 @@ class Finding:
     """Every rank waits in a collective: they wait for each other (a skipped or added collective)."""
 
 
-def find_hang(views: Mapping[int, View]) -> Finding | None:
-    """The hang among ``views`` (every rank the observer sees), or None. Pure: see the module docstring."""
+def find_hang(views: Mapping[int, View], own: Collection[str] = LOCAL) -> Finding | None:
+    """The hang among ``views`` (every rank the observer sees), or None. Pure: see the module docstring.
+
+    ``own``: the phases in which a rank waits for no peer (``Watchdog.local_phases``). In the others --
+    ``backward``/``collective`` (waiting ones), ``save``/``eval``/``setup`` (own work and collectives) -- a rank
+    over its limit may be waiting for the stuck one. So the stuck ranks are, in this order of evidence: the
+    silent ones; else those over in an own phase; else, once every over rank is a grace past its limit, those in
+    save/eval/setup; else, when every rank waits in a collective, all of them (a collective that never matches).
+    Every other rank is listed as waiting."""
     over = [r for r, v in sorted(views.items()) if v.over]
-    stuck = tuple(r for r in over if not views[r].responding or views[r].phase not in WAITING)
-    waiting = tuple(r for r, v in sorted(views.items()) if r not in stuck and v.phase in WAITING)
-    if stuck:
-        return Finding(stuck, waiting)
-    if over and all(v.phase in WAITING or v.phase == "done" for v in views.values()) \
-            and all(views[r].age > views[r].limit + grace(views[r].limit) for r in over):
-        return Finding(tuple(over), (), mismatch=True)
-    return None
+    stuck = [r for r in over if not views[r].responding] or [r for r in over if views[r].phase in own]
+    mismatch = False
+    if not stuck and over and all(views[r].age > views[r].limit + grace(views[r].limit) for r in over):
+        stuck = [r for r in over if views[r].phase not in WAITING]
+        if not stuck and all(v.phase in WAITING or v.phase == "done" for v in views.values()):
+            stuck, mismatch = over, True
+    if not stuck:
+        return None
+    waiting = tuple(r for r, v in sorted(views.items()) if r not in stuck and v.phase != "done")
+    return Finding(tuple(stuck), () if mismatch else waiting, mismatch)
 
 
 def verdict_line(finding: Finding, views: Mapping[int, View], where: str | Path) -> str:
@@ -168,6 +178,20 @@ def process_state(pid: int) -> str | None:
     except OSError:
         return None
     return stat.rsplit(")", 1)[-1].split()[0] if ")" in stat else None
+
+
+def _bounded(fn: Callable[[], Any], timeout_s: float) -> None:
+    """``fn()`` on a daemon thread, waited for at most ``timeout_s``; its errors are dropped (store calls on the
+    way out: the store may be gone, or its server stopped, where a call never returns)."""
+    def run() -> None:
+        try:
+            fn()
+        except Exception:  # noqa: BLE001
+            pass
+
+    t = threading.Thread(target=run, name="anytopo-watchdog-io", daemon=True)
+    t.start()
+    t.join(timeout_s)
 
 
 def catches(pid: int, sig: int) -> bool:
@@ -216,6 +240,9 @@ class Watchdog:
         self._step_times: list[tuple[float, float]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._guard: threading.Thread | None = None
+        self._acting = threading.Lock()
+        self._reached = time.monotonic()  # the store last answered (world > 1)
         self._store = None
         self._seen: dict[int, tuple[int, float, dict]] = {}  # rank -> (beat, monotonic time first seen, heartbeat)
         self._beat = 0
@@ -274,8 +301,12 @@ class Watchdog:
                 self._publish(self._t0)  # at once: a rank stopped before the thread's first beat is still seen
             except Exception:  # noqa: BLE001 -- the thread retries
                 self._store = None
+        self._reached = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="anytopo-watchdog", daemon=True)
         self._thread.start()
+        if self.info.world_size > 1:
+            self._guard = threading.Thread(target=self._watch_store, name="anytopo-watchdog-guard", daemon=True)
+            self._guard.start()
         return self
 
     def stop(self) -> None:
@@ -284,13 +315,12 @@ class Watchdog:
         if self._thread is None:
             return
         self._stop.set()
-        self._thread.join(timeout=15)
-        self._thread = None
+        for thread in (self._thread, self._guard):
+            if thread is not None:
+                thread.join(timeout=10)  # a store call to a stopped server never returns: do not wait for it
+        self._thread = self._guard = None
         self.phase("done", self._now[0])
-        try:
-            self._publish(time.monotonic())
-        except Exception:  # noqa: BLE001 -- the store may be gone at exit: nothing to tell then
-            pass
+        _bounded(lambda: self._publish(time.monotonic()), 2.0)  # the store may be gone: nothing to tell then
         faulthandler.unregister(DUMP_SIGNAL)
         self._dump_file.close()
 
@@ -320,7 +350,6 @@ class Watchdog:
             self._store.set(f"hb/{self.info.rank}", json.dumps(self._heartbeat(now)))
 
     def _run(self) -> None:
-        reached = time.monotonic()  # the store last answered (world > 1)
         while not self._stop.wait(self.poll_s):
             now = time.monotonic()
             try:
@@ -329,21 +358,29 @@ class Watchdog:
                     if self._store is None:
                         raise ConnectionError("the rendezvous store does not answer")
                 self._tick(now)
-                reached = now
+                self._reached = now
             except Exception as e:  # noqa: BLE001 -- the store timed out or went away: reconnect next time
                 self._store = None
                 if self.log is not None:
                     self.log.debug("watchdog: %s", e)
-            if now - reached > self.limit(self._now[1]):
-                self._act(self._offline_verdict(now, now - reached))
         self.thread_cpu_s += time.thread_time()  # this thread's CPU time since it started
+
+    def _watch_store(self) -> None:
+        """A request to a store whose server process is stopped never returns (the client's timeout does not
+        bound it), so another thread notices when the heartbeat thread has not reached the store for longer
+        than this rank's limit, and reports alone."""
+        while not self._stop.wait(self.poll_s):
+            now = time.monotonic()
+            if now - self._reached > self.limit(self._now[1]):
+                self._store = None
+                self._act(self._offline_verdict(now, now - self._reached))
 
     def _tick(self, now: float) -> None:
         self._publish(now)
         verdict = self._posted_verdict()
         if verdict is None:
             views = self._views(now)
-            finding = find_hang(views)
+            finding = find_hang(views, self.local_phases)
             if finding is None:
                 return
             verdict = self._declare(finding, views)
@@ -351,15 +388,20 @@ class Watchdog:
 
     def _offline_verdict(self, now: float, lost: float) -> dict:
         """The store has not answered for longer than this rank's limit: it cannot learn or post a verdict, so
-        it reports alone (the store lives in torchrun's agent, or in rank 0's process when no agent runs)."""
+        it reports alone (the store lives in torchrun's agent, or in rank 0's process when no agent runs), from
+        the heartbeats it last read; a rank on this host that is stopped is named, and ended as in a verdict."""
         addr = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
         own = self._view(self._heartbeat(now), 0.0)
+        views = {own.rank: own, **{r: self._view(hb, now - first) for r, (_, first, hb) in self._seen.items()}}
+        stopped = [v for r, v in sorted(views.items()) if v.state in ("T", "t")]
         where = self._new_report_dir()
-        line = (f"the rendezvous store at {addr} has not answered for {lost:.0f} s (it lives in torchrun's agent, "
-                "or in rank 0's process when no agent runs: that process or its host is stuck or gone); this rank "
-                f"is {own.describe()[len(f'rank {own.rank} '):]}; its stacks in {where}; it exits {HUNG_EXIT_CODE} "
-                "so that the launcher restarts the run, which resumes from its newest checkpoint")
-        return {"line": line, "dir": str(where), "stuck": [], "views": {str(own.rank): asdict(own)}}
+        line = (f"the rendezvous store at {addr} has not answered for {lost:.0f} s (it lives in torchrun's agent, or "
+                "in rank 0's process when no agent runs): " + ("; ".join(v.describe() for v in stopped) if stopped
+                                                                else "that process or its host is stuck or gone")
+                + f"; this rank {own.describe()[len(f'rank {own.rank} '):]}; stacks in {where}; it exits "
+                f"{HUNG_EXIT_CODE} so that the launcher restarts the run, which resumes from its newest checkpoint")
+        return {"line": line, "dir": str(where), "stuck": [v.rank for v in stopped],
+                "views": {str(r): asdict(v) for r, v in views.items()}}
 
     def _posted_verdict(self) -> dict | None:
         if self._store is None or not self._store.check(["verdict"]):
@@ -433,6 +475,8 @@ class Watchdog:
     def _act(self, verdict: dict) -> None:
         """Say it, write the stacks this rank can give, end the ranks on this host that cannot end themselves,
         and exit :data:`HUNG_EXIT_CODE` once every live rank has written its stacks (at most a few seconds)."""
+        if not self._acting.acquire(blocking=False):  # the other watchdog thread is acting: it exits the process
+            threading.Event().wait()
         rank = self.info.rank
         prefix = f"rank {rank}/{self.info.world_size}: " if self.info.world_size > 1 else ""
         sys.stderr.write(f"error: {prefix}{verdict['line']}\n")
@@ -446,15 +490,16 @@ class Watchdog:
                 v = views[r]
                 if not v.responding and v.host == self.host and r != rank:
                     self._end_silent(where, v)
-        if self._store is not None:
-            try:
-                self._store.set(f"done/{rank}", "1")
+        store = self._store
+        if store is not None:
+            def wait_for_the_others() -> None:
+                store.set(f"done/{rank}", "1")
                 live = [f"done/{r}" for r, v in views.items() if v.responding]
                 deadline = time.monotonic() + 5
-                while time.monotonic() < deadline and not self._store.check(live):
+                while time.monotonic() < deadline and not store.check(live):
                     time.sleep(0.05)
-            except Exception:  # noqa: BLE001 -- the store went away: exit all the same
-                pass
+
+            _bounded(wait_for_the_others, 6.0)
         for child in multiprocessing.active_children():  # DataLoader workers: their parent is leaving now
             child.kill()
         if self.on_exit is not None:

@@ -56,6 +56,16 @@ def test_the_stuck_rank_is_named_not_the_ranks_that_wait_for_it():
     # a live rank stuck in its data loading (its own watchdog still publishes)
     f = find_hang({0: view(0, "collective", 61), 1: view(1, "data", 61)})
     assert f.stuck == (1,) and f.waiting == (0,)
+    # the waiting rank is blocked in a collective inside a save: still waiting, not stuck
+    f = find_hang({0: view(0, "save", 70), 1: view(1, "forward", 3, silent=61)})
+    assert f.stuck == (1,) and f.waiting == (0,)
+    # only ranks over in a save (one writing to a hung filesystem, the other in the save's barrier): after the
+    # grace both are named, the stacks tell which; under fsdp a rank waiting in forward's gather is not "stuck"
+    assert find_hang({0: view(0, "save", 61), 1: view(1, "save", 61)}) is None
+    assert find_hang({0: view(0, "save", 76), 1: view(1, "save", 76)}).stuck == (0, 1)
+    fsdp_own = {"data", "optimizer"}
+    f = find_hang({0: view(0, "forward", 70), 1: view(1, "data", 65)}, own=fsdp_own)
+    assert f.stuck == (1,) and f.waiting == (0,)
     # nothing over its limit, or only waiting ranks not yet past the grace: no verdict
     assert find_hang({0: view(0, "forward", 59), 1: view(1, "backward", 59)}) is None
     assert find_hang({0: view(0, "backward", 61), 1: view(1, "collective", 30)}) is None
@@ -309,3 +319,45 @@ def test_sigterm_with_two_dataloader_workers_checkpoints_and_resumes_exactly(tmp
     r = faults.trial_sigterm(tmp_path, 0, "agent", ref, random.Random(0), 180, extra=["--workers", "2"])
     assert r["ok"] is True, (r, faults.log_text(tmp_path / "sigterm-agent-0")[-3000:])
     assert r["signal_to_exit_s"] < 30 and r["losses_equal"]
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow  # ~25 s
+@pytest.mark.timeout(200)
+def test_without_an_agent_a_stopped_rank_0_that_hosts_the_store_is_still_named(tmp_path):
+    """Two processes started by hand, as srun starts them (RANK/WORLD_SIZE/MASTER_* set, no torchrun): rank 0's
+    process hosts the rendezvous store. Rank 0 SIGSTOPped: rank 1 can read no heartbeat any more; once the store
+    has not answered for its limit it reports alone, names rank 0 as stopped (same host: /proc), ends it, and
+    exits 124."""
+    port = faults.free_port()
+    out = tmp_path / "o"
+    procs = []
+    for rank in (0, 1):
+        env = {**faults._env(), "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        log = open(tmp_path / f"rank{rank}.log", "w")
+        procs.append(subprocess.Popen([sys.executable, str(REPO / "scripts" / "train.py"), *hangs.LONG_ARGS,
+                                       "--output-dir", str(out), "--hang-timeout", "8"], cwd=REPO, env=env,
+                                      stdout=log, stderr=subprocess.STDOUT))
+    try:
+        assert faults.wait_for(lambda: (out / "checkpoints" / "latest").is_file(), 120), \
+            (tmp_path / "rank1.log").read_text()[-2000:]
+        time.sleep(1.5)
+        os.kill(procs[0].pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        rc1 = procs[1].wait(90)
+        took = time.monotonic() - stopped
+        rc0 = procs[0].wait(10)  # ended by rank 1
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    text = (tmp_path / "rank1.log").read_text()
+    assert rc1 == launcher.HUNG_EXIT_CODE and rc0 == -signal.SIGKILL, (rc0, rc1, text[-3000:])
+    line = [ln for ln in text.splitlines() if ln.startswith("error: rank 1/2: ")]
+    assert len(line) == 1 and f"the rendezvous store at 127.0.0.1:{port} has not answered" in line[0], text[-3000:]
+    assert f"rank 0 (pid {procs[0].pid} on " in line[0] and "process stopped (state T" in line[0], line[0]
+    assert took < 8 + 20, took  # the limit, plus the store client's timeouts on the way
+    (where,) = (out / "hangs").iterdir()
+    assert "SIGKILLed" in (where / "rank-0.txt").read_text() and "Thread 0x" in (where / "rank-1.txt").read_text()
