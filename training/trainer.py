@@ -407,6 +407,9 @@ class Trainer:
     def save(self, epoch: int, *, blocking: bool | None = None) -> Path:
         """Checkpoint the current step (in the background unless --no-async-save, --save-sharded or ``blocking``)."""
         self.watch.phase("save", self.step)
+        if self._save_started is not None:  # manager.save waits for the save in flight anyway: measure it first,
+            self.manager.wait()  # so that this entry records it (on the writer; immediate elsewhere)
+            self._note_save_done()
         self.trainer_state.update(step=self.step, epoch=epoch, global_batch=self.cfg.batch_size, seed=self.cfg.seed,
                                   samples_seen=self.step * self.cfg.batch_size, world_size=self.info.world_size,
                                   save_seconds=self.save_seconds, step_seconds=self.step_seconds)
@@ -447,8 +450,10 @@ class Trainer:
         """Warn (rank 0) and save more often when a step plus a save would not fit in the grace the scheduler
         gives after its signal (--preempt-grace): the preemption checkpoint would be cut off by SIGKILL. The
         numbers are rank 0's, the same on every rank, so every rank takes the same new interval (saves are
-        collective). A save that may first wait for one in flight (asynchronous saves) counts twice."""
-        if not save_s or not step_s:
+        collective). A save that may first wait for one in flight (asynchronous saves) counts twice. Decided
+        once, from the first measurement: more frequent background saves compete with training and measure
+        slower, which would tighten the interval again and again."""
+        if self._grace_warned or not save_s or not step_s:
             return
         need = step_s + save_s * (2 if self.manager.async_save else 1)
         if need <= self.cfg.preempt_grace:
@@ -458,8 +463,8 @@ class Trainer:
         shorter = every < current
         if shorter:
             self.auto_every = every
-        if self.info.is_main and (shorter or not self._grace_warned):
-            self._grace_warned = True
+        self._grace_warned = True
+        if self.info.is_main:
             now = (f"saving every {every} steps instead of " + (f"every {current}" if current != math.inf else
                    "only at the end") + f", so that a cut-off one loses at most about {every * step_s:.3g} s"
                    if shorter else f"--save-every {current} already bounds what a cut-off one loses")
