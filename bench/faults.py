@@ -274,10 +274,12 @@ def trial_shrink(root: Path, i: int, ref: dict, rng: random.Random, timeout: flo
     return result
 
 
-def trial_sigterm(root: Path, i: int, target: str, ref: dict, rng: random.Random, timeout: float) -> dict:
-    """(c): SIGTERM to one worker or to torchrun -> exit 143 with a checkpoint; --resume auto continues exactly."""
+def trial_sigterm(root: Path, i: int, target: str, ref: dict, rng: random.Random, timeout: float,
+                  extra: list[str] = ()) -> dict:
+    """(c): SIGTERM to one worker or to torchrun -> exit 143 with a checkpoint; --resume auto continues exactly.
+    ``extra``: more train.py flags for both launches (e.g. --workers 2)."""
     out = root / f"sigterm-{target}-{i}"
-    proc = torchrun(out, restarts=0)
+    proc = torchrun(out, restarts=0, extra=list(extra))
     result = {"trial": i, "target": target, "ok": False}
     if not wait_for(lambda: (out / "checkpoints" / "latest").is_file(), timeout):
         finish(proc, 1)
@@ -299,7 +301,7 @@ def trial_sigterm(root: Path, i: int, target: str, ref: dict, rng: random.Random
     if stopped_at == TOTAL_STEPS:
         return {**result, "why": "the run ended before the signal landed (not a trial)", "ok": None}
     first = logged_steps(out)
-    resumed = torchrun(out, restarts=0, extra=["--resume", "auto"])
+    resumed = torchrun(out, restarts=0, extra=[*extra, "--resume", "auto"])
     rc2 = finish(resumed, timeout)
     both = {**first, **logged_steps(out)}
     result.update(resume_rc=rc2, steps_logged=len(both))

@@ -94,6 +94,7 @@ class _Owned:
     store: dist.TCPStore | None = None
     gloo_used = False  # a gloo group existed in this process: exit_process() skips interpreter finalization
     rounds = 0  # rounds this attempt's rendezvous store saw before it (see _agree_attempt)
+    attempt = 0  # this launch attempt's key prefix number in the rendezvous store (see _attempt_store)
 
 
 def setup(strategy: str = "single", *, backend: str | None = None, timeout_s: float | None = None) -> DistInfo:
@@ -391,6 +392,7 @@ def _init_group(env: LaunchEnv, backend: str, device: torch.device, timeout_s: f
     try:
         if env.master_addr and env.master_port:
             store, attempt, serving = _attempt_store(env, timeout)
+            _Owned.attempt = attempt
             watch = _PeerWatch(env, attempt) if env.world_size > 1 else None
             dist.init_process_group(store=store, **kw)
         else:
@@ -414,6 +416,20 @@ def _init_group(env: LaunchEnv, backend: str, device: torch.device, timeout_s: f
         if serving is not None:
             serving.set()  # every rank joined (or this one failed): no follower waits for its attempt any more
     _Owned.group = True
+
+
+def open_store(namespace: str, timeout_s: float = 5.0) -> dist.Store | None:
+    """A new client connection to the run's rendezvous store (MASTER_ADDR:MASTER_PORT: torchrun's agent store,
+    or the one rank 0 hosts), seen through this launch attempt's key prefix and ``namespace``, for a component
+    that talks to its peers outside collectives (``launcher.watchdog``). Its own connection: a TCPStore client
+    serves one request at a time. ``None`` without a process group formed from a rendezvous address (one
+    process, no launcher). Every call of it may raise once the store is gone (``DistStoreError``)."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not (_Owned.group and addr and port and port.isdigit()):
+        return None
+    store = dist.TCPStore(addr, int(port), is_master=False, timeout=timedelta(seconds=timeout_s),
+                          wait_for_workers=False)
+    return dist.PrefixStore(f"anytopo/attempt-{_Owned.attempt}/{namespace}/", store)
 
 
 def restart_attempt(environ: Mapping[str, str] | None = None) -> int:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from . import preflight, slurm
 from .errors import LaunchError
+from .watchdog import HUNG_EXIT_CODE
 
 ENGINES = ("torchrun", "accelerate")
 RDZV = ("static", "c10d")
@@ -270,6 +271,7 @@ def plan(cfg: LaunchConfig) -> list[tuple[str, NodeCommand]]:
 
 
 SLURM_SIGNAL_LEAD_S = 120
+HANG_REQUEUES = 3  # a job whose rank hung is requeued this many times at most (a hang that always recurs is a bug)
 """Seconds before the time limit at which Slurm signals the batch script (``--signal=B:USR1@120``)."""
 
 
@@ -313,6 +315,8 @@ def slurm_script(cfg: LaunchConfig, *, launcher_cmd: str) -> str:
         "# to torchrun and the workers; train.py checkpoints at its next step and exits 143; this script then",
         "# requeues the job, and the rerun (SLURM_RESTART_COUNT=1, 2, ...) resumes from that checkpoint. Slurm",
         "# checks the time limit every 30 s: the signal can come up to a minute before the lead time.",
+        f"# A hung rank (train.py's watchdog, exit {HUNG_EXIT_CODE}) requeues the job too, at most {HANG_REQUEUES} times: the rerun",
+        "# may get other nodes, and resumes from the newest checkpoint.",
         "preempted=0",
         'forward() { preempted=1; kill -USR1 "$step" 2>/dev/null; }',
         "trap forward USR1",
@@ -326,6 +330,10 @@ def slurm_script(cfg: LaunchConfig, *, launcher_cmd: str) -> str:
         'while kill -0 "$step" 2>/dev/null; do wait "$step"; rc=$?; done  # a trapped signal ends wait early',
         'if [ "$preempted" = 1 ] || [ "$rc" = 143 ]; then',
         '    echo "anytopo: job $SLURM_JOB_ID preempted (run ${SLURM_RESTART_COUNT:-0}): requeueing it; the rerun resumes"',
+        '    scontrol requeue "$SLURM_JOB_ID" && exit 0',
+        "fi",
+        f'if [ "$rc" = {HUNG_EXIT_CODE} ] && [ "${{SLURM_RESTART_COUNT:-0}}" -lt {HANG_REQUEUES} ]; then',
+        '    echo "anytopo: job $SLURM_JOB_ID had a hung rank (run ${SLURM_RESTART_COUNT:-0}): requeueing it; the rerun resumes"',
         '    scontrol requeue "$SLURM_JOB_ID" && exit 0',
         "fi",
         'exit "$rc"',

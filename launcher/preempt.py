@@ -16,7 +16,9 @@ nothing of checkpoints::
 """
 from __future__ import annotations
 
+import os
 import signal
+import threading
 from collections.abc import Sequence
 from types import FrameType
 
@@ -48,6 +50,38 @@ def parse_signal(name: str) -> signal.Signals:
     return sig
 
 
+def preemption_signals(extra: Sequence[str] = ()) -> list[signal.Signals]:
+    """SIGTERM and the ``extra`` signals (names or numbers, see :func:`parse_signal`), each once."""
+    return [signal.SIGTERM] + [s for s in (parse_signal(e) for e in extra) if s != signal.SIGTERM]
+
+
+def leave_signals_to_main(signals: Sequence[int], worker_id: int = 0) -> None:
+    """A DataLoader ``worker_init_fn`` (``functools.partial(leave_signals_to_main, signals)``): the worker
+    ignores the preemption ``signals``, which the main process owns.
+
+    Schedulers signal every process of a job (Slurm) or a worker's whole process group (torchrun's agent
+    ``killpg``s each rank), so a SIGTERM reaches a rank's DataLoader workers too; torch's worker handler then
+    ends the worker, the rank's next batch fails, and the preemption checkpoint is never written. Here SIGTERM
+    is only taken from the worker's parent (``multiprocessing``'s ``terminate()``, the one way the main process
+    itself stops a worker): a thread reads it with ``sigwaitinfo``, which tells who sent it. The other signals
+    are ignored. The main process shuts its workers down as usual when it stops; a worker whose parent died
+    ends by torch's own check of its parent."""
+    for sig in signals:
+        if sig != signal.SIGTERM:
+            signal.signal(sig, signal.SIG_IGN)
+    if signal.SIGTERM in signals:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
+        threading.Thread(target=_sigterm_from_parent_only, args=(os.getppid(),), name="anytopo-sigterm",
+                         daemon=True).start()
+
+
+def _sigterm_from_parent_only(parent: int) -> None:
+    while True:
+        info = signal.sigwaitinfo({signal.SIGTERM})
+        if info.si_pid == parent:
+            os._exit(0)  # what torch's own handler does for its parent's SIGTERM (no error report in the parent)
+
+
 class Preemption:
     """Handlers for SIGTERM and ``extra`` signals that set a flag; a context manager that restores the
     previous handlers on exit.
@@ -57,7 +91,7 @@ class Preemption:
     """
 
     def __init__(self, extra: Sequence[str] = ()):
-        self.signals = [signal.SIGTERM] + [s for s in (parse_signal(e) for e in extra) if s != signal.SIGTERM]
+        self.signals = preemption_signals(extra)
         self.received: list[str] = []
         """Names of the signals received, in order (the handler only appends)."""
         self._previous: dict[signal.Signals, object] = {}

@@ -8,7 +8,8 @@ failures are rewritten, because torch reports them as a traceback whose last lin
 ``RendezvousTimeoutError`` (no text) or ``Timed out after 901 seconds waiting for clients. 1/2 clients
 joined.`` (no address, no fix). Here they end as ``error: ...`` with the elapsed time, how many nodes joined,
 the address they waited on and what to do, and exit status 2. Workers that failed end in one line naming
-them (their own errors come before it) and exit status 1.
+them (their own errors come before it) and exit status 1, or 124 (``launcher.watchdog.HUNG_EXIT_CODE``) when
+one of them ended because the watchdog found a hang, so that a job script can requeue the job.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import time
 
 from .errors import LaunchError
 from .preempt import PREEMPTED_EXIT_CODE
+from .watchdog import HUNG_EXIT_CODE
 
 _JOINED = re.compile(r"(\d+)/(\d+) clients joined")
 DEBUG_VAR = "ANYTOPO_DEBUG"
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get(DEBUG_VAR):
             raise
         print(f"anytopo-launch: {failed_workers(e)}", file=sys.stderr, flush=True)
-        return 1
+        return HUNG_EXIT_CODE if any(f.exitcode == HUNG_EXIT_CODE for f in e.failures.values()) else 1
     except Exception as e:
         msg = explain(e, args, time.monotonic() - start, handlers)
         if msg is None:

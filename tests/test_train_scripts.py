@@ -75,7 +75,11 @@ def test_single_process_classification_writes_every_output(tmp_path):
     assert any((out / "tensorboard").iterdir())
     rows = metrics(out)
     assert list(rows[0]) == ["step", "epoch", "loss", "lr", "throughput", "grad_norm", "accuracy", "dice", "miou",
-                            "ema_accuracy", "ema_dice", "ema_miou"]
+                            "ema_accuracy", "ema_dice", "ema_miou",
+                            "step_time_min", "step_time_median", "step_time_max", "slowest_rank"]
+    timed = [r for r in rows if r["loss"]]  # one process: its own step time is min, median and max; rank 0 slowest
+    assert timed and all(r["step_time_min"] == r["step_time_max"] and float(r["step_time_min"]) > 0
+                         and r["slowest_rank"] == "0" for r in timed)
     assert [r["step"] for r in rows if r["accuracy"]] == ["10", "20"]  # one evaluation per epoch
     assert all(float(r["throughput"]) > 0 for r in rows if r["loss"])
     mgr = checkpoint.CheckpointManager(out / "checkpoints")

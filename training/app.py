@@ -38,6 +38,7 @@ def main(args: argparse.Namespace) -> int:
             else:
                 final_loss, metrics, ckpt = trainer.fit()
                 steps = trainer.step
+            trainer.watch.phase("done", trainer.step)  # rank 0 writes the outputs while the others wait: not a hang
 
             def outputs() -> Any:  # rank 0's files; every rank learns whether they were written
                 if not cfg.eval_only:
@@ -51,6 +52,7 @@ def main(args: argparse.Namespace) -> int:
         except Preempted:
             return launcher.PREEMPTED_EXIT_CODE
         finally:
+            trainer.watch.stop()
             trainer.manager.wait()  # no background write outlives the run's lock (an error path: already told)
             try:
                 trainer.runlog.close()

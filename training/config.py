@@ -101,6 +101,14 @@ class TrainConfig:
     dist_timeout: float | None = option(None, "seconds to wait for the other processes at start-up and in each "
                                               "collective (default: $ANYTOPO_DIST_TIMEOUT, which anytopo-launch "
                                               "sets to its --join-timeout, else 300)", metavar="SECONDS")
+    hang_timeout: float | None = option(None, "seconds a rank may stay in one phase (data, forward, backward, optimizer, "
+                                              "collective, save, eval) before the run counts it as hung: the stuck "
+                                              "rank is named on every rank, the stacks go to OUTPUT_DIR/hangs/, every "
+                                              "rank exits 124 (a restart resumes); default: max(60, 10x the longest "
+                                              "that phase took so far), --dist-timeout before it is measured; 0: off",
+                                        metavar="SECONDS")
+    straggler_steps: int = option(5, "warn when a rank's own step time stays above 2x the other ranks' median for "
+                                     "this many consecutive steps (0: never); metrics.csv has the spread either way")
     output_dir: Path = option(Path("runs/train"), "checkpoints, metrics, curves and summary go here")
     checkpoint_dir: str | None = option(None, "where the checkpoints go: a directory every node sees, or an "
                                               "object store, s3://BUCKET/PREFIX (credentials and endpoint from "
@@ -122,6 +130,9 @@ class TrainConfig:
     preempt_signal: str | None = option(None, "also take this signal as a preemption notice, e.g. SIGUSR1 for SLURM's "
                                               "--signal (SIGTERM always is): checkpoint at the next step, exit 143",
                                         metavar="SIGNAL")
+    preempt_grace: float = option(30.0, "seconds the scheduler leaves between its signal and SIGKILL (torchrun: 30; "
+                                        "Slurm: KillWait): when a step plus a save would not fit, say so and save "
+                                        "more often", metavar="SECONDS")
     eval_only: bool = option(False, "evaluate the --resume checkpoint and exit")
     log_every: int = option(10, "metrics.csv row every N steps")
     workers: int = option(0, "DataLoader worker processes per rank")
@@ -165,6 +176,12 @@ class TrainConfig:
                 raise ConfigError(f"--preempt-signal: {e}") from None
         if self.dist_timeout is not None and self.dist_timeout <= 0:
             raise ConfigError(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
+        if self.hang_timeout is not None and self.hang_timeout < 0:
+            raise ConfigError(f"--hang-timeout must be >= 0 seconds (0 turns the watchdog off), got {self.hang_timeout}")
+        if self.straggler_steps < 0:
+            raise ConfigError(f"--straggler-steps must be >= 0 (0: never warn), got {self.straggler_steps}")
+        if self.preempt_grace <= 0:
+            raise ConfigError(f"--preempt-grace must be > 0 seconds, got {self.preempt_grace}")
         if self.eval_only and not self.resume:
             raise ConfigError("--eval-only needs the checkpoint to evaluate: add --resume PATH")
 

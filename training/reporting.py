@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 FIELDS = ["step", "epoch", "loss", "lr", "throughput", "grad_norm", "accuracy", "dice", "miou",
-          "ema_accuracy", "ema_dice", "ema_miou"]
+          "ema_accuracy", "ema_dice", "ema_miou",
+          # each rank's own step time (s) over the window: min / median / max over the ranks, and the slowest rank
+          "step_time_min", "step_time_median", "step_time_max", "slowest_rank"]
 EVAL_FIELDS = ("accuracy", "dice", "miou", "ema_accuracy", "ema_dice", "ema_miou")
 SUMMARY_KEYS = ("model", "strategy", "world_size", "steps", "final_loss", "eval", "checkpoint")
 
@@ -74,7 +76,19 @@ class RunLog:
         self.csv_path = self.dir / "metrics.csv"
         if self.csv_path.is_file():  # a resumed run continues the same table
             with open(self.csv_path, newline="") as f:
-                self.rows = [{k: _num(v) for k, v in r.items()} for r in csv.DictReader(f)]
+                reader = csv.DictReader(f)
+                self.rows = [{k: _num(v) for k, v in r.items()} for r in reader]
+            if reader.fieldnames != FIELDS:  # written before a column was added: rewrite it with today's header
+                table = io.StringIO(newline="")
+                writer = csv.DictWriter(table, FIELDS)
+                writer.writeheader()
+                writer.writerows({k: "" if v is None else v for k, v in r.items() if k in FIELDS} for r in self.rows)
+                tmp = self.csv_path.with_suffix(".csv.tmp")
+                try:
+                    tmp.write_text(table.getvalue(), newline="")
+                    os.replace(tmp, self.csv_path)
+                except OSError as e:
+                    raise write_failure(self.csv_path, e) from None
         else:
             try:
                 with open(self.csv_path, "w", newline="") as f:

@@ -8,7 +8,9 @@ and every rank takes part in it.
 """
 from __future__ import annotations
 
+import functools
 import math
+import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -235,12 +237,32 @@ class Trainer:
                                         max(1, self.per_rank), drop_last=False)
         self.runlog = RunLog(self.out, enabled=info.is_main, tensorboard=cfg.tensorboard and not cfg.eval_only)
         self.runlog.config(cfg.to_dict())
+        # hung and slow ranks (issue 21): phases marked below, heartbeats and step times from the watchdog
+        local = launcher.watchdog.LOCAL - ({"forward"} if self.strategy.shards_parameters else set())  # fsdp gathers
+        self.watch = launcher.Watchdog(info, report_dir=self.out / "hangs", timeout_s=cfg.hang_timeout or None,
+                                       startup_s=launcher.resolve_timeout(cfg.dist_timeout), local_phases=local, log=log,
+                                       on_exit=self.lock.release if self.lock is not None else None)
+        self.stragglers = launcher.Stragglers(cfg.straggler_steps)
+        self.save_seconds: float | None = None  # the last save's time until durable (rank 0's; see _check_grace)
+        self.step_seconds: float | None = None  # rank 0's median step wall time (saves, evals left out), last window
+        self._save_started: float | None = None
+        self.auto_every: int | None = None  # a save interval shorter than --save-every (_check_grace)
+        self._grace_warned = False
+        if cfg.hang_timeout != 0:
+            if cfg.hang_timeout and cfg.hang_timeout >= self.watch.startup_s and info.is_main:
+                log.warning("--hang-timeout %g is not below the collective timeout (%g s): a rank waiting for a stuck "
+                            "peer fails with gloo's timeout first, which names neither; lower --hang-timeout or raise "
+                            "--dist-timeout", cfg.hang_timeout, self.watch.startup_s)
+            self.watch.start()
 
     def _loader(self, ds, sampler, batch_size: int, drop_last: bool) -> DataLoader:
         # A plain DataLoader: resuming needs no loader state, because the sampler starts each epoch at the
         # checkpoint's sample cursor (TrainSampler.set_start in fit()), whatever the world size.
         return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                           num_workers=self.cfg.workers, pin_memory=self.info.device.type == "cuda",
+                          # the main process owns shutdown: a scheduler's SIGTERM to every process spares the workers
+                          worker_init_fn=functools.partial(launcher.leave_signals_to_main, launcher.preemption_signals(
+                              [self.cfg.preempt_signal] if self.cfg.preempt_signal else [])) if self.cfg.workers else None,
                           # workers must see each epoch's Augmented.set_epoch: not persistent then
                           persistent_workers=self.cfg.workers > 0 and self.cfg.augment == "none")
 
@@ -266,6 +288,7 @@ class Trainer:
                              "it" if len(restored.absent) == 1 else "them")
         self.step = int(restored.step or 0)
         saved = restored.states.get("trainer", {})
+        self._check_grace(saved.get("save_seconds"), saved.get("step_seconds"))  # the same on every rank
         if saved.get("global_batch") not in (None, self.cfg.batch_size) or saved.get("seed") not in (None, self.cfg.seed):
             self.log.warning("resuming with a different --batch-size/--seed than the checkpoint's "
                              f"({saved.get('global_batch')}/{saved.get('seed')}): the sample cursor is approximate")
@@ -312,9 +335,12 @@ class Trainer:
         for i, (x, y) in enumerate(zip(batch.images.chunk(accum), batch.targets.chunk(accum))):
             last = i == accum - 1
             with nullcontext() if last else self.strategy.no_sync(self.model):
+                self.watch.phase("forward", self.step + 1)
                 loss = self._loss(Batch(x, y))
+                self.watch.phase("backward", self.step + 1)
                 self.scaler.scale(loss / accum).backward()
             total += loss.detach() / accum
+        self.watch.phase("optimizer", self.step + 1)
         self.grad_norm = self._grad_norm()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -338,6 +364,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """The model's metrics, and with --ema the EMA's as ``ema_<metric>``."""
+        self.watch.phase("eval", self.step)
         metrics = self._evaluate(self.bare)
         if self.ema is not None:  # _evaluate syncs its buffers from rank 0: the EMA copy checkpoints hold
             metrics.update({f"ema_{k}": v for k, v in self._evaluate(self.ema.module).items()})
@@ -385,8 +412,13 @@ class Trainer:
 
     def save(self, epoch: int, *, blocking: bool | None = None) -> Path:
         """Checkpoint the current step (in the background unless --no-async-save, --save-sharded or ``blocking``)."""
+        self.watch.phase("save", self.step)
+        if self._save_started is not None:  # manager.save waits for the save in flight anyway: measure it first,
+            self.manager.wait()  # so that this entry records it (on the writer; immediate elsewhere)
+            self._note_save_done()
         self.trainer_state.update(step=self.step, epoch=epoch, global_batch=self.cfg.batch_size, seed=self.cfg.seed,
-                                  samples_seen=self.step * self.cfg.batch_size, world_size=self.info.world_size)
+                                  samples_seen=self.step * self.cfg.batch_size, world_size=self.info.world_size,
+                                  save_seconds=self.save_seconds, step_seconds=self.step_seconds)
         metadata = {"model": self.model_name, "model_options": self.model_options, "epoch": epoch,
                     "topology": self.strategy.topology(),
                     "data": self.cfg.data, "config": self.cfg.to_dict()}
@@ -394,7 +426,11 @@ class Trainer:
         if buffers is not None:  # the manifest (and load report) says so, not the post-sync "identical"
             metadata["topology"]["buffers"] = buffers
         self.strategy.sync_buffers(self.bare)  # rank 0's BN statistics: the copy the checkpoint holds
+        started = time.monotonic()
         path = self.manager.save(self.step, self.components, metadata=metadata, blocking=blocking)
+        self._save_started = started
+        if blocking or not self.manager.async_save:
+            self._note_save_done()
         if self.ema is not None:
             save_ema_file(self.out, path, self.bare, self.ema, step=self.step, epoch=epoch)
         return path
@@ -406,13 +442,51 @@ class Trainer:
 
     def _flush_saves(self) -> None:
         """Async saves: wait for the save in flight; every rank raises the writer's line if it failed."""
+        self.watch.phase("save", self.step)
         if self.manager.async_save:
             self.manager.flush()
+        self._note_save_done()
+
+    def _note_save_done(self) -> None:
+        """The writer's save just started is durable: its time from ``save()`` on becomes ``save_seconds``."""
+        if self._save_started is not None and not self.manager.in_flight():
+            self.save_seconds, self._save_started = time.monotonic() - self._save_started, None
+
+    def _check_grace(self, save_s: float | None, step_s: float | None) -> None:
+        """Warn (rank 0) and save more often when a step plus a save would not fit in the grace the scheduler
+        gives after its signal (--preempt-grace): the preemption checkpoint would be cut off by SIGKILL. The
+        numbers are rank 0's, the same on every rank, so every rank takes the same new interval (saves are
+        collective). A save that may first wait for one in flight (asynchronous saves) counts twice. Decided
+        once, from the first measurement: more frequent background saves compete with training and measure
+        slower, which would tighten the interval again and again."""
+        if self._grace_warned or not save_s or not step_s:
+            return
+        need = step_s + save_s * (2 if self.manager.async_save else 1)
+        if need <= self.cfg.preempt_grace:
+            return
+        every = max(1, math.ceil(4 * save_s / step_s))  # at most about a quarter of the time spent saving
+        current = min(x for x in (self.cfg.save_every, self.auto_every, math.inf) if x is not None)
+        shorter = every < current
+        if shorter:
+            self.auto_every = every
+        self._grace_warned = True
+        if self.info.is_main:
+            now = (f"saving every {every} steps instead of " + (f"every {current}" if current != math.inf else
+                   "only at the end") + f", so that a cut-off one loses at most about {every * step_s:.3g} s"
+                   if shorter else f"--save-every {current} already bounds what a cut-off one loses")
+            self.log.warning("a checkpoint takes %.3g s until durable and a step %.3g s, so a preemption needs up to "
+                             "%.3g s, more than the %g s the scheduler leaves before SIGKILL (--preempt-grace): the "
+                             "preemption checkpoint could be cut off; %s. Give the job more grace (Slurm: "
+                             "--signal=B:USR1@SECONDS) or make saves faster", save_s, step_s, need,
+                             self.cfg.preempt_grace, now)
 
     def _at_step_boundary(self, epoch: int, saved_at: int | None, last_path: Path | None) -> None:
         """The ranks agree, in ONE all-reduce, on whether any received a preemption signal and whether the
         writer's background save failed; a failure stops every rank with the writer's line, a signal with a
         checkpoint. No collective runs on the background thread (gloo collectives from two threads deadlock)."""
+        self.watch.phase("collective", self.step)
+        if self._save_started is not None:
+            self._note_save_done()
         if self.preempt is None and not self.manager.async_save:
             return
         failed = self.manager.failure() is not None  # the writer's, without waiting; False elsewhere
@@ -437,6 +511,29 @@ class Trainer:
                          path, launcher.PREEMPTED_EXIT_CODE)
         raise Preempted(self.step, path, signals)
 
+    def _batches(self):
+        """The loader's batches on this rank's device; the watchdog sees the wait for each as phase ``data``."""
+        it = iter(self.loader)
+        while True:
+            self.watch.phase("data", self.step + 1)
+            try:
+                images, targets = next(it)
+            except StopIteration:
+                return
+            yield self._to_device(images, targets)
+
+    def _step_spread(self) -> dict[str, float]:
+        """Every rank's own step times of the window (one all-gather, with rank 0's save and step seconds):
+        their spread for metrics.csv, a warning naming a straggler, and the preemption-grace check."""
+        own, wall = self.watch.take_step_times()
+        rows = launcher.gather_step_times(own + [self.save_seconds or 0.0, statistics.median(wall)], self.info)
+        self.step_seconds = rows[0][-1]
+        self._check_grace(rows[0][-2], self.step_seconds)
+        spread, warnings = self.stragglers.update(self.step - len(own) + 1, [r[:-2] for r in rows])
+        for line in warnings if self.info.is_main else []:
+            self.log.warning("%s", line)
+        return {k: round(v, 6) for k, v in spread.items()}
+
     def fit(self) -> tuple[float | None, dict[str, float], Path | None]:
         cfg, info = self.cfg, self.info
         self.model.train()
@@ -453,30 +550,35 @@ class Trainer:
             if hasattr(self.train_ds, "set_epoch"):  # data.Augmented: its draws are a function of the epoch
                 self.train_ds.set_epoch(epoch)
             self.sampler.set_start(self.step - epoch * self.steps_per_epoch, self.per_rank)
-            for images, targets in self.loader:
-                loss = self.train_step(self._to_device(images, targets))
+            for batch in self._batches():
+                loss = self.train_step(batch)
                 self.step += 1
+                self.watch.phase("collective", self.step)
+                self.watch.step_done()
                 window_steps += 1
                 last = self.step == self.total_steps
                 if self.step % cfg.log_every == 0 or last:
                     final_loss = self._global_mean(loss)
                     elapsed = time.perf_counter() - window_t
                     throughput = window_steps * cfg.batch_size / max(elapsed, 1e-9)
+                    spread = self._step_spread()
                     self._log_row(self.step, epoch=epoch, loss=final_loss, lr=self.scheduler.get_last_lr()[0],
-                                    throughput=round(throughput, 2),
-                                    grad_norm=None if self.grad_norm is None else float(self.grad_norm))
+                                  throughput=round(throughput, 2),
+                                  grad_norm=None if self.grad_norm is None else float(self.grad_norm), **spread)
                     if bar is not None:
                         bar.set_postfix(loss=f"{final_loss:.4f}", img_s=f"{throughput:.0f}")
                     window_t, window_steps = time.perf_counter(), 0
                 if bar is not None:
                     bar.update(1)
-                if self.manager.should_save(self.step) and not last:
+                if (self.manager.should_save(self.step) or self.auto_every and self.step % self.auto_every == 0) \
+                        and not last:
                     last_path, saved_at = self.save(epoch), self.step
                 if not last:
                     self._at_step_boundary(epoch, saved_at, last_path)
                 if last or self.step % self.steps_per_epoch == 0:
                     break
             metrics = self.evaluate()
+            self.watch.phase("collective", self.step)
             self._log_row(self.step, epoch=epoch, **metrics)
             if self._is_new_best(metrics):  # the entry must hold exactly the weights just measured
                 if saved_at != self.step:
