@@ -519,7 +519,7 @@ class Watchdog:
             where.mkdir(parents=True, exist_ok=True)
             with open(where / f"rank-{self.info.rank}.txt", "a") as f:  # appends: faulthandler writes to its fd
                 f.write((view.describe() if view else f"rank {self.info.rank} (pid {self.pid} on {self.host})")
-                        + f"; stacks of every thread (faulthandler):\n\n")
+                        + "; stacks of every thread (faulthandler):\n\n")
                 f.flush()
                 faulthandler.dump_traceback(file=f, all_threads=True)
                 for child in multiprocessing.active_children():
